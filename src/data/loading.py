@@ -1,0 +1,394 @@
+"""Loading instruction data from files or ``datasets`` objects into validated records.
+
+Accepted sources: JSONL, CSV (RFC 4180 quoting: commas, quotes and newlines inside quoted fields;
+UTF-8 with or without BOM; LF or CRLF), a JSON file holding ``{"train": [...], "validation": [...]}``
+(or a plain list of rows, taken as the training split), and a ``datasets.Dataset`` /
+``DatasetDict`` / ``dict`` of splits passed in directly.
+
+Accepted row shapes (first match wins), documented here because users come from other trainers:
+
+- ``instruction`` + ``response`` (the specification's names);
+- Alpaca: ``instruction`` + ``input`` + ``output``; a non-empty ``input`` is appended to the
+  instruction after a blank line, so it is part of the (untrained) prompt;
+- aliases: ``prompt``/``question``/``query`` for the instruction, ``output``/``completion``/``answer``
+  for the response;
+- optional ``system`` (a per-row system prompt);
+- ``text``: an already formatted example (see ``src.data.tokenization``).
+
+Every record is checked: a missing, non-string or empty field raises :class:`DatasetError` naming the
+file, the line (or row index) and the field. With ``skip_invalid_rows`` the row is skipped instead,
+and :class:`LoadReport` counts it by reason; nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+logger = logging.getLogger(__name__)
+
+INSTRUCTION_KEYS = ("instruction", "prompt", "question", "query")
+RESPONSE_KEYS = ("response", "output", "completion", "answer")
+SPLIT_NAMES = ("train", "validation")
+REPLACEMENT_CHAR = "\ufffd"
+
+
+class DatasetError(ValueError):
+    """Bad input data: the message names the file, the line or row, and the field.
+
+    ``reason`` is a short category ("missing field", "empty value", ...) used to count skipped rows.
+    """
+
+    def __init__(self, message: str, reason: str = "invalid row"):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class LoadReport:
+    """What loading did: rows read and kept per split, rows skipped by reason."""
+
+    rows_read: Counter = field(default_factory=Counter)
+    rows_kept: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)
+    skipped_examples: list[str] = field(default_factory=list)
+    held_out_validation: int = 0
+
+    def skip(self, reason: str, where: str) -> None:
+        self.skipped[reason] += 1
+        if len(self.skipped_examples) < 20:
+            self.skipped_examples.append(f"{where}: {reason}")
+
+    @property
+    def total_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def summary(self) -> str:
+        parts = [f"{split}: {self.rows_kept[split]} rows" for split in self.rows_kept]
+        if self.held_out_validation:
+            parts.append(f"{self.held_out_validation} held out for validation")
+        if self.total_skipped:
+            reasons = ", ".join(f"{n} {reason}" for reason, n in self.skipped.most_common())
+            parts.append(f"skipped {self.total_skipped} invalid rows ({reasons})")
+        return "; ".join(parts)
+
+
+@dataclass
+class RawRow:
+    """One row as read, with where it came from (for error messages)."""
+
+    values: Any
+    where: str
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading files
+# --------------------------------------------------------------------------------------------------
+
+
+def _decode(path: str, data: bytes) -> tuple[str, set[int]]:
+    """Decode UTF-8 (BOM allowed); return the text and the 1-based line numbers holding invalid bytes.
+
+    Lines are decoded one by one: a UTF-8 multi-byte sequence never contains the newline byte, so a
+    line-wise decode finds exactly the lines with invalid bytes. Those bytes become U+FFFD so the rest
+    of the file can still be read; the rows on those lines are then reported as invalid.
+    """
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        return data.decode("utf-8"), set()
+    except UnicodeDecodeError:
+        pass
+    bad: set[int] = set()
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            bad.add(number)
+    return data.decode("utf-8", errors="replace"), bad
+
+
+def _utf8_error(path: str, where: str, values: Any) -> str:
+    field_name = None
+    if isinstance(values, dict):
+        field_name = next((k for k, v in values.items() if isinstance(v, str) and REPLACEMENT_CHAR in v), None)
+    field_part = f", field {field_name!r}" if field_name else ""
+    return f"{where}{field_part}: invalid UTF-8 bytes; re-save the file as UTF-8"
+
+
+def _read_jsonl(path: str, text: str, bad_lines: set[int], report: LoadReport, skip: bool) -> list[RawRow]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}"
+        try:
+            values = json.loads(line)
+        except json.JSONDecodeError as exc:
+            message = f"{where}: invalid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON object"
+            if number in bad_lines:
+                message = _utf8_error(path, where, None)
+            if skip:
+                report.skip("invalid JSON" if number not in bad_lines else "invalid UTF-8", where)
+                continue
+            raise DatasetError(message) from None
+        if number in bad_lines:
+            if skip:
+                report.skip("invalid UTF-8", where)
+                continue
+            raise DatasetError(_utf8_error(path, where, values))
+        rows.append(RawRow(values, where))
+    return rows
+
+
+def _read_csv(path: str, text: str, bad_lines: set[int], report: LoadReport, skip: bool) -> list[RawRow]:
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except StopIteration:
+        return []
+    header = [h.strip() for h in header]
+    if len(set(header)) != len(header):
+        raise DatasetError(f"{path}, line 1: duplicate column names in CSV header {header}")
+    rows = []
+    start = reader.line_num + 1
+    for record in reader:
+        end = reader.line_num
+        where = f"{path}, line {start}" if start == end else f"{path}, lines {start}-{end}"
+        line_span = range(start, end + 1)
+        start = end + 1
+        if not record or all(not cell.strip() for cell in record):
+            continue
+        if len(record) != len(header):
+            message = f"{where}: expected {len(header)} CSV fields ({', '.join(header)}), found {len(record)}; quote fields that contain commas"
+            if skip:
+                report.skip("wrong number of CSV fields", where)
+                continue
+            raise DatasetError(message)
+        values = dict(zip(header, record))
+        if any(n in bad_lines for n in line_span):
+            if skip:
+                report.skip("invalid UTF-8", where)
+                continue
+            raise DatasetError(_utf8_error(path, where, values))
+        rows.append(RawRow(values, where))
+    return rows
+
+
+def _read_json(path: str, text: str, bad_lines: set[int]) -> dict[str, list[RawRow]]:
+    if bad_lines:
+        raise DatasetError(f"{path}, line {min(bad_lines)}: invalid UTF-8 bytes; re-save the file as UTF-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{path}, line {exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+    if isinstance(data, list):
+        data = {"train": data}
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: expected a JSON object with a 'train' list (and optional 'validation'), got {type(data).__name__}")
+    if "train" not in data:
+        raise DatasetError(
+            f"{path}: the JSON object has no 'train' key (found keys {sorted(data)}); expected "
+            "{\"train\": [...], \"validation\": [...]}"
+        )
+    unknown = sorted(set(data) - set(SPLIT_NAMES))
+    if unknown:
+        raise DatasetError(f"{path}: unknown split key(s) {unknown}; expected 'train' and optional 'validation'")
+    splits = {}
+    for split, rows in data.items():
+        if not isinstance(rows, list):
+            raise DatasetError(f"{path}: split {split!r} must be a list of rows, got {type(rows).__name__}")
+        splits[split] = [RawRow(values, f"{path}, split {split!r}, row {i}") for i, values in enumerate(rows)]
+    return splits
+
+
+def read_data_file(path: str, report: LoadReport, skip_invalid: bool = False) -> dict[str, list[RawRow]]:
+    """Read one data file into raw rows per split (``train`` only, unless it is a JSON split file)."""
+    if not os.path.isfile(path):
+        raise DatasetError(f"{path}: data file does not exist")
+    with open(path, "rb") as fh:
+        data = fh.read()
+    text, bad_lines = _decode(path, data)
+    if not text.strip():
+        raise DatasetError(f"{path}: the file is empty; expected instruction/response rows")
+    lower = path.lower()
+    if lower.endswith(".jsonl"):
+        splits = {"train": _read_jsonl(path, text, bad_lines, report, skip_invalid)}
+    elif lower.endswith(".csv"):
+        splits = {"train": _read_csv(path, text, bad_lines, report, skip_invalid)}
+    elif lower.endswith(".json"):
+        splits = _read_json(path, text, bad_lines)
+    else:
+        raise DatasetError(f"{path}: unsupported file type; expected .jsonl, .csv or .json")
+    if not any(splits.values()) and not report.total_skipped:
+        raise DatasetError(f"{path}: no rows found; expected instruction/response rows")
+    return splits
+
+
+# --------------------------------------------------------------------------------------------------
+# Validating rows
+# --------------------------------------------------------------------------------------------------
+
+
+def _pick(values: dict, keys: Iterable[str]) -> str | None:
+    return next((k for k in keys if k in values), None)
+
+
+def _check_text(values: dict, key: str, where: str) -> str:
+    value = values.get(key)
+    if value is None:
+        raise DatasetError(f"{where}, field {key!r}: value is missing (null)", "missing field")
+    if not isinstance(value, str):
+        raise DatasetError(
+            f"{where}, field {key!r}: expected a string, got {type(value).__name__} ({value!r:.40})", "non-string value"
+        )
+    if not value.strip():
+        raise DatasetError(f"{where}, field {key!r}: value is empty", "empty value")
+    return value
+
+
+def parse_record(values: Any, where: str) -> dict[str, str | None]:
+    """Validate one raw row and return ``{"instruction", "response", "system"}`` or ``{"text"}``.
+
+    Raises :class:`DatasetError` naming ``where`` and the field.
+    """
+    if not isinstance(values, dict):
+        raise DatasetError(f"{where}: expected an object with 'instruction' and 'response' fields, got {type(values).__name__}", "not an object")
+    instruction_key = _pick(values, INSTRUCTION_KEYS)
+    if instruction_key is None and "text" in values:
+        return {"text": _check_text(values, "text", where)}
+    if instruction_key is None:
+        raise DatasetError(
+            f"{where}, field 'instruction': missing (found fields {sorted(values)}); expected 'instruction' "
+            f"(or one of {INSTRUCTION_KEYS[1:]}) and 'response' (or one of {RESPONSE_KEYS[1:]}), or 'text'",
+            "missing field",
+        )
+    response_key = _pick(values, RESPONSE_KEYS)
+    if response_key is None:
+        raise DatasetError(
+            f"{where}, field 'response': missing (found fields {sorted(values)}); expected 'response' "
+            f"(or one of {RESPONSE_KEYS[1:]})",
+            "missing field",
+        )
+    instruction = _check_text(values, instruction_key, where)
+    response = _check_text(values, response_key, where)
+    extra_input = values.get("input")
+    if extra_input is not None and not isinstance(extra_input, str):
+        raise DatasetError(f"{where}, field 'input': expected a string, got {type(extra_input).__name__}", "non-string value")
+    if extra_input and extra_input.strip():
+        instruction = f"{instruction}\n\n{extra_input}"
+    system = values.get("system")
+    if system is not None and not isinstance(system, str):
+        raise DatasetError(f"{where}, field 'system': expected a string, got {type(system).__name__}", "non-string value")
+    return {"instruction": instruction, "response": response, "system": system or None}
+
+
+def validate_rows(rows: Iterable[RawRow], report: LoadReport, split: str, skip_invalid: bool) -> list[dict]:
+    """Parse every row; raise on the first invalid one, or skip and count it."""
+    records = []
+    for row in rows:
+        report.rows_read[split] += 1
+        try:
+            records.append(parse_record(row.values, row.where))
+        except DatasetError as exc:
+            if not skip_invalid:
+                raise
+            report.skip(exc.reason, row.where)
+    shapes = {frozenset(r) for r in records}
+    if len(shapes) > 1:
+        raise DatasetError(
+            f"split {split!r} mixes pre-formatted 'text' rows with instruction/response rows; use one shape per split"
+        )
+    report.rows_kept[split] += len(records)
+    return records
+
+
+def _iter_dataset_rows(dataset: Any, name: str) -> Iterator[RawRow]:
+    for index, values in enumerate(dataset):
+        yield RawRow(dict(values), f"{name}, row {index}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def hold_out(records: list[dict], ratio: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Deterministically split off ``ratio`` of the rows (at least one) as validation."""
+    if ratio <= 0 or len(records) < 2:
+        return records, []
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(records) * ratio))
+    val_idx = set(order[:n_val])
+    train = [r for i, r in enumerate(records) if i not in val_idx]
+    validation = [r for i, r in enumerate(records) if i in val_idx]
+    return train, validation
+
+
+def load_records(
+    source: Any,
+    eval_source: Any = None,
+    *,
+    validation_split_ratio: float = 0.1,
+    seed: int = 42,
+    skip_invalid: bool = False,
+) -> tuple[dict[str, list[dict]], LoadReport]:
+    """Load and validate training (and validation) records.
+
+    ``source`` is a file path, a ``datasets.Dataset``, a ``DatasetDict`` or a dict of splits.
+    ``eval_source`` optionally gives the validation split separately. Without any validation data,
+    ``validation_split_ratio`` of the training rows is held out, shuffled with ``seed``.
+    """
+    report = LoadReport()
+    raw = _raw_splits(source, report, skip_invalid, "dataset")
+    if eval_source is not None:
+        eval_raw = _raw_splits(eval_source, report, skip_invalid, "eval dataset")
+        raw["validation"] = eval_raw.get("validation") or eval_raw.get("train") or []
+    records = {split: validate_rows(rows, report, split, skip_invalid) for split, rows in raw.items()}
+    if not records.get("train"):
+        where = source if isinstance(source, str) else "the training dataset"
+        raise DatasetError(f"{where}: no valid training rows ({report.summary() or 'nothing read'})")
+    if "validation" not in records:
+        records["train"], validation = hold_out(records["train"], validation_split_ratio, seed)
+        if validation:
+            records["validation"] = validation
+            report.held_out_validation = len(validation)
+            report.rows_kept["train"] -= len(validation)
+            report.rows_kept["validation"] += len(validation)
+    logger.info("Loaded data: %s", report.summary())
+    if report.total_skipped:
+        logger.warning("Skipped %d invalid rows: %s", report.total_skipped, dict(report.skipped))
+    return records, report
+
+
+def _raw_splits(source: Any, report: LoadReport, skip_invalid: bool, name: str) -> dict[str, list[RawRow]]:
+    if isinstance(source, (str, os.PathLike)):
+        return read_data_file(os.fspath(source), report, skip_invalid)
+    try:
+        from datasets import Dataset, DatasetDict
+    except ImportError:  # pragma: no cover - datasets is a hard dependency
+        Dataset = DatasetDict = ()  # type: ignore
+    if isinstance(source, Dataset):
+        return {"train": list(_iter_dataset_rows(source, name))}
+    if isinstance(source, (DatasetDict, dict)):
+        if "train" not in source:
+            raise DatasetError(f"{name}: expected a 'train' split, found {sorted(source)}")
+        splits = {}
+        for split, data in source.items():
+            key = "validation" if split in ("validation", "eval", "valid") else split
+            if key not in SPLIT_NAMES:
+                raise DatasetError(f"{name}: unknown split {split!r}; expected 'train' and optional 'validation'")
+            if isinstance(data, list):
+                splits[key] = [RawRow(v, f"{name} split {split!r}, row {i}") for i, v in enumerate(data)]
+            else:
+                splits[key] = list(_iter_dataset_rows(data, f"{name} split {split!r}"))
+        return splits
+    raise TypeError(f"{name}: expected a file path, datasets.Dataset, DatasetDict or dict of splits, got {type(source).__name__}")

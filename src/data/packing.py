@@ -1,0 +1,130 @@
+"""Packing examples into rows, and the collator that batches rows exactly.
+
+Packing places tokenized examples into rows of at most ``max_seq_length`` tokens with best-fit
+decreasing (each example goes into the fullest row that still has room; longest examples first).
+Each example keeps its own ``position_ids`` starting at 0. transformers' SDPA and eager attention then
+build a block-diagonal causal mask from the restarting ``position_ids`` when the batch carries *no*
+2-D ``attention_mask`` and no KV cache (``find_packed_sequence_indices`` in
+``transformers/masking_utils.py``); FlashAttention-2 takes its varlen path from the same
+``position_ids``. So a packed batch never carries an ``attention_mask``.
+
+The first label of every packed example is set to -100. That label is never a prediction target of
+the example itself (position 0 has nothing before it), so the example alone trains exactly the same
+tokens; inside a row it stops the previous example's last token from being trained to predict the
+next example's first token across the seam.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from src.data.tokenization import IGNORE_INDEX
+
+
+def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Group example indices into bins of total length <= ``capacity`` (best-fit decreasing).
+
+    Deterministic: ties are broken by example index. Returns bins ordered by first placement, each
+    listing its examples in placement order. O(n log n) lookups over a sorted list of free space.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted (remaining capacity, bin index)
+    for i in order:
+        size = lengths[i]
+        if size > capacity:
+            raise ValueError(f"example {i} has {size} tokens, more than the row capacity {capacity}")
+        pos = bisect.bisect_left(free, (size, -1))
+        if pos < len(free):
+            remaining, b = free.pop(pos)
+            bins[b].append(i)
+            remaining -= size
+        else:
+            b = len(bins)
+            bins.append([i])
+            remaining = capacity - size
+        if remaining > 0:
+            bisect.insort(free, (remaining, b))
+    return bins
+
+
+def pack_dataset(dataset: Any, max_seq_length: int) -> Any:
+    """Pack a tokenized ``datasets.Dataset`` (``input_ids``, ``labels``) into rows with ``position_ids``."""
+    from datasets import Dataset
+
+    input_ids = dataset["input_ids"]
+    labels = dataset["labels"]
+    bins = best_fit_decreasing([len(x) for x in input_ids], max_seq_length)
+    rows: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": [], "length": [], "num_examples": []}
+    for members in bins:
+        ids, lab, pos = [], [], []
+        for i in members:
+            ids.extend(input_ids[i])
+            example_labels = list(labels[i])
+            example_labels[0] = IGNORE_INDEX
+            lab.extend(example_labels)
+            pos.extend(range(len(input_ids[i])))
+        rows["input_ids"].append(ids)
+        rows["labels"].append(lab)
+        rows["position_ids"].append(pos)
+        rows["length"].append(len(ids))
+        rows["num_examples"].append(len(members))
+    return Dataset.from_dict(rows)
+
+
+@dataclass
+class SFTDataCollator:
+    """Pads a list of rows into a batch, masking padding by position.
+
+    Unpacked rows get right padding to the longest row in the batch (rounded up to
+    ``pad_to_multiple_of``), an ``attention_mask`` that is 0 exactly on the padded positions, and labels
+    -100 there. Packed rows (they carry ``position_ids``) get no ``attention_mask``: padding becomes one
+    more short sequence with its own restarting ``position_ids`` and -100 labels, so it is isolated by the
+    same mechanism that isolates the packed examples.
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        packed = "position_ids" in features[0]
+        longest = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        n = len(features)
+        input_ids = torch.full((n, longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((n, longest), dtype=torch.long)
+        position_ids = torch.zeros((n, longest), dtype=torch.long)
+        for row, f in enumerate(features):
+            length = len(f["input_ids"])
+            input_ids[row, :length] = torch.as_tensor(f["input_ids"], dtype=torch.long)
+            labels[row, :length] = torch.as_tensor(f["labels"], dtype=torch.long)
+            attention_mask[row, :length] = 1
+            if packed:
+                position_ids[row, :length] = torch.as_tensor(f["position_ids"], dtype=torch.long)
+                position_ids[row, length:] = torch.arange(longest - length)
+        batch = {"input_ids": input_ids, "labels": labels}
+        if packed:
+            batch["position_ids"] = position_ids
+        else:
+            batch["attention_mask"] = attention_mask
+        return batch
+
+
+def padding_efficiency(batch_lengths: Sequence[Sequence[int]], pad_to_multiple_of: int | None = None) -> float:
+    """Real tokens / tokens computed, for batches given as lists of row lengths."""
+    real = computed = 0
+    for lengths in batch_lengths:
+        if not lengths:
+            continue
+        longest = max(lengths)
+        if pad_to_multiple_of:
+            longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+        real += sum(lengths)
+        computed += longest * len(lengths)
+    return real / computed if computed else 1.0

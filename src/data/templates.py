@@ -1,0 +1,93 @@
+"""Instruction templates, exactly as the specification writes them.
+
+A template turns one instruction into the prompt text; the response follows it
+directly, and the template's *end token* closes the response. The end token is
+trained: a model that never sees it as a target never learns to stop.
+
+- ``alpaca``: ``"### Instruction:\\n{instruction}\\n\\n### Response:\\n"``, end token = the tokenizer's EOS.
+- ``chatml``: ``"<|im_start|>user\\n{instruction}<|im_end|>\\n<|im_start|>assistant\\n"``, end token =
+  ``<|im_end|>`` followed by an *untrained* ``"\\n"`` so that a formatted example is byte-for-byte what
+  Qwen's chat template writes for the same turn.
+- ``custom``: ``SFTConfig.custom_template`` (must contain ``{instruction}``), end token = EOS.
+
+With a ``system_prompt`` set, ChatML prompts start with a system block written as Qwen writes it
+(``<|im_start|>system\\n...<|im_end|>\\n``); alpaca and custom prompts start with the system prompt
+followed by a blank line. Unset, the prompt is exactly the specification's template (no system block;
+unlike Qwen's own chat template, no English default system prompt is injected).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
+CHATML_TEMPLATE = "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n"
+
+TEMPLATES = {"alpaca": ALPACA_TEMPLATE, "chatml": CHATML_TEMPLATE}
+TEMPLATE_NAMES = ("alpaca", "chatml", "custom")
+DEFAULT_RESPONSE_TEMPLATES = {"alpaca": "### Response:\n", "chatml": "<|im_start|>assistant\n"}
+
+CHATML_END = "<|im_end|>"
+CHATML_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """Everything needed to turn (instruction, response) into training or generation text.
+
+    ``end_token`` is ``None`` for "the tokenizer's EOS token"; ``end_suffix`` is text after the end
+    token that belongs to the format but is never trained (ChatML's newline after ``<|im_end|>``).
+    """
+
+    name: str
+    template: str
+    response_template: str
+    end_token: str | None
+    end_suffix: str = ""
+    system_prompt: str | None = None
+
+    def format_prompt(self, instruction: str, system_prompt: str | None = None) -> str:
+        """The prompt text for one instruction: everything the model reads before it answers."""
+        system = self.system_prompt if system_prompt is None else system_prompt
+        prompt = self.template.replace("{instruction}", instruction)
+        if system:
+            prompt = self.format_system(system) + prompt
+        return prompt
+
+    def format_system(self, system: str) -> str:
+        if self.name == "chatml":
+            return f"<|im_start|>system\n{system}<|im_end|>\n"
+        return f"{system}\n\n"
+
+
+def default_response_template(name: str, custom_template: str | None = None) -> str:
+    """The response prefix of a template: the text that ends every prompt.
+
+    For a custom template it is whatever follows ``{instruction}``.
+    """
+    if name == "custom":
+        if not custom_template or "{instruction}" not in custom_template:
+            raise ValueError("custom_template must contain '{instruction}'")
+        return custom_template.split("{instruction}", 1)[1]
+    return DEFAULT_RESPONSE_TEMPLATES[name]
+
+
+def get_prompt_format(
+    name: str,
+    custom_template: str | None = None,
+    response_template: str | None = None,
+    system_prompt: str | None = None,
+) -> PromptFormat:
+    """Build the :class:`PromptFormat` for a template name (``alpaca``, ``chatml`` or ``custom``)."""
+    if name not in TEMPLATE_NAMES:
+        raise ValueError(f"instruction_template must be one of {TEMPLATE_NAMES}, got {name!r}")
+    if name == "custom":
+        if not custom_template or "{instruction}" not in custom_template:
+            raise ValueError("instruction_template='custom' needs a custom_template containing '{instruction}'")
+        template = custom_template
+    else:
+        template = TEMPLATES[name]
+    rt = response_template or default_response_template(name, custom_template)
+    if name == "chatml":
+        return PromptFormat(name, template, rt, end_token=CHATML_END, end_suffix="\n", system_prompt=system_prompt)
+    return PromptFormat(name, template, rt, end_token=None, system_prompt=system_prompt)

@@ -1,0 +1,127 @@
+"""Loading models and tokenizers: hub ids, local directories, and the offline tiny default."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from src.models.tiny import TINY_MODEL_NAME, build_tiny_qwen2, corpus_texts
+
+logger = logging.getLogger(__name__)
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer could not be loaded; the message says what was expected."""
+
+
+def _looks_local(name: str) -> bool:
+    """A name that can only be a filesystem path (a hub id is 'name' or 'org/name')."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def resolve_model_path(model_name: str, output_dir: str, corpus_path: str | None = None, seed: int = 0) -> str:
+    """Turn ``config.model_name`` into something ``from_pretrained`` can load.
+
+    - ``local:tiny-qwen2``: builds the tiny random-init model once into ``<output_dir>/base_model``
+      (reused afterwards) and returns that directory;
+    - an existing directory: returned as is (it must hold ``config.json``);
+    - a path-like name that does not exist: :class:`ModelLoadError`;
+    - anything else is a hub id, returned unchanged for ``from_pretrained``.
+    """
+    if model_name.startswith("local:"):
+        if model_name != TINY_MODEL_NAME:
+            raise ModelLoadError(f"unknown local model {model_name!r}; the built-in offline model is {TINY_MODEL_NAME!r}")
+        path = os.path.join(output_dir, "base_model")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            logger.info("Building the tiny random-init Qwen2 model and tokenizer in %s", path)
+            texts = corpus_texts(corpus_path) if corpus_path and corpus_path.endswith(".jsonl") else None
+            build_tiny_qwen2(texts, path, seed=seed)
+        return path
+    expanded = os.path.expanduser(model_name)
+    if os.path.isdir(expanded):
+        if not os.path.isfile(os.path.join(expanded, "config.json")) and not os.path.isfile(
+            os.path.join(expanded, "adapter_config.json")
+        ):
+            raise ModelLoadError(f"model directory {model_name!r} has no config.json; expected a saved transformers model")
+        return expanded
+    if _looks_local(model_name) or os.path.exists(expanded):
+        raise ModelLoadError(
+            f"model path {model_name!r} does not exist; expected a local model directory, a hub id like "
+            f"'Qwen/Qwen2.5-7B', or {TINY_MODEL_NAME!r}"
+        )
+    return model_name
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load a tokenizer from {path!r}: {exc}") from exc
+    if tokenizer.pad_token_id is None:
+        # Padding is masked by position, never by id, so reusing EOS for padding is safe here.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def pick_attn_implementation(requested: str | None) -> str:
+    import importlib.util
+
+    import torch
+
+    if requested:
+        return requested
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def check_bf16(bf16: bool) -> None:
+    import torch
+
+    if not bf16:
+        return
+    if torch.cuda.is_available():
+        if not torch.cuda.is_bf16_supported():
+            raise ModelLoadError("bf16=True but this GPU does not support bfloat16 (needs compute capability >= 8.0); set bf16=False")
+        return
+    logger.warning("bf16=True on a CPU: bfloat16 autocast runs, but slowly; set bf16=False for CPU runs")
+
+
+def load_causal_lm(path: str, *, trust_remote_code: bool = False, attn_implementation: str | None = None,
+                   bf16: bool = False) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    check_bf16(bf16)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            trust_remote_code=trust_remote_code,
+            attn_implementation=pick_attn_implementation(attn_implementation),
+            dtype=torch.bfloat16 if bf16 and torch.cuda.is_available() else torch.float32,
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load a causal LM from {path!r}: {exc}") from exc
+    return model
+
+
+def apply_lora(model: Any, r: int, alpha: int, dropout: float, target_modules: list[str], gradient_checkpointing: bool) -> Any:
+    """Wrap ``model`` with LoRA adapters (peft); with gradient checkpointing, make inputs require grads."""
+    from peft import LoraConfig, get_peft_model
+
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in target_modules if m not in names]
+    if missing:
+        raise ModelLoadError(
+            f"lora_target_modules {missing} are not modules of this model; available linear layers include "
+            f"{sorted(n for n in names if n.endswith('_proj'))}"
+        )
+    if gradient_checkpointing:
+        # With frozen embeddings, checkpointed blocks would see inputs without grad and return no grads.
+        model.enable_input_require_grads()
+    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+                      task_type="CAUSAL_LM", bias="none")
+    return get_peft_model(model, lora)

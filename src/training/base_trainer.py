@@ -1,0 +1,240 @@
+"""``BaseTrainer``: model + tokenizer loading, LoRA, and the train / evaluate / save pipeline.
+
+Method-specific trainers (``SFTTrainer``) supply ``_get_training_method``, ``create_trainer`` and
+what they write into their metadata; everything else lives here once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from abc import ABC, abstractmethod
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+from src.config import BaseConfig
+from src.models.loading import ModelLoadError, apply_lora, load_causal_lm, load_tokenizer, resolve_model_path
+from src.models.tiny import TINY_MODEL_NAME
+
+logger = logging.getLogger(__name__)
+
+# Files whose presence means a directory already holds a saved model.
+SAVED_MODEL_FILES = ("config.json", "model.safetensors", "adapter_model.safetensors", "adapter_config.json")
+
+
+class BaseTrainer(ABC):
+    """Shared pipeline: ``load_dataset`` -> ``setup_model`` -> ``create_trainer`` -> train -> ``save_model``."""
+
+    config_class: type = BaseConfig
+
+    def __init__(self, config: BaseConfig):
+        if not isinstance(config, self.config_class):
+            raise TypeError(
+                f"{type(self).__name__} needs a {self.config_class.__name__} instance, got {type(config).__name__}"
+            )
+        self.config = config
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.trainer: Any = None
+        self.dataset: Any = None
+        self.base_model_path: Optional[str] = None
+        self.training_completed_at: Optional[str] = None
+        self.train_result: Any = None
+        self._num_items_in_batch: Any = None
+        self._saved_dirs: set[str] = set()
+
+    # -- hooks for subclasses ------------------------------------------------------------------------
+    @abstractmethod
+    def _get_training_method(self) -> str:
+        """A short name of the method ("sft")."""
+
+    @abstractmethod
+    def create_trainer(self, dataset: Any, training_args: Any, callbacks: list | None) -> Any:
+        """Build a ready-to-train ``transformers.Trainer`` from a dict of record datasets."""
+
+    def _metadata(self) -> dict[str, Any]:
+        """Method-specific fields of the saved metadata file."""
+        return {}
+
+    # -- data and model ------------------------------------------------------------------------------
+    def load_dataset(self) -> Any:
+        """Load ``config.dataset_path`` (and ``eval_dataset_path``) into a ``DatasetDict`` of validated records."""
+        from datasets import Dataset, DatasetDict
+
+        from src.data.loading import load_records
+
+        if self.config.dataset_path is None:
+            raise ValueError("SFTConfig.dataset_path is not set: give a .jsonl, .csv or .json file to train on")
+        records, report = load_records(
+            self.config.dataset_path,
+            self.config.eval_dataset_path,
+            validation_split_ratio=self.config.validation_split_ratio,
+            seed=self.config.seed,
+            skip_invalid=self.config.skip_invalid_rows,
+        )
+        self.load_report = report
+        logger.info("Data: %s", report.summary())
+        self.dataset = DatasetDict({split: Dataset.from_list(rows) for split, rows in records.items()})
+        return self.dataset
+
+    def setup_model(self) -> tuple[Any, Any]:
+        """Load (or build, for ``local:tiny-qwen2``) the model and tokenizer; add LoRA when configured."""
+        from transformers import set_seed
+
+        set_seed(self.config.seed)
+        self.base_model_path = resolve_model_path(
+            self.config.model_name, self.config.output_dir, self.config.dataset_path, self.config.seed
+        )
+        trust = self.config.trust_remote_code
+        self.tokenizer = load_tokenizer(self.base_model_path, trust_remote_code=trust)
+        model = load_causal_lm(self.base_model_path, trust_remote_code=trust,
+                               attn_implementation=self.config.attn_implementation, bf16=self.config.bf16)
+        if self.config.use_lora:
+            model = apply_lora(model, self.config.lora_r, self.config.lora_alpha, self.config.lora_dropout,
+                               self.config.lora_target_modules, self.config.gradient_checkpointing)
+        self.model = model
+        self._check_tokenizer()
+        return self.model, self.tokenizer
+
+    def _check_tokenizer(self) -> None:
+        """Subclasses check that the tokenizer can represent their format."""
+
+    def get_training_arguments(self) -> Any:
+        from transformers import TrainingArguments
+
+        return TrainingArguments(**self.config.to_training_arguments_kwargs())
+
+    def get_callbacks(self) -> list:
+        return []
+
+    def prepare(self) -> Any:
+        """Everything up to a ready ``transformers.Trainer`` (data, model, arguments); idempotent."""
+        if self.trainer is not None:
+            return self.trainer
+        self.config.validate()
+        self._check_output_dir(self.config.output_dir)
+        dataset = self.dataset if self.dataset is not None else self.load_dataset()
+        if self.model is None:
+            self.setup_model()
+        self.trainer = self.create_trainer(dataset, self.get_training_arguments(), self.get_callbacks())
+        return self.trainer
+
+    def train(self) -> Any:
+        """Run the whole pipeline: load data and model, train, save to ``config.output_dir``."""
+        trainer = self.prepare()
+        self.train_result = trainer.train()
+        self.training_completed_at = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.save_model()
+        return self.train_result
+
+    # -- saving and loading ------------------------------------------------------------------------
+    def _check_output_dir(self, path: str) -> None:
+        """Refuse to write a model over one that is already there, unless told to."""
+        if path in self._saved_dirs or self.config.overwrite_output_dir or not os.path.isdir(path):
+            return
+        present = [f for f in SAVED_MODEL_FILES + ("sft_metadata.json",) if os.path.exists(os.path.join(path, f))]
+        if present:
+            raise FileExistsError(
+                f"{path} already holds a saved model ({', '.join(present)}); choose another output_dir or set "
+                "overwrite_output_dir=True to replace it"
+            )
+
+    def _unwrapped_model(self) -> Any:
+        return self.model
+
+    def save_model(self, output_dir: Optional[str] = None) -> None:
+        """Save weights (LoRA adapter or full model, safetensors), tokenizer, config and metadata."""
+        if self.model is None:
+            raise ValueError("save_model: there is no model yet; call train() or load_model() first")
+        output_dir = output_dir or self.config.output_dir
+        self._check_output_dir(output_dir)
+        os.makedirs(output_dir, exist_ok=True)
+        model = self._unwrapped_model()
+        model.save_pretrained(output_dir)
+        self.tokenizer.save_pretrained(output_dir)
+        base_model = self.base_model_path
+        if self.config.use_lora and self.config.model_name == TINY_MODEL_NAME and self.base_model_path:
+            # The built-in tiny base lives in the training output_dir; keep the saved run self-contained.
+            target = os.path.join(output_dir, "base_model")
+            if os.path.abspath(target) != os.path.abspath(self.base_model_path):
+                shutil.copytree(self.base_model_path, target, dirs_exist_ok=True)
+            base_model = "base_model"
+        elif base_model and os.path.isdir(base_model):
+            base_model = os.path.abspath(base_model)
+        self._write_generation_config(output_dir)
+        metadata = {
+            "training_method": self._get_training_method(),
+            **self._metadata(),
+            "model_name": self.config.model_name,
+            "base_model": base_model,
+            "use_lora": bool(self.config.use_lora),
+            "dataset_path": self.config.dataset_path,
+            "training_completed_at": self.training_completed_at,
+            "saved_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "config": self.config.to_dict(),
+            "versions": _library_versions(),
+        }
+        with open(os.path.join(output_dir, f"{self._get_training_method()}_metadata.json"), "w", encoding="utf-8") as fh:
+            json.dump(metadata, fh, ensure_ascii=False, indent=2)
+        self._saved_dirs.add(output_dir)
+        logger.info("Saved %s model to %s", "LoRA adapter" if self.config.use_lora else "full", output_dir)
+
+    def _write_generation_config(self, output_dir: str) -> None:
+        """Subclasses write a generation_config.json that stops where their format stops."""
+
+    def read_metadata(self, path: str) -> dict[str, Any]:
+        meta_path = os.path.join(path, f"{self._get_training_method()}_metadata.json")
+        if not os.path.isdir(path):
+            raise ModelLoadError(f"load_model: {path!r} is not a directory; expected a directory written by save_model")
+        if not os.path.isfile(meta_path):
+            raise ModelLoadError(
+                f"load_model: {path!r} is not a saved {self._get_training_method()} run: it has no "
+                f"{os.path.basename(meta_path)} (expected a directory written by save_model)"
+            )
+        with open(meta_path, encoding="utf-8") as fh:
+            return json.load(fh)
+
+    def load_model(self, path: str) -> None:
+        """Restore a run written by :meth:`save_model` (weights, tokenizer, formatting settings)."""
+        metadata = self.read_metadata(path)
+        self._restore_from_metadata(metadata)
+        trust = self.config.trust_remote_code
+        self.tokenizer = load_tokenizer(path, trust_remote_code=trust)
+        if os.path.isfile(os.path.join(path, "adapter_config.json")):
+            from peft import PeftModel
+
+            base = metadata.get("base_model")
+            if base and not os.path.isabs(base) and os.path.isdir(os.path.join(path, base)):
+                base = os.path.join(path, base)
+            if not base:
+                raise ModelLoadError(f"load_model: {path!r} holds a LoRA adapter but its metadata names no base model")
+            base_model = load_causal_lm(base, trust_remote_code=trust, attn_implementation=self.config.attn_implementation,
+                                        bf16=self.config.bf16)
+            self.model = PeftModel.from_pretrained(base_model, path)
+            self.base_model_path = base
+        else:
+            self.model = load_causal_lm(path, trust_remote_code=trust, attn_implementation=self.config.attn_implementation,
+                                        bf16=self.config.bf16)
+            self.base_model_path = path
+        self.model.eval()
+        self.trainer = None
+        self._check_tokenizer()
+        logger.info("Loaded %s from %s", "LoRA adapter" if self.config.use_lora else "model", path)
+
+    def _restore_from_metadata(self, metadata: dict[str, Any]) -> None:
+        """Subclasses copy the formatting settings a saved run needs into ``self.config``."""
+        self.config.use_lora = bool(metadata.get("use_lora", self.config.use_lora))
+
+
+def _library_versions() -> dict[str, str]:
+    import importlib.metadata
+
+    versions = {}
+    for name in ("torch", "transformers", "peft", "datasets", "accelerate", "tokenizers"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions

@@ -1,0 +1,96 @@
+"""The ``transformers.Trainer`` subclass our trainers hand back from ``create_trainer``.
+
+It overrides only what must change:
+
+- ``compute_loss`` delegates to the owning :class:`~src.training.base_trainer.BaseTrainer`, so a
+  user's ``compute_loss`` override on ``SFTTrainer`` (the specification's ``CustomSFTTrainer``
+  example) is what trains. The Trainer's ``num_items_in_batch`` (trained tokens in the whole
+  accumulated batch, across ranks) reaches it even through an override that does not pass it on.
+- ``evaluate`` weights every trained token equally across batches (the stock loop averages
+  per-batch means), so packed and unpacked evaluation of the same examples give the same
+  ``eval_loss``; it adds ``eval_perplexity``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from src.training.losses import safe_perplexity, token_loss_sum
+
+
+class SFTHFTrainer(Trainer):
+    # compute_loss normalises by num_items_in_batch itself whenever it is given.
+    loss_is_scaled_for_ga = None
+
+    def __init__(self, *args: Any, owner: Any = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.owner = owner
+        # Make the Trainer count trained tokens for every accumulated batch (it only does so for models
+        # whose forward takes **kwargs); our compute_loss divides by that count.
+        self.model_accepts_loss_kwargs = True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.owner is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self.owner._num_items_in_batch = num_items_in_batch
+        try:
+            return self.owner.compute_loss(model, inputs, return_outputs)
+        finally:
+            self.owner._num_items_in_batch = None
+
+    def data_parallel_scale(self) -> float:
+        """Factor that undoes DDP's gradient averaging when the loss is divided by a global token count."""
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            return float(self.accelerator.num_processes)
+        return 1.0
+
+    @torch.no_grad()
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("no evaluation dataset: the data has no validation split and none was passed")
+        self._memory_tracker.start()
+        dataloader = self.get_eval_dataloader(dataset)
+        model = self._wrap_model(self.model, training=False)
+        if len(self.accelerator._models) == 0 and model is self.model and not self.is_deepspeed_enabled:
+            # Same preparation as Trainer.evaluation_loop when evaluate() runs before train().
+            model = self.accelerator.prepare_model(model, evaluation_mode=True)
+        model.eval()
+        start = time.time()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.args.device)
+        tokens = torch.zeros((), dtype=torch.long, device=self.args.device)
+        samples = 0
+        steps = 0
+        for batch in dataloader:
+            batch = self._prepare_inputs(batch)
+            labels = batch.pop("labels")
+            with self.compute_loss_context_manager():
+                logits = model(**batch, use_cache=False).logits
+            batch_sum, batch_tokens = token_loss_sum(logits, labels)
+            loss_sum += batch_sum.double()
+            tokens += batch_tokens
+            samples += int(labels.shape[0])
+            steps += 1
+        loss_sum = self.accelerator.reduce(loss_sum, "sum")
+        tokens = self.accelerator.reduce(tokens, "sum")
+        loss = (loss_sum / tokens.clamp(min=1)).item()
+        runtime = time.time() - start
+        n_examples = sum(dataset["num_examples"]) if "num_examples" in dataset.column_names else len(dataset)
+        metrics = {
+            f"{metric_key_prefix}_loss": loss,
+            f"{metric_key_prefix}_perplexity": safe_perplexity(loss),
+            f"{metric_key_prefix}_tokens": int(tokens.item()),
+            f"{metric_key_prefix}_runtime": round(runtime, 4),
+            f"{metric_key_prefix}_samples_per_second": round(n_examples / runtime, 3) if runtime > 0 else float("inf"),
+            f"{metric_key_prefix}_steps_per_second": round(steps / runtime, 3) if runtime > 0 else float("inf"),
+        }
+        if self.state.epoch is not None:
+            metrics["epoch"] = self.state.epoch
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        self._memory_tracker.stop_and_update_metrics(metrics)
+        return metrics
