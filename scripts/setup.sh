@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create .venv (once) and install the project with its test and eval extras.
+# torch==2.13.0 goes first: on the project's machines that pin is a CPU build already on disk; any other
+# spec would download a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+if ! python -c "import torch, transformers, peft, datasets, accelerate, sacrebleu, matplotlib, pytest, hypothesis, src" 2>/dev/null \
+   || [ pyproject.toml -nt .venv/.installed ]; then
+    python -m pip install -q --upgrade pip
+    python -m pip install -q torch==2.13.0
+    python -m pip install -q -e ".[eval,test]"
+    touch .venv/.installed
+fi
