@@ -74,7 +74,9 @@ class BaseConfig:
     warmup_ratio: float = _help("Share of total steps for linear warm-up, in [0, 1).", default=0.03)
     weight_decay: float = _help("AdamW weight decay.", default=0.0)
     lr_scheduler_type: str = _help("Learning-rate schedule (transformers SchedulerType).", default="cosine")
-    max_grad_norm: float = _help("Gradient clipping norm.", default=1.0)
+    max_grad_norm: float = _help("Gradient clipping norm (0 disables clipping).", default=1.0)
+    optim: str = _help("Optimizer name understood by transformers ('adamw_torch', 'sgd', 'adafactor', ...).",
+                       default="adamw_torch")
     seed: int = _help("Seed for model init, shuffling and the validation hold-out.", default=42)
     gradient_checkpointing: bool = _help("Recompute activations in backward to save memory.", default=True)
     group_by_length: bool = _help("Batch rows of similar length together (used when packing is off).", default=True)
@@ -150,6 +152,8 @@ class BaseConfig:
             bad("validation_split_ratio", "a number in [0, 1)")
         if not 0 <= self.lora_dropout < 1:
             bad("lora_dropout", "a number in [0, 1)")
+        if self.max_grad_norm < 0:
+            bad("max_grad_norm", "a non-negative number (0 disables clipping)")
         if self.weight_decay < 0:
             bad("weight_decay", "a non-negative number")
         if self.dataloader_num_workers < 0:
@@ -194,6 +198,7 @@ class BaseConfig:
             weight_decay=self.weight_decay,
             lr_scheduler_type=self.lr_scheduler_type,
             max_grad_norm=self.max_grad_norm,
+            optim=self.optim,
             seed=self.seed,
             data_seed=self.seed,
             dataloader_drop_last=self.dataloader_drop_last,

@@ -1,0 +1,210 @@
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from src.config import SFTConfig
+from src.models.loading import ModelLoadError
+from src.training.sft_trainer import SFTTrainer, create_sft_trainer
+from tests.conftest import PAIRS, write_jsonl
+
+MEMO = PAIRS[:4]
+
+
+def make_config(model_dir, data_path, out, **overrides):
+    values = dict(
+        model_name=model_dir, dataset_path=data_path, output_dir=str(out), use_lora=False, learning_rate=3e-3,
+        num_train_epochs=1, per_device_train_batch_size=2, max_seq_length=96, warmup_ratio=0.0,
+        evaluation_strategy="no", logging_steps=50, save_steps=10_000, gradient_checkpointing=False,
+        validation_split_ratio=0.0, lr_scheduler_type="constant", dataloader_pin_memory=False,
+    )
+    values.update(overrides)
+    return SFTConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def memorised(tiny_model_dir, tmp_path_factory):
+    """A tiny model trained (full fine-tuning) until it has memorised four pairs."""
+    tmp = tmp_path_factory.mktemp("memo")
+    data = write_jsonl(tmp / "memo.jsonl", MEMO)
+    val = write_jsonl(tmp / "val.jsonl", MEMO)
+    config = make_config(tiny_model_dir, data, tmp / "run", eval_dataset_path=val, max_steps=150,
+                         per_device_train_batch_size=4, evaluation_strategy="no")
+    trainer = create_sft_trainer(config)
+    trainer.prepare()
+    before = trainer.evaluate_model()
+    trainer.train()
+    after = trainer.evaluate_model()
+    return trainer, before, after
+
+
+def test_wrong_config_type_and_method_name():
+    with pytest.raises(TypeError, match="SFTConfig"):
+        SFTTrainer({"model_name": "x"})
+    trainer = create_sft_trainer(SFTConfig())
+    assert isinstance(trainer, SFTTrainer)
+    assert trainer._get_training_method() == "sft"
+
+
+def test_memorised_pairs_are_generated_and_generation_stops(memorised):
+    trainer, before, after = memorised
+    assert after["eval_loss"] < 0.05 < before["eval_loss"]
+    for pair in MEMO:
+        assert trainer.generate_response(pair["instruction"], max_length=40) == pair["response"]
+
+
+def test_batch_generate_equals_single_greedy_generation(memorised):
+    trainer, _, _ = memorised
+    instructions = [p["instruction"] for p in PAIRS]  # different prompt lengths: left padding is exercised
+    single = [trainer.generate_response(i, max_length=12) for i in instructions]
+    assert trainer.batch_generate(instructions, max_length=12, batch_size=3) == single
+
+
+def test_sampling_kwargs_pass_through(memorised):
+    trainer, _, _ = memorised
+    out = trainer.generate_response(MEMO[0]["instruction"], max_length=8, do_sample=True, temperature=0.8, top_p=0.9,
+                                    repetition_penalty=1.1)
+    assert isinstance(out, str)
+    with pytest.raises(TypeError):
+        trainer.batch_generate("not a list")
+
+
+def test_evaluate_model_keys_and_perplexity(memorised):
+    _, before, after = memorised
+    for metrics in (before, after):
+        assert {"eval_loss", "eval_perplexity", "eval_runtime", "eval_samples_per_second"} <= set(metrics)
+        assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]), rel=1e-9)
+
+
+def test_perplexity_does_not_overflow():
+    from src.training.losses import safe_perplexity
+
+    assert safe_perplexity(1000.0) == float("inf")
+    assert safe_perplexity(0.0) == 1.0
+
+
+def test_save_load_roundtrip_metadata_and_generation_config(memorised, tmp_path):
+    trainer, _, _ = memorised
+    out = tmp_path / "saved"
+    trainer.save_model(str(out))
+    files = set(os.listdir(out))
+    assert {"model.safetensors", "config.json", "tokenizer.json", "generation_config.json", "sft_metadata.json"} <= files
+    assert not any(f.endswith(".bin") for f in files)
+    meta = json.loads((out / "sft_metadata.json").read_text(encoding="utf-8"))
+    for key in ("training_method", "instruction_template", "response_template", "packing", "max_seq_length",
+                "model_name", "dataset_path", "training_completed_at"):
+        assert key in meta
+    assert meta["training_method"] == "sft" and meta["instruction_template"] == "alpaca"
+    assert meta["response_template"] == "### Response:\n"
+    assert meta["training_completed_at"].endswith("Z") and "T" in meta["training_completed_at"]
+    gen = json.loads((out / "generation_config.json").read_text())
+    eos = gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]]
+    assert trainer.tokenizer.eos_token_id in eos
+
+    restored = SFTTrainer(SFTConfig(instruction_template="chatml"))  # formatting comes from the saved run
+    restored.load_model(str(out))
+    assert restored.config.instruction_template == "alpaca"
+    for pair in MEMO:
+        assert restored.generate_response(pair["instruction"], max_length=40) == trainer.generate_response(
+            pair["instruction"], max_length=40)
+
+
+def test_save_refuses_to_overwrite_another_model(memorised, tmp_path):
+    trainer, _, _ = memorised
+    target = tmp_path / "users_model"
+    target.mkdir()
+    (target / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="overwrite_output_dir"):
+        trainer.save_model(str(target))
+    assert (target / "config.json").read_text() == "{}"
+
+
+def test_load_model_errors(tmp_path):
+    trainer = SFTTrainer(SFTConfig())
+    with pytest.raises(ModelLoadError, match="not a saved sft run"):
+        trainer.load_model(str(tmp_path))
+    with pytest.raises(ModelLoadError, match="not a directory"):
+        trainer.load_model(str(tmp_path / "missing"))
+
+
+def test_missing_model_path_is_a_clear_error(pairs_file, tmp_path):
+    config = make_config("./no/such/model", pairs_file, tmp_path / "o")
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        create_sft_trainer(config).train()
+
+
+@pytest.mark.parametrize("use_lora", [True, False])
+def test_lora_and_full_fine_tuning_both_train(tiny_model_dir, pairs_file, tmp_path, use_lora):
+    config = make_config(tiny_model_dir, pairs_file, tmp_path / "o", use_lora=use_lora, max_steps=40,
+                         eval_dataset_path=pairs_file, learning_rate=3e-3, lora_r=8, lora_alpha=16, lora_dropout=0.0,
+                         lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                         gradient_checkpointing=use_lora)
+    trainer = create_sft_trainer(config)
+    trainer.prepare()
+    before = trainer.evaluate_model()["eval_loss"]
+    trainer.train()
+    after = trainer.evaluate_model()["eval_loss"]
+    assert after < before - 0.3
+    files = os.listdir(tmp_path / "o")
+    if use_lora:
+        assert "adapter_model.safetensors" in files and "model.safetensors" not in files
+        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        assert trainable < sum(p.numel() for p in trainer.model.parameters()) / 2
+        restored = SFTTrainer(SFTConfig())
+        restored.load_model(str(tmp_path / "o"))
+        assert restored.generate_response(PAIRS[0]["instruction"], max_length=10) == trainer.generate_response(
+            PAIRS[0]["instruction"], max_length=10)
+    else:
+        assert "model.safetensors" in files
+
+
+# -- gradient accumulation ---------------------------------------------------------------------------
+
+
+def _one_sgd_step(model_dir, data, out, batch, accumulation, packing, trainer_cls=SFTTrainer, max_seq_length=96, **overrides):
+    config = make_config(model_dir, data, out, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+                         max_steps=1, optim="sgd", learning_rate=1.0, max_grad_norm=0.0, packing=packing,
+                         group_by_length=False, max_seq_length=max_seq_length, seed=0, **overrides)
+    trainer = trainer_cls(config)
+    trainer.prepare()
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    return {n: (p.detach() - before[n]) for n, p in trainer.model.named_parameters()}
+
+
+def _max_rel_diff(a, b):
+    return max(((a[n] - b[n]).abs().max() / b[n].abs().max().clamp(min=1e-12)).item() for n in a)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_gradient_accumulation_gives_the_same_update(tiny_model_dir, tmp_path, packing):
+    # examples of very different lengths, so micro-batches hold different numbers of trained tokens
+    rows = [{"instruction": p["instruction"], "response": p["response"] * (1 + 2 * (i % 3))} for i, p in enumerate(PAIRS)]
+    data = write_jsonl(tmp_path / "ga.jsonl", rows if packing else rows[:4])
+    seq = 64 if packing else 160
+    accumulated = _one_sgd_step(tiny_model_dir, data, tmp_path / "a", 1, 4, packing, max_seq_length=seq)
+    single = _one_sgd_step(tiny_model_dir, data, tmp_path / "b", 4, 1, packing, max_seq_length=seq)
+    assert _max_rel_diff(accumulated, single) < 1e-4
+
+    class MeanPerMicroBatch(SFTTrainer):
+        """The bug other trainers had: each micro-batch normalised by its own token count."""
+
+        def compute_loss(self, model, inputs, return_outputs=False):
+            self._num_items_in_batch = None
+            loss = super().compute_loss(model, inputs, return_outputs)
+            return loss / self.config.gradient_accumulation_steps
+
+    naive = _one_sgd_step(tiny_model_dir, data, tmp_path / "c", 1, 4, packing, trainer_cls=MeanPerMicroBatch,
+                          max_seq_length=seq)
+    assert _max_rel_diff(naive, single) > 1e-2  # the test can tell the difference
+
+
+def test_gradient_checkpointing_with_lora_gives_the_same_update(tiny_model_dir, pairs_file, tmp_path):
+    lora = dict(use_lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    plain = _one_sgd_step(tiny_model_dir, pairs_file, tmp_path / "a", 4, 1, False, **lora)
+    checkpointed = _one_sgd_step(tiny_model_dir, pairs_file, tmp_path / "b", 4, 1, False, gradient_checkpointing=True, **lora)
+    lora_b = [n for n in plain if "lora_B" in n]
+    assert lora_b and all(plain[n].abs().max() > 0 for n in lora_b)  # adapters received gradients
+    assert _max_rel_diff(checkpointed, plain) < 1e-5
