@@ -44,7 +44,7 @@ def run_training(argv: list[str]) -> int:
         print(f"Padding efficiency    : {trainer.padding_efficiency:.2%}")
     samples = [row["instruction"] for row in trainer.dataset["validation"]][:3] if has_validation else []
     if "instruction" in (trainer.dataset["validation"].column_names if has_validation else []):
-        responses = trainer.batch_generate(samples, max_length=64, batch_size=len(samples))
+        responses = trainer.batch_generate(samples, max_length=48, batch_size=len(samples), repetition_penalty=1.3)
         for instruction, response in zip(samples, responses):
             print("-" * 72)
             print(f"Q: {instruction}")

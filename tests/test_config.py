@@ -70,8 +70,8 @@ def test_training_arguments_translation_to_installed_transformers():
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
     if "train_sampling_strategy" in names:
         assert args.train_sampling_strategy == "group_by_length"
-        packed = TrainingArguments(**SFTConfig(packing=True).to_training_arguments_kwargs())
-        assert packed.train_sampling_strategy == "random"  # no length grouping when packing
+        ungrouped = TrainingArguments(**SFTConfig(group_by_length=False).to_training_arguments_kwargs())
+        assert ungrouped.train_sampling_strategy == "random"
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     assert getattr(args, checkpointing) is True
 

@@ -79,7 +79,8 @@ class BaseConfig:
                        default="adamw_torch")
     seed: int = _help("Seed for model init, shuffling and the validation hold-out.", default=42)
     gradient_checkpointing: bool = _help("Recompute activations in backward to save memory.", default=True)
-    group_by_length: bool = _help("Batch rows of similar length together (used when packing is off).", default=True)
+    group_by_length: bool = _help("Batch rows of similar length together (examples, or packed rows when packing).",
+                                  default=True)
     dataloader_drop_last: bool = _help(
         "Drop the last incomplete batch of each epoch (the count of dropped rows is logged).", default=True
     )
@@ -230,7 +231,9 @@ class BaseConfig:
         kwargs[checkpointing] = self.gradient_checkpointing
         if self.gradient_checkpointing:
             kwargs[checkpointing + "_kwargs"] = {"use_reentrant": False}
-        group = self.group_by_length and not getattr(self, "packing", False)
+        # Length grouping also applies to packed rows: almost all of them are full, and grouping puts the few
+        # partly filled ones into the same batches instead of padding them next to full rows.
+        group = self.group_by_length
         if "train_sampling_strategy" in accepted:
             kwargs["train_sampling_strategy"] = "group_by_length" if group else "random"
         else:

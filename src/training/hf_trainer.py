@@ -6,6 +6,7 @@ It overrides only what must change:
   user's ``compute_loss`` override on ``SFTTrainer`` (the specification's ``CustomSFTTrainer``
   example) is what trains. The Trainer's ``num_items_in_batch`` (trained tokens in the whole
   accumulated batch, across ranks) reaches it even through an override that does not pass it on.
+- ``get_eval_dataloader`` never drops the last batch (the stock one obeys ``dataloader_drop_last``).
 - ``evaluate`` weights every trained token equally across batches (the stock loop averages
   per-batch means), so packed and unpacked evaluation of the same examples give the same
   ``eval_loss``; it adds ``eval_perplexity``.
@@ -41,6 +42,16 @@ class SFTHFTrainer(Trainer):
             return self.owner.compute_loss(model, inputs, return_outputs)
         finally:
             self.owner._num_items_in_batch = None
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        """The stock eval dataloader, but never dropping the last batch: ``dataloader_drop_last`` is a
+        training setting, and evaluation that silently skips examples reports a wrong loss."""
+        drop_last = self.args.dataloader_drop_last
+        self.args.dataloader_drop_last = False
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.args.dataloader_drop_last = drop_last
 
     def data_parallel_scale(self) -> float:
         """Factor that undoes DDP's gradient averaging when the loss is divided by a global token count."""
