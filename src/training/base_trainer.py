@@ -114,6 +114,7 @@ class BaseTrainer(ABC):
         if self.trainer is not None:
             return self.trainer
         self.config.validate()
+        _check_reporters(self.config.report_to)
         self._check_output_dir(self.config.output_dir)
         dataset = self.dataset if self.dataset is not None else self.load_dataset()
         if self.model is None:
@@ -238,3 +239,17 @@ def _library_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             pass
     return versions
+
+
+REPORTER_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "mlflow", "comet_ml": "comet_ml",
+                     "clearml": "clearml", "neptune": "neptune", "trackio": "trackio", "swanlab": "swanlab"}
+
+
+def _check_reporters(report_to: str) -> None:
+    """Fail before loading a model when a requested tracker's package is missing."""
+    import importlib.util
+
+    for name in (r.strip() for r in (report_to or "").split(",")):
+        package = REPORTER_PACKAGES.get(name)
+        if package and importlib.util.find_spec(package) is None:
+            raise ValueError(f"report_to={name!r} needs the {package} package: pip install {package}, or set report_to='none'")
