@@ -1,7 +1,10 @@
 """Packing examples into rows, and the collator that batches rows exactly.
 
-Packing places tokenized examples into rows of at most ``max_seq_length`` tokens with best-fit
-decreasing (each example goes into the fullest row that still has room; longest examples first).
+Packing places tokenized examples into rows of at most ``max_seq_length`` tokens. Best-fit
+decreasing (each example goes into the fullest row that still has room; longest examples first)
+decides how many rows are needed; the examples are then spread evenly over that many rows when they
+fit, so rows have nearly equal lengths and batches (padded to their longest row) carry almost no
+padding.
 Each example keeps its own ``position_ids`` starting at 0. transformers' SDPA and eager attention then
 build a block-diagonal causal mask from the restarting ``position_ids`` when the batch carries *no*
 2-D ``attention_mask`` and no KV cache (``find_packed_sequence_indices`` in
@@ -52,13 +55,77 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
     return bins
 
 
+def balanced_bins(lengths: Sequence[int], n_bins: int, max_rounds: int | None = None) -> list[list[int]]:
+    """Spread examples over ``n_bins`` bins with nearly equal totals.
+
+    Longest first onto the lightest bin, then swaps between the heaviest and the lightest bin while
+    a swap narrows their gap (bounded by ``max_rounds``, default ``2 * n_bins``).
+    """
+    import heapq
+
+    heap = [(0, b) for b in range(n_bins)]
+    bins: list[list[int]] = [[] for _ in range(n_bins)]
+    loads = [0] * n_bins
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        load, b = heapq.heappop(heap)
+        bins[b].append(i)
+        loads[b] = load + lengths[i]
+        heapq.heappush(heap, (loads[b], b))
+    # Lazy max- and min-heaps of (load, bin): stale entries are skipped when popped.
+    heaviest = [(-load, b) for b, load in enumerate(loads)]
+    lightest = [(load, b) for b, load in enumerate(loads)]
+    heapq.heapify(heaviest)
+    heapq.heapify(lightest)
+
+    def top(heap, sign):
+        while heap and sign * heap[0][0] != loads[heap[0][1]]:
+            heapq.heappop(heap)
+        return heap[0][1]
+
+    for _ in range(max_rounds if max_rounds is not None else 2 * n_bins):
+        hi, lo = top(heaviest, -1), top(lightest, 1)
+        gap = loads[hi] - loads[lo]
+        best = None  # (new gap, a, b): swap item a of the heavy bin with item b of the light bin
+        for a in bins[hi]:
+            for b in bins[lo]:
+                delta = lengths[a] - lengths[b]
+                if 0 < delta < gap and (best is None or abs(gap - 2 * delta) < best[0]):
+                    best = (abs(gap - 2 * delta), a, b)
+        if best is None:
+            break
+        _, a, b = best
+        bins[hi][bins[hi].index(a)] = b
+        bins[lo][bins[lo].index(b)] = a
+        delta = lengths[a] - lengths[b]
+        loads[hi] -= delta
+        loads[lo] += delta
+        for b in (hi, lo):
+            heapq.heappush(heaviest, (-loads[b], b))
+            heapq.heappush(lightest, (loads[b], b))
+    return [b for b in bins if b]
+
+
+def pack_examples(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing fixes the number of rows; then the same number of rows is re-filled evenly.
+
+    Batches are padded to their longest row, so rows of nearly equal length waste almost nothing,
+    where best-fit alone leaves full rows next to a few part-filled ones. The balanced layout is used
+    only when every row still fits ``capacity``; otherwise the best-fit rows are kept.
+    """
+    bins = best_fit_decreasing(lengths, capacity)
+    balanced = balanced_bins(lengths, len(bins))
+    if len(balanced) == len(bins) and all(sum(lengths[i] for i in b) <= capacity for b in balanced):
+        return balanced
+    return bins
+
+
 def pack_dataset(dataset: Any, max_seq_length: int) -> Any:
     """Pack a tokenized ``datasets.Dataset`` (``input_ids``, ``labels``) into rows with ``position_ids``."""
     from datasets import Dataset
 
     input_ids = dataset["input_ids"]
     labels = dataset["labels"]
-    bins = best_fit_decreasing([len(x) for x in input_ids], max_seq_length)
+    bins = pack_examples([len(x) for x in input_ids], max_seq_length)
     rows: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": [], "length": [], "num_examples": []}
     for members in bins:
         ids, lab, pos = [], [], []
