@@ -321,6 +321,29 @@ class SFTConfig(BaseConfig):
     max_seq_length: int = _help("Maximum tokens per example (and per packed row).", default=512)
     overlong_policy: str = _help("'truncate', 'drop' or 'error' for examples over max_seq_length.", default="truncate")
     pad_to_multiple_of: Optional[int] = _help("Pad batch length to a multiple of this (e.g. 8 for tensor cores).", default=None)
+    train_on_last_turn_only: bool = _help(
+        "For multi-turn conversations: train only the last assistant turn (default: every assistant turn).", default=False
+    )
+
+    # --- Arabic normalization (src/data/normalization.py), applied identically to training and generation text ---
+    normalization: str = _help("Preset: 'none', 'light' (default: tatweel, bidi controls, presentation forms) or "
+                               "'search' (also diacritics, alef/yeh/taa marbuta unification, Western digits).",
+                               default="light")
+    arabic_presentation_forms: Optional[bool] = _help("Map presentation forms to base letters (None: preset).", default=None)
+    arabic_remove_bidi_controls: Optional[bool] = _help("Remove bidi control characters (None: preset).", default=None)
+    arabic_remove_tatweel: Optional[bool] = _help("Remove tatweel (None: preset).", default=None)
+    arabic_remove_diacritics: Optional[bool] = _help("Remove tashkeel (None: preset).", default=None)
+    arabic_normalize_alef: Optional[bool] = _help("Unify alef forms to bare alef (None: preset).", default=None)
+    arabic_normalize_alef_maqsura: Optional[bool] = _help("Map alef maqsura to yeh (None: preset).", default=None)
+    arabic_normalize_taa_marbuta: Optional[bool] = _help("Map taa marbuta to heh (None: preset).", default=None)
+    arabic_digits: Optional[str] = _help("'keep', 'western' or 'arabic-indic' (None: preset).", default=None)
+
+    # --- generation-based evaluation ---
+    eval_generation_samples: int = _help(
+        "If > 0, evaluate_model also generates answers for this many validation rows and reports chrF, BLEU and "
+        "exact match (after normalization); the generations go to <output_dir>/eval_generations.jsonl.", default=0
+    )
+    eval_generation_max_length: int = _help("Maximum new tokens per answer in generation-based evaluation.", default=128)
 
     def validate(self) -> None:
         super().validate()
@@ -341,10 +364,24 @@ class SFTConfig(BaseConfig):
             raise ValueError(f"SFTConfig.max_seq_length={self.max_seq_length!r} is invalid: expected an integer >= 8.")
         if self.overlong_policy not in OVERLONG_POLICIES:
             raise ValueError(f"SFTConfig.overlong_policy={self.overlong_policy!r} is invalid: expected one of {OVERLONG_POLICIES}.")
+        from src.data.normalization import DIGIT_FORMS, PRESETS
+
+        if self.normalization not in PRESETS:
+            raise ValueError(f"SFTConfig.normalization={self.normalization!r} is invalid: expected one of {sorted(PRESETS)}.")
+        if self.arabic_digits is not None and self.arabic_digits not in DIGIT_FORMS:
+            raise ValueError(f"SFTConfig.arabic_digits={self.arabic_digits!r} is invalid: expected one of {DIGIT_FORMS}.")
+        if self.eval_generation_samples < 0 or self.eval_generation_max_length < 1:
+            raise ValueError("SFTConfig.eval_generation_samples must be >= 0 and eval_generation_max_length >= 1.")
         if self.pad_to_multiple_of is not None and (
             isinstance(self.pad_to_multiple_of, bool) or not isinstance(self.pad_to_multiple_of, int) or self.pad_to_multiple_of <= 0
         ):
             raise ValueError(f"SFTConfig.pad_to_multiple_of={self.pad_to_multiple_of!r} is invalid: expected a positive integer.")
+
+    def normalizer(self):
+        """The :class:`~src.data.normalization.ArabicNormalizer` this config describes."""
+        from src.data.normalization import SWITCHES, build_normalizer
+
+        return build_normalizer(self.normalization, **{k: getattr(self, "arabic_" + k) for k in SWITCHES})
 
     @property
     def resolved_response_template(self) -> str:

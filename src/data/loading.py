@@ -13,7 +13,9 @@ Accepted row shapes (first match wins), documented here because users come from 
 - aliases: ``prompt``/``question``/``query`` for the instruction, ``output``/``completion``/``answer``
   for the response;
 - optional ``system`` (a per-row system prompt);
-- ``text``: an already formatted example (see ``src.data.tokenization``).
+- ``text``: an already formatted example (see ``src.data.tokenization``);
+- conversations: ``messages`` (``[{"role": "system"|"user"|"assistant", "content": ...}]``) or
+  ShareGPT's ``conversations`` (``[{"from": "system"|"human"|"gpt", "value": ...}]``).
 
 Every record is checked: a missing, non-string or empty field raises :class:`DatasetError` naming the
 file, the line (or row index) and the field. With ``skip_invalid_rows`` the row is skipped instead,
@@ -241,26 +243,69 @@ def _pick(values: dict, keys: Iterable[str]) -> str | None:
     return next((k for k in keys if k in values), None)
 
 
-def _check_text(values: dict, key: str, where: str) -> str:
+def _check_text(values: dict, key: str, where: str, field_name: str | None = None) -> str:
     value = values.get(key)
+    name = field_name or key
     if value is None:
-        raise DatasetError(f"{where}, field {key!r}: value is missing (null)", "missing field")
+        raise DatasetError(f"{where}, field {name!r}: value is missing (null)", "missing field")
     if not isinstance(value, str):
         raise DatasetError(
-            f"{where}, field {key!r}: expected a string, got {type(value).__name__} ({value!r:.40})", "non-string value"
+            f"{where}, field {name!r}: expected a string, got {type(value).__name__} ({value!r:.40})", "non-string value"
         )
     if not value.strip():
-        raise DatasetError(f"{where}, field {key!r}: value is empty", "empty value")
+        raise DatasetError(f"{where}, field {name!r}: value is empty", "empty value")
     return value
 
 
-def parse_record(values: Any, where: str) -> dict[str, str | None]:
-    """Validate one raw row and return ``{"instruction", "response", "system"}`` or ``{"text"}``.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+                  "model": "assistant", "bot": "assistant", "system": "system"}
+
+
+def parse_conversation(turns: Any, key: str, where: str) -> list[dict[str, str]]:
+    """Validate a ``messages`` (role/content) or ShareGPT ``conversations`` (from/value) list.
+
+    After an optional leading system message, turns must alternate user/assistant and end with an
+    assistant turn (the last thing trained).
+    """
+    sharegpt = key == "conversations"
+    role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
+    if not isinstance(turns, list) or not turns:
+        raise DatasetError(f"{where}, field {key!r}: expected a non-empty list of turns", "invalid conversation")
+    messages = []
+    for n, turn in enumerate(turns):
+        field_name = f"{key}[{n}]"
+        if not isinstance(turn, dict):
+            raise DatasetError(f"{where}, field {field_name!r}: expected an object with {role_key!r} and {content_key!r}",
+                               "invalid conversation")
+        role = turn.get(role_key)
+        role = SHAREGPT_ROLES.get(role, role) if sharegpt else role
+        if role not in ("system", "user", "assistant"):
+            raise DatasetError(f"{where}, field '{field_name}.{role_key}': unknown role {turn.get(role_key)!r}; expected "
+                               f"system, user or assistant", "invalid conversation")
+        content = _check_text(turn, content_key, where, f"{field_name}.{content_key}")
+        messages.append({"role": role, "content": content})
+    body = messages[1:] if messages[0]["role"] == "system" else messages
+    for n, message in enumerate(body):
+        expected = "user" if n % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            index = n + (len(messages) - len(body))
+            raise DatasetError(f"{where}, field '{key}[{index}]': expected a {expected} turn, got {message['role']} "
+                               "(turns alternate user/assistant after an optional first system turn)", "invalid conversation")
+    if not body or body[-1]["role"] != "assistant":
+        raise DatasetError(f"{where}, field {key!r}: the conversation must end with an assistant turn", "invalid conversation")
+    return messages
+
+
+def parse_record(values: Any, where: str) -> dict[str, Any]:
+    """Validate one raw row and return ``{"instruction", "response", "system"}``, ``{"text"}`` or ``{"messages"}``.
 
     Raises :class:`DatasetError` naming ``where`` and the field.
     """
     if not isinstance(values, dict):
         raise DatasetError(f"{where}: expected an object with 'instruction' and 'response' fields, got {type(values).__name__}", "not an object")
+    for key in ("messages", "conversations"):
+        if values.get(key) is not None:
+            return {"messages": parse_conversation(values[key], key, where)}
     instruction_key = _pick(values, INSTRUCTION_KEYS)
     if instruction_key is None and "text" in values:
         return {"text": _check_text(values, "text", where)}
@@ -304,7 +349,7 @@ def validate_rows(rows: Iterable[RawRow], report: LoadReport, split: str, skip_i
     shapes = {frozenset(r) for r in records}
     if len(shapes) > 1:
         raise DatasetError(
-            f"split {split!r} mixes pre-formatted 'text' rows with instruction/response rows; use one shape per split"
+            f"split {split!r} mixes row shapes ({', '.join(sorted('/'.join(sorted(k)) for k in shapes))}); use one shape per split"
         )
     report.rows_kept[split] += len(records)
     return records

@@ -13,7 +13,9 @@ trained: a model that never sees it as a target never learns to stop.
 With a ``system_prompt`` set, ChatML prompts start with a system block written as Qwen writes it
 (``<|im_start|>system\\n...<|im_end|>\\n``); alpaca and custom prompts start with the system prompt
 followed by a blank line. Unset, the prompt is exactly the specification's template (no system block;
-unlike Qwen's own chat template, no English default system prompt is injected).
+unlike Qwen's own chat template, no English default system prompt is injected: an English identity
+statement in front of every Arabic example is a choice the user should make, not a default; use
+``QWEN_DEFAULT_SYSTEM_PROMPT`` to reproduce Qwen2.5-Instruct exactly).
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ TEMPLATE_NAMES = ("alpaca", "chatml", "custom")
 DEFAULT_RESPONSE_TEMPLATES = {"alpaca": "### Response:\n", "chatml": "<|im_start|>assistant\n"}
 
 CHATML_END = "<|im_end|>"
+# What Qwen2.5-Instruct's chat template inserts when a conversation has no system message. Ours inserts
+# nothing (the specification's template has no system block); set system_prompt to this string to
+# format byte-for-byte as Qwen2.5-Instruct's apply_chat_template does.
+QWEN_DEFAULT_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 CHATML_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 

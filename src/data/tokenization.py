@@ -8,6 +8,9 @@ failure of searching a response template inside tokenized text, TRL #598/#1183).
 Labels are built by position, never by token id: a padding token that equals EOS can never mask
 the trained EOS (TRL #1623).
 
+Conversations (``messages``) are one prompt/response pair per turn; every assistant turn is trained
+(or only the last, when asked).
+
 A pre-formatted ``text`` record is split at the first occurrence of ``response_template``: the text up
 to and including it is the prompt (masked), the rest is the response (trained, then the end token).
 Without the response template in the text, the whole text is trained.
@@ -88,17 +91,24 @@ def check_chatml_tokens(tokenizer: Any) -> None:
 class ExampleTokenizer:
     """Turns records into ``input_ids``/``labels`` for one tokenizer and prompt format.
 
-    ``normalize`` (optional) is applied to every piece of user text (instruction, response, system
-    prompt, pre-formatted text) before formatting, the same function that generation uses.
+    Every record becomes a list of segments: prompt text (masked) and response text (trained, then the
+    end token, trained, then the format's end suffix, masked). A single-turn record is one prompt and one
+    response; a conversation is one per turn, the system block (its own, or ``system_prompt``) in the
+    first prompt; ``train_on_last_turn_only`` masks all but the last response. All segment texts of a
+    batch are tokenized in one call, each separately, and their ids concatenated.
+
+    ``normalize`` (optional) is applied to every piece of user text (instructions, responses, system
+    prompts, pre-formatted text) before formatting, the same function that generation uses.
     """
 
     def __init__(self, tokenizer: Any, fmt: PromptFormat, max_seq_length: int, overlong_policy: str = "truncate",
-                 normalize: Callable[[str], str] | None = None):
+                 normalize: Callable[[str], str] | None = None, train_on_last_turn_only: bool = False):
         self.tokenizer = tokenizer
         self.fmt = fmt
         self.max_seq_length = max_seq_length
         self.overlong_policy = overlong_policy
         self.normalize = normalize or (lambda text: text)
+        self.train_on_last_turn_only = train_on_last_turn_only
         self.prefix_ids = special_prefix_ids(tokenizer)
         self.end_id = end_token_id(tokenizer, fmt)
         self.suffix_ids = self._encode(fmt.end_suffix) if fmt.end_suffix else []
@@ -120,41 +130,63 @@ class ExampleTokenizer:
         cut = idx + len(self.fmt.response_template)
         return text[:cut], text[cut:]
 
-    def record_texts(self, record: dict) -> tuple[str, str]:
+    def segments(self, record: dict) -> list[tuple[str, str, bool]]:
+        """``(kind, text, trained)`` segments of a record; kind is "prompt" or "response"."""
         if record.get("text") is not None:
-            return self.split_text(record["text"])
-        return self.prompt_text(record["instruction"], record.get("system")), self.normalize(record["response"])
+            prompt, response = self.split_text(record["text"])
+            return [("prompt", prompt, False), ("response", response, True)]
+        if record.get("messages") is not None:
+            messages = record["messages"]
+            system = None
+            if messages[0]["role"] == "system":
+                system, messages = messages[0]["content"], messages[1:]
+            n_turns = len(messages) // 2
+            segments = []
+            for turn in range(n_turns):
+                user, assistant = messages[2 * turn]["content"], messages[2 * turn + 1]["content"]
+                # The system block (own or configured) opens the first prompt only; "" means "none" later on.
+                prompt = self.prompt_text(user, system) if turn == 0 else self.fmt.format_prompt(self.normalize(user), "")
+                trained = not self.train_on_last_turn_only or turn == n_turns - 1
+                segments += [("prompt", prompt, False), ("response", self.normalize(assistant), trained)]
+            return segments
+        return [("prompt", self.prompt_text(record["instruction"], record.get("system")), False),
+                ("response", self.normalize(record["response"]), True)]
 
     # -- ids -------------------------------------------------------------------------------------
-    def build(self, prompt_ids: list[int], response_ids: list[int], where: str = "") -> tuple[list[int], list[int], int]:
-        """Concatenate ids and labels; apply the over-long policy. Returns (input_ids, labels, status)."""
-        prompt = self.prefix_ids + prompt_ids
-        response = response_ids + [self.end_id]
-        total = len(prompt) + len(response) + len(self.suffix_ids)
-        if total <= self.max_seq_length:
-            ids = prompt + response + self.suffix_ids
-            labels = [IGNORE_INDEX] * len(prompt) + response + [IGNORE_INDEX] * len(self.suffix_ids)
+    def assemble(self, segments: list[tuple[str, list[int], bool]], where: str = "") -> tuple[list[int], list[int], int]:
+        """Concatenate segment ids into (input_ids, labels, status), applying the over-long policy."""
+        ids = list(self.prefix_ids)
+        labels = [IGNORE_INDEX] * len(ids)
+        for kind, tokens, trained in segments:
+            if kind == "prompt":
+                ids += tokens
+                labels += [IGNORE_INDEX] * len(tokens)
+            else:
+                response = list(tokens) + [self.end_id]
+                ids += response + self.suffix_ids
+                labels += (response if trained else [IGNORE_INDEX] * len(response)) + [IGNORE_INDEX] * len(self.suffix_ids)
+        if len(ids) <= self.max_seq_length:
             return ids, labels, FITS
         if self.overlong_policy == "error":
             raise ValueError(
-                f"{where or 'an example'} is {total} tokens long, over max_seq_length={self.max_seq_length}; "
+                f"{where or 'an example'} is {len(ids)} tokens long, over max_seq_length={self.max_seq_length}; "
                 "raise max_seq_length or set overlong_policy to 'truncate' or 'drop'"
             )
-        room = self.max_seq_length - len(prompt)
-        if self.overlong_policy == "drop" or room < 1:
+        ids, labels = ids[: self.max_seq_length], labels[: self.max_seq_length]
+        if self.overlong_policy == "drop" or all(label == IGNORE_INDEX for label in labels[1:]):
             return [], [], DROPPED
-        # Truncate the response; no end token, since the answer does not end here.
-        kept = response_ids[:room]
-        return prompt + kept, [IGNORE_INDEX] * len(prompt) + kept, TRUNCATED
+        # Truncated: the cut response keeps no end token, since the answer does not end here.
+        return ids, labels, TRUNCATED
 
     def tokenize_batch(self, records: list[dict], where: list[str] | None = None) -> list[tuple[list[int], list[int], int]]:
-        texts = [self.record_texts(r) for r in records]
-        prompts = [p for p, _ in texts]
-        responses = [r for _, r in texts]
-        prompt_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        response_ids = self.tokenizer(responses, add_special_tokens=False)["input_ids"]
+        all_segments = [self.segments(r) for r in records]
+        texts = [text for segments in all_segments for _, text, _ in segments]
+        encoded = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
         where = where or [""] * len(records)
-        return [self.build(p, r, w) for p, r, w in zip(prompt_ids, response_ids, where)]
+        return [
+            self.assemble([(kind, next(encoded), trained) for kind, _, trained in segments], w)
+            for segments, w in zip(all_segments, where)
+        ]
 
     def encode_prompt(self, instruction: str, system: str | None = None) -> list[int]:
         """Prompt ids for generation: exactly the ids an example's prompt has at training time."""

@@ -63,7 +63,10 @@ class SFTTrainer(BaseTrainer):
         """The one object that formats and tokenizes, for training and for generation alike."""
         if self.tokenizer is None:
             raise ValueError("no tokenizer yet: call train(), prepare() or load_model() first")
-        return ExampleTokenizer(self.tokenizer, self.prompt_format(), self.config.max_seq_length, self.config.overlong_policy)
+        normalizer = self.config.normalizer()
+        return ExampleTokenizer(self.tokenizer, self.prompt_format(), self.config.max_seq_length, self.config.overlong_policy,
+                                normalize=None if normalizer.is_identity else normalizer,
+                                train_on_last_turn_only=self.config.train_on_last_turn_only)
 
     def _check_tokenizer(self) -> None:
         self.example_tokenizer()  # raises TokenizerMismatchError when the template's tokens are missing
@@ -297,6 +300,8 @@ class SFTTrainer(BaseTrainer):
             "system_prompt": c.system_prompt,
             "end_token": self.tokenizer.convert_ids_to_tokens(self.example_tokenizer().end_id),
             "padding_efficiency": self.padding_efficiency,
+            "normalization": {"preset": c.normalization, **c.normalizer().to_dict()},
+            "train_on_last_turn_only": bool(c.train_on_last_turn_only),
         }
         if self.tokenize_report is not None:
             meta["examples"] = dict(self.tokenize_report.examples)
@@ -313,6 +318,15 @@ class SFTTrainer(BaseTrainer):
                 setattr(self.config, key, metadata[key])
         if metadata.get("response_template"):
             self.config.response_template = metadata["response_template"]
+        normalization = metadata.get("normalization")
+        if normalization:
+            # Generation must normalize exactly as training did: take the saved switches, not the preset's.
+            from src.data.normalization import SWITCHES
+
+            self.config.normalization = normalization.get("preset", "light")
+            for switch in SWITCHES:
+                if switch in normalization:
+                    setattr(self.config, "arabic_" + switch, normalization[switch])
 
     def _write_generation_config(self, output_dir: str) -> None:
         """generation_config.json whose EOS ids include the template's end token (``<|im_end|>`` for ChatML),

@@ -1,0 +1,129 @@
+"""Arabic text normalization: configurable, recorded in the metadata, identical at training and generation.
+
+Rules (each a switch of :class:`ArabicNormalizer`):
+
+================================  ==============================================================
+``presentation_forms``            Arabic presentation forms (U+FB50–U+FDFF, U+FE70–U+FEFF) to base
+                                  letters (Unicode compatibility mapping); U+FEFF (BOM/ZWNBSP) removed
+``remove_bidi_controls``          U+200E, U+200F, U+202A–U+202E, U+2066–U+2069 and U+061C removed
+``remove_tatweel``                tatweel U+0640 (ـ) removed
+``remove_diacritics``             tashkeel (U+064B–U+065F, U+0670) and Quranic marks removed
+``normalize_alef``                أ إ آ ٱ → ا
+``normalize_alef_maqsura``        ى → ي
+``normalize_taa_marbuta``         ة → ه
+``digits``                        "keep", "western" (0-9) or "arabic-indic" (٠-٩): Arabic-Indic and
+                                  Eastern Arabic-Indic (۰-۹) digits mapped to one form
+================================  ==============================================================
+
+Presets: ``none`` (text untouched), ``light`` (the default: removes only what never carries meaning
+— presentation forms, bidi controls, tatweel — and keeps diacritics and letters as written) and
+``search`` (everything above, Western digits: for deduplication and lenient matching, not for
+training targets you want to read).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+BIDI_CONTROLS = "\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u061c"
+TATWEEL = "\u0640"
+DIACRITICS_RE = re.compile("[\u0610-\u061a\u064b-\u065f\u0670\u06d6-\u06dc\u06df-\u06e4\u06e7\u06e8\u06ea-\u06ed]")
+PRESENTATION_RE = re.compile("[\ufb50-\ufdff\ufe70-\ufeff]")
+ALEF_FORMS = {"\u0623": "\u0627", "\u0625": "\u0627", "\u0622": "\u0627", "\u0671": "\u0627"}
+ARABIC_INDIC = "٠١٢٣٤٥٦٧٨٩"
+EASTERN_ARABIC_INDIC = "۰۱۲۳۴۵۶۷۸۹"
+WESTERN = "0123456789"
+DIGIT_FORMS = ("keep", "western", "arabic-indic")
+
+
+def _presentation_to_base(match: re.Match) -> str:
+    ch = match.group(0)
+    if ch == "\ufeff":
+        return ""
+    mapped = unicodedata.normalize("NFKC", ch)
+    # Isolated/medial forms of harakat (U+FE70–U+FE7F) map to "space + mark" or "tatweel + mark"; keep the mark.
+    return mapped.replace(" ", "").replace(TATWEEL, "") if "\ufe70" <= ch <= "\ufe7f" else mapped
+
+
+@dataclass(frozen=True)
+class ArabicNormalizer:
+    """A callable ``str -> str`` applying the enabled rules in a fixed order (see module docstring)."""
+
+    presentation_forms: bool = True
+    remove_bidi_controls: bool = True
+    remove_tatweel: bool = True
+    remove_diacritics: bool = False
+    normalize_alef: bool = False
+    normalize_alef_maqsura: bool = False
+    normalize_taa_marbuta: bool = False
+    digits: str = "keep"
+
+    def __post_init__(self) -> None:
+        if self.digits not in DIGIT_FORMS:
+            raise ValueError(f"digits must be one of {DIGIT_FORMS}, got {self.digits!r}")
+
+    @property
+    def is_identity(self) -> bool:
+        return self == PRESETS["none"]
+
+    def __call__(self, text: str) -> str:
+        if self.presentation_forms:
+            text = PRESENTATION_RE.sub(_presentation_to_base, text)
+        table: dict[int, Any] = {}
+        if self.remove_bidi_controls:
+            table.update({ord(c): None for c in BIDI_CONTROLS})
+        if self.remove_tatweel:
+            table[ord(TATWEEL)] = None
+        if self.normalize_alef:
+            table.update({ord(k): v for k, v in ALEF_FORMS.items()})
+        if self.normalize_alef_maqsura:
+            table[ord("\u0649")] = "\u064a"
+        if self.normalize_taa_marbuta:
+            table[ord("\u0629")] = "\u0647"
+        if self.digits == "western":
+            table.update({ord(a): w for a, w in zip(ARABIC_INDIC + EASTERN_ARABIC_INDIC, WESTERN * 2)})
+        elif self.digits == "arabic-indic":
+            table.update({ord(a): w for a, w in zip(WESTERN + EASTERN_ARABIC_INDIC, ARABIC_INDIC * 2)})
+        if table:
+            text = text.translate(table)
+        if self.remove_diacritics:
+            text = DIACRITICS_RE.sub("", text)
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PRESETS: dict[str, ArabicNormalizer] = {
+    "none": ArabicNormalizer(presentation_forms=False, remove_bidi_controls=False, remove_tatweel=False),
+    "light": ArabicNormalizer(),
+    "search": ArabicNormalizer(remove_diacritics=True, normalize_alef=True, normalize_alef_maqsura=True,
+                               normalize_taa_marbuta=True, digits="western"),
+}
+SWITCHES = ("presentation_forms", "remove_bidi_controls", "remove_tatweel", "remove_diacritics", "normalize_alef",
+            "normalize_alef_maqsura", "normalize_taa_marbuta", "digits")
+
+
+def build_normalizer(preset: str = "light", **overrides: Any) -> ArabicNormalizer:
+    """A preset with individual switches overridden (``None`` values keep the preset's choice)."""
+    if preset not in PRESETS:
+        raise ValueError(f"normalization preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(changes) - set(SWITCHES)
+    if unknown:
+        raise ValueError(f"unknown normalization switch(es) {sorted(unknown)}; known: {SWITCHES}")
+    return replace(PRESETS[preset], **changes)
+
+
+ARABIC_LETTER_RE = re.compile("[\u0621-\u064a\u0671-\u06d3\u06fa-\u06ff\u0750-\u077f\ufb50-\ufdff\ufe70-\ufefc]")
+HAS_DIACRITIC_RE = re.compile("[\u064b-\u0652]")
+
+
+def is_arabic_word(word: str) -> bool:
+    """A whitespace-delimited word whose letters are mostly Arabic script."""
+    arabic = len(ARABIC_LETTER_RE.findall(word))
+    letters = sum(1 for ch in word if ch.isalpha())
+    return arabic > 0 and arabic * 2 >= letters
