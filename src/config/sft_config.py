@@ -35,6 +35,9 @@ class BaseConfig:
         "random-init Qwen2-architecture model built offline (see src/models/tiny.py).",
         default="Qwen/Qwen2.5-7B",
     )
+    tokenizer_name: Optional[str] = _help(
+        "Load the tokenizer from here instead of model_name (a hub id or a directory with tokenizer files).", default=None
+    )
     dataset_path: Optional[str] = _help(
         "Training data: a .jsonl, .csv or .json file (the JSON file may hold {'train': [...], "
         "'validation': [...]}). May be None when a datasets.Dataset is passed to create_trainer directly.",

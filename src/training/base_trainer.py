@@ -88,7 +88,7 @@ class BaseTrainer(ABC):
             self.config.model_name, self.config.output_dir, self.config.dataset_path, self.config.seed
         )
         trust = self.config.trust_remote_code
-        self.tokenizer = load_tokenizer(self.base_model_path, trust_remote_code=trust)
+        self.tokenizer = load_tokenizer(self.config.tokenizer_name or self.base_model_path, trust_remote_code=trust)
         model = load_causal_lm(self.base_model_path, trust_remote_code=trust,
                                attn_implementation=self.config.attn_implementation, bf16=self.config.bf16)
         if self.config.use_lora:

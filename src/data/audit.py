@@ -1,0 +1,166 @@
+"""Dataset audit: what training would see, before spending GPU hours on it.
+
+    python train_sft.py audit --config configs/sft_demo.yaml [--audit_output audit.json]
+
+Reads the data exactly as training does (same loader, same hold-out, same normalization and template,
+with invalid rows counted instead of raised) and reports: rows per split, invalid rows by reason,
+exact and normalized duplicates, token-length percentiles of prompt and response, rows over
+``max_seq_length``, the share of Arabic-script letters, the share of rows with diacritics, and the
+tokenizer's fertility (tokens per whitespace word) for Arabic and for non-Arabic words. Prints a table
+and writes JSON (default ``<output_dir>/audit.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from typing import Any
+
+from src.data.normalization import ARABIC_LETTER_RE, HAS_DIACRITIC_RE, PRESETS, is_arabic_word
+
+PERCENTILES = (50, 90, 95, 99, 100)
+
+
+def _percentiles(values: list[int]) -> dict[str, int]:
+    if not values:
+        return {f"p{p}": 0 for p in PERCENTILES}
+    ordered = sorted(values)
+    return {f"p{p}": ordered[min(len(ordered) - 1, max(0, -(-p * len(ordered) // 100) - 1))] for p in PERCENTILES}
+
+
+def _record_texts(record: dict) -> list[str]:
+    if record.get("messages") is not None:
+        return [m["content"] for m in record["messages"]]
+    if record.get("text") is not None:
+        return [record["text"]]
+    return [record["instruction"], record["response"]] + ([record["system"]] if record.get("system") else [])
+
+
+def _fertility(tokenizer: Any, words: list[str]) -> float | None:
+    if not words:
+        return None
+    # Each word is tokenized as it appears mid-sentence (with its leading space), as in running text.
+    ids = tokenizer([" " + w for w in words], add_special_tokens=False)["input_ids"]
+    return sum(len(i) for i in ids) / len(words)
+
+
+def audit_records(records: dict[str, list[dict]], load_report: Any, example_tokenizer: Any, max_seq_length: int,
+                  normalizer: Any) -> dict[str, Any]:
+    """Compute the audit figures for validated records (see module docstring)."""
+    tokenizer = example_tokenizer.tokenizer
+    search = PRESETS["search"]
+    result: dict[str, Any] = {
+        "rows": {split: len(rows) for split, rows in records.items()},
+        "rows_read": dict(load_report.rows_read),
+        "invalid_rows": dict(load_report.skipped),
+        "invalid_examples": load_report.skipped_examples,
+        "held_out_validation": load_report.held_out_validation,
+        "max_seq_length": max_seq_length,
+        "normalization": normalizer.to_dict(),
+    }
+    all_rows = [r for rows in records.values() for r in rows]
+    exact = Counter(json.dumps(r, ensure_ascii=False, sort_keys=True) for r in all_rows)
+    normalized = Counter(" ".join(search(" ".join(_record_texts(r))).split()) for r in all_rows)
+    result["duplicates"] = {
+        "exact": sum(n - 1 for n in exact.values() if n > 1),
+        "normalized": sum(n - 1 for n in normalized.values() if n > 1),
+    }
+    per_split = {}
+    arabic_letters = letters = rows_with_diacritics = 0
+    arabic_words: list[str] = []
+    other_words: list[str] = []
+    for split, rows in records.items():
+        prompt_lengths, response_lengths, total_lengths = [], [], []
+        segments = [example_tokenizer.segments(r) for r in rows]
+        texts = [t for segs in segments for _, t, _ in segs]
+        encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+        for segs in segments:
+            lengths = [(kind, len(next(encoded))) for kind, _, _ in segs]
+            prompt = sum(n for kind, n in lengths if kind == "prompt") + len(example_tokenizer.prefix_ids)
+            n_responses = sum(1 for kind, _ in lengths if kind == "response")
+            response = sum(n for kind, n in lengths if kind == "response") + n_responses * (1 + len(example_tokenizer.suffix_ids))
+            prompt_lengths.append(prompt)
+            response_lengths.append(response)
+            total_lengths.append(prompt + response)
+        per_split[split] = {
+            "prompt_tokens": _percentiles(prompt_lengths),
+            "response_tokens": _percentiles(response_lengths),
+            "total_tokens": _percentiles(total_lengths),
+            "over_max_seq_length": sum(1 for n in total_lengths if n > max_seq_length),
+            "tokens": sum(total_lengths),
+        }
+        for r in rows:
+            text = normalizer(" ".join(_record_texts(r)))
+            arabic_letters += len(ARABIC_LETTER_RE.findall(text))
+            letters += sum(1 for ch in text if ch.isalpha())
+            rows_with_diacritics += bool(HAS_DIACRITIC_RE.search(text))
+            for word in text.split():
+                (arabic_words if is_arabic_word(word) else other_words).append(word)
+    result["splits"] = per_split
+    result["arabic_letter_share"] = arabic_letters / letters if letters else 0.0
+    result["rows_with_diacritics_share"] = rows_with_diacritics / len(all_rows) if all_rows else 0.0
+    result["fertility"] = {
+        "arabic_tokens_per_word": _fertility(tokenizer, arabic_words),
+        "non_arabic_tokens_per_word": _fertility(tokenizer, [w for w in other_words if any(c.isalpha() for c in w)]),
+        "arabic_words": len(arabic_words),
+        "non_arabic_words": len(other_words),
+    }
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = ["Dataset audit", "=" * 64]
+    for split, n in result["rows"].items():
+        lines.append(f"{split + ' rows':34s} {n}")
+    invalid = result["invalid_rows"]
+    lines.append(f"{'invalid rows':34s} {sum(invalid.values())}" + (f"  ({', '.join(f'{k}: {v}' for k, v in invalid.items())})" if invalid else ""))
+    lines.append(f"{'exact duplicates':34s} {result['duplicates']['exact']}")
+    lines.append(f"{'normalized duplicates':34s} {result['duplicates']['normalized']}")
+    lines.append(f"{'Arabic-script share of letters':34s} {result['arabic_letter_share']:.1%}")
+    lines.append(f"{'rows with diacritics':34s} {result['rows_with_diacritics_share']:.1%}")
+    fert = result["fertility"]
+    for key, label in (("arabic_tokens_per_word", "fertility, Arabic words"), ("non_arabic_tokens_per_word", "fertility, other words")):
+        value = fert[key]
+        lines.append(f"{label:34s} {'n/a' if value is None else f'{value:.2f} tokens/word'}")
+    lines.append("-" * 64)
+    header = f"{'tokens':18s}" + "".join(f"{'p' + str(p) if p < 100 else 'max':>8s}" for p in PERCENTILES)
+    for split, stats in result["splits"].items():
+        lines.append(f"{split} (max_seq_length={result['max_seq_length']}: {stats['over_max_seq_length']} rows over)")
+        lines.append(header)
+        for key in ("prompt_tokens", "response_tokens", "total_tokens"):
+            lines.append(f"  {key.split('_')[0]:16s}" + "".join(f"{v:8d}" for v in stats[key].values()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    """``train_sft.py audit --config ... [--audit_output path]``: print the table, write JSON."""
+    from src.config import SFTConfig
+    from src.data.loading import load_records
+    from src.models.loading import load_tokenizer, resolve_model_path
+    from src.training.sft_trainer import SFTTrainer
+
+    output = None
+    if "--audit_output" in argv:
+        i = argv.index("--audit_output")
+        output = argv[i + 1] if i + 1 < len(argv) else None
+        if output is None:
+            raise ValueError("--audit_output needs a file path")
+        argv = argv[:i] + argv[i + 2:]
+    config = SFTConfig.from_args(argv)
+    if config.dataset_path is None:
+        raise ValueError("audit needs dataset_path")
+    records, report = load_records(config.dataset_path, config.eval_dataset_path,
+                                   validation_split_ratio=config.validation_split_ratio, seed=config.seed, skip_invalid=True)
+    trainer = SFTTrainer(config)
+    # Only the tokenizer is needed; for local:tiny-qwen2 this builds the tiny model once, as training would.
+    source = config.tokenizer_name or resolve_model_path(config.model_name, config.output_dir, config.dataset_path, config.seed)
+    trainer.tokenizer = load_tokenizer(source, trust_remote_code=config.trust_remote_code)
+    result = audit_records(records, report, trainer.example_tokenizer(), config.max_seq_length, config.normalizer())
+    print(format_table(result))
+    output = output or os.path.join(config.output_dir, "audit.json")
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w", encoding="utf-8") as fh:
+        json.dump(result, fh, ensure_ascii=False, indent=2)
+    print(f"\nwrote {output}")
+    return 0
