@@ -33,13 +33,16 @@ def run_training(argv: list[str]) -> int:
     has_validation = trainer.trainer.eval_dataset is not None
     before = trainer.evaluate_model() if has_validation else None
     trainer.train()
-    after = trainer.evaluate_model() if has_validation else None
+    after = trainer.final_metrics if has_validation else None  # train() evaluates the final model once
     print()
     print("=" * 72)
     print(f"Model saved to {config.output_dir}")
     if before and after:
         print(f"Validation loss       : {before['eval_loss']:.4f} -> {after['eval_loss']:.4f}")
         print(f"Validation perplexity : {before['eval_perplexity']:.2f} -> {after['eval_perplexity']:.2f}")
+    if after and "eval_gen_chrf" in after:
+        print(f"Generation (validation): chrF {after['eval_gen_chrf']:.1f}, BLEU {after['eval_gen_bleu']:.1f}, "
+              f"exact match {after['eval_gen_exact_match']:.0%}")
     if trainer.padding_efficiency is not None:
         print(f"Padding efficiency    : {trainer.padding_efficiency:.2%}")
     samples = [row["instruction"] for row in trainer.dataset["validation"]][:3] if has_validation else []

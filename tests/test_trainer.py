@@ -31,13 +31,29 @@ def memorised(tiny_model_dir, tmp_path_factory):
     data = write_jsonl(tmp / "memo.jsonl", MEMO)
     val = write_jsonl(tmp / "val.jsonl", MEMO)
     config = make_config(tiny_model_dir, data, tmp / "run", eval_dataset_path=val, max_steps=150,
-                         per_device_train_batch_size=4, evaluation_strategy="no")
+                         per_device_train_batch_size=4, evaluation_strategy="no", eval_generation_samples=4,
+                         eval_generation_max_length=40, logging_steps=10)
     trainer = create_sft_trainer(config)
     trainer.prepare()
     before = trainer.evaluate_model()
     trainer.train()
     after = trainer.evaluate_model()
     return trainer, before, after
+
+
+def test_training_report_and_generation_metrics(memorised):
+    trainer, before, after = memorised
+    out = trainer.config.output_dir
+    assert after["eval_gen_exact_match"] == 1.0 and after["eval_gen_chrf"] == pytest.approx(100.0)
+    assert before["eval_gen_exact_match"] == 0.0 and before["eval_gen_chrf"] < 50
+    lines = open(os.path.join(out, "eval_generations.jsonl"), encoding="utf-8").read().splitlines()
+    assert len(lines) == 4 and all(json.loads(line)["exact_match"] for line in lines)
+    with open(os.path.join(out, "training_curves.png"), "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
+    assert "alpaca" in card and "learning_rate" in card and "eval_loss" in card and "training_curves.png" in card
+    meta = json.loads(open(os.path.join(out, "sft_metadata.json"), encoding="utf-8").read())
+    assert meta["final_metrics"]["eval_gen_exact_match"] == 1.0
 
 
 def test_wrong_config_type_and_method_name():
@@ -208,3 +224,23 @@ def test_gradient_checkpointing_with_lora_gives_the_same_update(tiny_model_dir, 
     lora_b = [n for n in plain if "lora_B" in n]
     assert lora_b and all(plain[n].abs().max() > 0 for n in lora_b)  # adapters received gradients
     assert _max_rel_diff(checkpointed, plain) < 1e-5
+
+
+def test_chatml_model_stops_at_im_end_with_plain_transformers(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    data = write_jsonl(tmp_path / "memo.jsonl", MEMO)
+    config = make_config(tiny_model_dir, data, tmp_path / "run", instruction_template="chatml", max_steps=150,
+                         per_device_train_batch_size=4)
+    trainer = create_sft_trainer(config)
+    trainer.train()
+    im_end = trainer.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    gen = json.loads((tmp_path / "run" / "generation_config.json").read_text())
+    assert im_end in gen["eos_token_id"] and trainer.tokenizer.eos_token_id in gen["eos_token_id"]
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "run")).eval()  # reads generation_config.json
+    for pair in MEMO:
+        prompt = trainer.example_tokenizer().encode_prompt(pair["instruction"])
+        with torch.no_grad():
+            out = plain.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False)[0, len(prompt):].tolist()
+        assert out[-1] == im_end  # stopped by itself at the end of the turn
+        assert trainer.tokenizer.decode(out[:-1]) == pair["response"] == trainer.generate_response(pair["instruction"])

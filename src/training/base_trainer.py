@@ -43,6 +43,7 @@ class BaseTrainer(ABC):
         self.training_completed_at: Optional[str] = None
         self.train_result: Any = None
         self._num_items_in_batch: Any = None
+        self.final_metrics: dict[str, float] = {}
         self._saved_dirs: set[str] = set()
 
     # -- hooks for subclasses ------------------------------------------------------------------------
@@ -127,8 +128,16 @@ class BaseTrainer(ABC):
         trainer = self.prepare()
         self.train_result = trainer.train()
         self.training_completed_at = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.final_metrics = {"train_loss": float(self.train_result.training_loss)}
+        if trainer.eval_dataset is not None:
+            self.final_metrics.update(self.evaluate_model())
         self.save_model()
         return self.train_result
+
+    def evaluate_model(self, eval_dataset: Any = None) -> dict[str, float]:
+        """Evaluation metrics of the current model (subclasses add method-specific ones)."""
+        trainer = self.prepare()
+        return {k: float(v) for k, v in trainer.evaluate(eval_dataset).items()}
 
     # -- saving and loading ------------------------------------------------------------------------
     def _check_output_dir(self, path: str) -> None:
@@ -174,11 +183,16 @@ class BaseTrainer(ABC):
             "dataset_path": self.config.dataset_path,
             "training_completed_at": self.training_completed_at,
             "saved_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "final_metrics": self.final_metrics,
             "config": self.config.to_dict(),
             "versions": _library_versions(),
         }
         with open(os.path.join(output_dir, f"{self._get_training_method()}_metadata.json"), "w", encoding="utf-8") as fh:
             json.dump(metadata, fh, ensure_ascii=False, indent=2)
+        if self.train_result is not None and self.trainer is not None:
+            from src.training.report import write_report
+
+            write_report(output_dir, metadata, self.trainer.state.log_history, self.final_metrics)
         self._saved_dirs.add(output_dir)
         logger.info("Saved %s model to %s", "LoRA adapter" if self.config.use_lora else "full", output_dir)
 
