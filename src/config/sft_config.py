@@ -237,6 +237,13 @@ class BaseConfig:
         # Length grouping also applies to packed rows: almost all of them are full, and grouping puts the few
         # partly filled ones into the same batches instead of padding them next to full rows.
         group = self.group_by_length
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "use_cpu" in accepted:
+            import torch
+
+            if not torch.cuda.is_available():
+                # Launched with torchrun on CPUs: without use_cpu, transformers leaves parallel_mode
+                # NOT_PARALLEL and each rank trains on its own shard with no gradient sync at all.
+                kwargs["use_cpu"] = True
         if "train_sampling_strategy" in accepted:
             kwargs["train_sampling_strategy"] = "group_by_length" if group else "random"
         else:
