@@ -145,7 +145,11 @@ class SFTTrainer(BaseTrainer):
         dataset = trainer.train_dataset
         lengths = dataset["length"]
         sampler = trainer._get_train_sampler(dataset)
-        order = list(iter(sampler)) if sampler is not None else list(range(len(lengths)))
+        rng_state = torch.random.get_rng_state()  # samplers draw from the global generator: leave it untouched
+        try:
+            order = list(iter(sampler)) if sampler is not None else list(range(len(lengths)))
+        finally:
+            torch.random.set_rng_state(rng_state)
         size = trainer.args.per_device_train_batch_size
         batches = [[lengths[i] for i in order[s:s + size]] for s in range(0, len(order), size)]
         if trainer.args.dataloader_drop_last and batches and len(batches[-1]) < size:
