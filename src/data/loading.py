@@ -117,7 +117,17 @@ def _decode(path: str, data: bytes) -> tuple[str, set[int]]:
     return data.decode("utf-8", errors="replace"), bad
 
 
-def _utf8_error(path: str, where: str, values: Any) -> str:
+def _keep_row(rows: list, values: Any, where: str, has_invalid_bytes: bool, report: LoadReport, skip: bool) -> None:
+    """Append a parsed row, unless its line held invalid UTF-8 (then skip and count it, or raise)."""
+    if not has_invalid_bytes:
+        rows.append(RawRow(values, where))
+    elif skip:
+        report.skip("invalid UTF-8", where)
+    else:
+        raise DatasetError(_utf8_error(where, values))
+
+
+def _utf8_error(where: str, values: Any) -> str:
     field_name = None
     if isinstance(values, dict):
         field_name = next((k for k, v in values.items() if isinstance(v, str) and REPLACEMENT_CHAR in v), None)
@@ -136,17 +146,12 @@ def _read_jsonl(path: str, text: str, bad_lines: set[int], report: LoadReport, s
         except json.JSONDecodeError as exc:
             message = f"{where}: invalid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON object"
             if number in bad_lines:
-                message = _utf8_error(path, where, None)
+                message = _utf8_error(where, None)
             if skip:
                 report.skip("invalid JSON" if number not in bad_lines else "invalid UTF-8", where)
                 continue
             raise DatasetError(message) from None
-        if number in bad_lines:
-            if skip:
-                report.skip("invalid UTF-8", where)
-                continue
-            raise DatasetError(_utf8_error(path, where, values))
-        rows.append(RawRow(values, where))
+        _keep_row(rows, values, where, number in bad_lines, report, skip)
     return rows
 
 
@@ -175,12 +180,7 @@ def _read_csv(path: str, text: str, bad_lines: set[int], report: LoadReport, ski
                 continue
             raise DatasetError(message)
         values = dict(zip(header, record))
-        if any(n in bad_lines for n in line_span):
-            if skip:
-                report.skip("invalid UTF-8", where)
-                continue
-            raise DatasetError(_utf8_error(path, where, values))
-        rows.append(RawRow(values, where))
+        _keep_row(rows, values, where, any(n in bad_lines for n in line_span), report, skip)
     return rows
 
 
