@@ -19,14 +19,16 @@ def _encode(tokenizer, text):
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+@pytest.mark.parametrize("tokenizer_fixture", ["tiny_tokenizer", "qwen_tokenizer"])
 @pytest.mark.parametrize("template", ["alpaca", "chatml", "custom"])
-def test_labels_mask_exactly_the_prompt_and_train_the_end_token(tiny_tokenizer, template):
+def test_labels_mask_exactly_the_prompt_and_train_the_end_token(request, tokenizer_fixture, template):
+    tiny_tokenizer = request.getfixturevalue(tokenizer_fixture)  # the real Qwen2.5 one skips where absent
     fmt = get_prompt_format(template, "السؤال: {instruction}\nالجواب: " if template == "custom" else None)
     et = ExampleTokenizer(tiny_tokenizer, fmt, max_seq_length=256)
     ids, labels, _ = et.tokenize_batch([RECORD])[0]
     prompt_ids = _encode(tiny_tokenizer, fmt.format_prompt(RECORD["instruction"]))
     response_ids = _encode(tiny_tokenizer, RECORD["response"])
-    end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>" if template == "chatml" else "<|endoftext|>")
+    end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>") if template == "chatml" else tiny_tokenizer.eos_token_id
     suffix = _encode(tiny_tokenizer, "\n") if template == "chatml" else []
     assert ids == prompt_ids + response_ids + [end] + suffix
     assert labels == [IGNORE_INDEX] * len(prompt_ids) + response_ids + [end] + [IGNORE_INDEX] * len(suffix)

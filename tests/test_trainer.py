@@ -244,3 +244,10 @@ def test_chatml_model_stops_at_im_end_with_plain_transformers(tiny_model_dir, tm
             out = plain.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False)[0, len(prompt):].tolist()
         assert out[-1] == im_end  # stopped by itself at the end of the turn
         assert trainer.tokenizer.decode(out[:-1]) == pair["response"] == trainer.generate_response(pair["instruction"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU")
+def test_bf16_without_gpu_is_a_clear_error(pairs_file, tmp_path, tiny_model_dir):
+    trainer = create_sft_trainer(make_config(tiny_model_dir, pairs_file, tmp_path / "o", bf16=True))
+    with pytest.raises(ValueError, match="bf16=True needs a CUDA GPU"):
+        trainer.train()

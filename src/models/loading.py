@@ -79,19 +79,24 @@ def pick_attn_implementation(requested: str | None) -> str:
 
 
 def check_bf16(bf16: bool) -> None:
+    """bf16 needs a GPU with bfloat16 support; say so plainly instead of transformers' generic error."""
     import torch
 
     if not bf16:
         return
-    if torch.cuda.is_available():
-        if not torch.cuda.is_bf16_supported():
-            raise ModelLoadError("bf16=True but this GPU does not support bfloat16 (needs compute capability >= 8.0); set bf16=False")
-        return
-    logger.warning("bf16=True on a CPU: bfloat16 autocast runs, but slowly; set bf16=False for CPU runs")
+    if not torch.cuda.is_available():
+        raise ValueError("SFTConfig.bf16=True needs a CUDA GPU with bfloat16 support, and none was found "
+                         "(CPU-only machine); set bf16=False")
+    if not torch.cuda.is_bf16_supported():
+        raise ValueError("SFTConfig.bf16=True but this GPU does not support bfloat16 (needs compute capability "
+                         ">= 8.0, e.g. A100/H100); set bf16=False")
 
 
 def load_causal_lm(path: str, *, trust_remote_code: bool = False, attn_implementation: str | None = None,
-                   bf16: bool = False) -> Any:
+                   bf16: bool = False, bf16_weights: bool = True) -> Any:
+    """Load a causal LM. With ``bf16``, weights are stored in bfloat16 only when ``bf16_weights``: a frozen
+    LoRA base or inference; full fine-tuning keeps float32 master weights under bf16 autocast, since AdamW
+    updates on bfloat16 weights lose most small steps."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -101,7 +106,7 @@ def load_causal_lm(path: str, *, trust_remote_code: bool = False, attn_implement
             path,
             trust_remote_code=trust_remote_code,
             attn_implementation=pick_attn_implementation(attn_implementation),
-            dtype=torch.bfloat16 if bf16 and torch.cuda.is_available() else torch.float32,
+            dtype=torch.bfloat16 if bf16 and bf16_weights else torch.float32,
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load a causal LM from {path!r}: {exc}") from exc

@@ -15,7 +15,8 @@ from datetime import datetime, timezone
 from typing import Any, Optional
 
 from src.config import BaseConfig
-from src.models.loading import ModelLoadError, apply_lora, load_causal_lm, load_tokenizer, resolve_model_path
+from src.models.loading import (ModelLoadError, apply_lora, check_bf16, load_causal_lm, load_tokenizer,
+                                resolve_model_path)
 from src.models.tiny import TINY_MODEL_NAME
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,8 @@ class BaseTrainer(ABC):
         trust = self.config.trust_remote_code
         self.tokenizer = load_tokenizer(self.config.tokenizer_name or self.base_model_path, trust_remote_code=trust)
         model = load_causal_lm(self.base_model_path, trust_remote_code=trust,
-                               attn_implementation=self.config.attn_implementation, bf16=self.config.bf16)
+                               attn_implementation=self.config.attn_implementation, bf16=self.config.bf16,
+                               bf16_weights=self.config.use_lora)
         if self.config.use_lora:
             model = apply_lora(model, self.config.lora_r, self.config.lora_alpha, self.config.lora_dropout,
                                self.config.lora_target_modules, self.config.gradient_checkpointing)
@@ -115,6 +117,7 @@ class BaseTrainer(ABC):
         if self.trainer is not None:
             return self.trainer
         self.config.validate()
+        check_bf16(self.config.bf16)
         _check_reporters(self.config.report_to)
         self._check_output_dir(self.config.output_dir)
         dataset = self.dataset if self.dataset is not None else self.load_dataset()
