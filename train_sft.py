@@ -45,8 +45,9 @@ def run_training(argv: list[str]) -> int:
               f"exact match {after['eval_gen_exact_match']:.0%}")
     if trainer.padding_efficiency is not None:
         print(f"Padding efficiency    : {trainer.padding_efficiency:.2%}")
-    samples = [row["instruction"] for row in trainer.dataset["validation"]][:3] if has_validation else []
-    if "instruction" in (trainer.dataset["validation"].column_names if has_validation else []):
+    validation = trainer.dataset["validation"] if has_validation else None
+    if validation is not None and "instruction" in validation.column_names:  # not for conversation/text rows
+        samples = validation["instruction"][:3]
         responses = trainer.batch_generate(samples, max_length=48, batch_size=len(samples), repetition_penalty=1.3)
         for instruction, response in zip(samples, responses):
             print("-" * 72)

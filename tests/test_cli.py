@@ -66,3 +66,13 @@ def test_cli_trains_evaluates_saves_and_samples(tmp_path, tiny_model_dir, capsys
     assert "Validation perplexity" in out and "Q: " in out and "A: " in out
     meta = json.loads((tmp_path / "out" / "sft_metadata.json").read_text(encoding="utf-8"))
     assert meta["config"]["learning_rate"] == 1e-3 and meta["config"]["max_steps"] == 3
+
+
+def test_cli_with_conversation_data(tmp_path, tiny_model_dir, capsys):
+    messages = [{"role": "user", "content": PAIRS[0]["instruction"]}, {"role": "assistant", "content": PAIRS[0]["response"]}]
+    data = write_jsonl(tmp_path / "conv.jsonl", [{"messages": messages}] * 4)
+    code = train_sft.main(["--model_name", tiny_model_dir, "--dataset_path", data, "--eval_dataset_path", data,
+                           "--output_dir", str(tmp_path / "o"), "--max_steps", "2", "--use_lora", "false",
+                           "--per_device_train_batch_size", "2", "--dataloader_pin_memory", "false"])
+    assert code == 0
+    assert "Validation perplexity" in capsys.readouterr().out

@@ -98,3 +98,11 @@ def test_yaml_with_unknown_field_is_rejected(tmp_path):
 def test_command_line_values_are_validated():
     with pytest.raises(ValueError, match="max_seq_length"):
         SFTConfig.from_args(["--max_seq_length", "0"])
+
+
+def test_yaml_scientific_notation_and_string_numbers(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("learning_rate: 2e-4\nwarmup_ratio: 0.1\n", encoding="utf-8")  # YAML 1.1 reads 2e-4 as a string
+    assert SFTConfig.from_yaml(str(path)).learning_rate == 2e-4
+    with pytest.raises(ValueError, match="warmup_ratio"):
+        SFTConfig(warmup_ratio="0.1")

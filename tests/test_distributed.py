@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -13,13 +14,19 @@ from tests.conftest import PAIRS, ROOT, write_jsonl
 SCRIPT = os.path.join(ROOT, "tests", "ddp_one_step.py")
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run(nproc, model_dir, data, out, batch, packing):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     if nproc == 1:
         cmd = [sys.executable, SCRIPT]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "29533"
-               if not packing else "29534", SCRIPT]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(free_port()), SCRIPT]
     result = subprocess.run(cmd + [model_dir, data, str(out), str(batch), "1" if packing else "0"], env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -146,3 +146,11 @@ def test_hold_out_keeps_every_row_once():
     train, val = hold_out(rows, 0.1, seed=0)
     assert len(val) == 10 and len(train) == 91
     assert sorted(r["i"] for r in train + val) == list(range(101))
+
+
+def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):
+    rows = [{"instruction": "سطر\u2028ثان", "response": "فقرة\u2029أخرى\u0085"}, PAIRS[0]]
+    path = tmp_path / "sep.jsonl"
+    path.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\r\n", encoding="utf-8")
+    records, _ = load_records(str(path), validation_split_ratio=0)
+    assert [r["instruction"] for r in records["train"]] == ["سطر\u2028ثان", PAIRS[0]["instruction"]]

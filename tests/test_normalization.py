@@ -26,6 +26,7 @@ ALL_OFF = PRESETS["none"]
         ({"presentation_forms": True}, "ب\ufe77", "بَ"),  # medial fatha form -> the combining mark, no tatweel
         ({"presentation_forms": True}, "ب\ufe70", "بً"),  # isolated fathatan form -> the mark, no space
         ({"presentation_forms": True}, "\ufeffنص", "نص"),
+        ({"presentation_forms": True}, "ب\ufc5e", "بٌّ"),  # shadda-with-dammatan ligature: marks only, no space
     ],
 )
 def test_each_rule(switches, text, expected):
@@ -90,3 +91,13 @@ def test_same_normalization_for_training_generation_and_after_load(tiny_model_di
     restored.load_model(str(tmp_path / "o"))
     assert restored.config.normalizer() == config.normalizer()
     assert restored.example_tokenizer().encode_prompt(instruction) == prompt_ids
+
+
+def test_decomposed_and_composed_input_agree():
+    import unicodedata
+
+    text = "مسؤول سائل أحمد آمال"
+    for preset in ("light", "search"):
+        normalizer = PRESETS[preset]
+        assert normalizer(unicodedata.normalize("NFD", text)) == normalizer(text)
+    assert PRESETS["search"](unicodedata.normalize("NFD", text)) == "مسؤول سائل احمد امال"

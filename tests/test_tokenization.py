@@ -147,3 +147,15 @@ def test_qwen_chatml_matches_apply_chat_template(qwen_tokenizer):
     trained = [t for t in labels if t != IGNORE_INDEX]
     assert trained[-1] == im_end
     assert qwen_tokenizer.decode(trained[:-1]) == RECORD["response"]
+
+
+def test_text_that_already_ends_with_the_end_token_gets_it_once(tiny_tokenizer):
+    et = ExampleTokenizer(tiny_tokenizer, get_prompt_format("chatml"), max_seq_length=256)
+    plain = et.tokenize_batch([{"text": "<|im_start|>user\nس<|im_end|>\n<|im_start|>assistant\nج"}])[0]
+    templated = et.tokenize_batch([{"text": "<|im_start|>user\nس<|im_end|>\n<|im_start|>assistant\nج<|im_end|>\n"}])[0]
+    assert templated == plain
+    im_end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert [t for t in templated[1] if t != IGNORE_INDEX].count(im_end) == 1
+    alpaca = ExampleTokenizer(tiny_tokenizer, get_prompt_format("alpaca"), max_seq_length=256)
+    with_eos = alpaca.tokenize_batch([{"text": "### Instruction:\nس\n\n### Response:\nج<|endoftext|>"}])[0]
+    assert with_eos[0].count(tiny_tokenizer.eos_token_id) == 1

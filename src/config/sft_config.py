@@ -148,6 +148,10 @@ class BaseConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 bad(name, "a positive number")
+        for name in ("warmup_ratio", "validation_split_ratio", "lora_dropout", "weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                bad(name, "a number")
         if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps == 0:
             bad("max_steps", "-1 (use num_train_epochs) or a positive integer")
         if not 0 <= self.warmup_ratio < 1:
@@ -265,15 +269,9 @@ class BaseConfig:
     @classmethod
     def from_yaml(cls, path: str) -> "BaseConfig":
         """Load a config from a YAML mapping of field names to values."""
-        import yaml
-
-        if not os.path.isfile(path):
-            raise ValueError(f"config file {path!r} does not exist.")
-        with open(path, encoding="utf-8") as fh:
-            values = yaml.safe_load(fh) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of field names to values, got {type(values).__name__}.")
-        return cls.from_dict(values, source=path)
+        # Same path as the command line: argparse converts YAML strings such as `2e-4` (which YAML 1.1
+        # reads as a string) with each field's type.
+        return cls.from_args(["--config", path])
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> "BaseConfig":
@@ -297,6 +295,8 @@ class BaseConfig:
                 raise ValueError(f"config file {known.config!r} does not exist.")
             with open(known.config, encoding="utf-8") as fh:
                 values = yaml.safe_load(fh) or {}
+            if not isinstance(values, dict):
+                raise ValueError(f"{known.config}: expected a mapping of field names to values, got {type(values).__name__}.")
             unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
             if unknown:
                 raise ValueError(f"{known.config}: unknown field(s) {unknown}.")
@@ -339,6 +339,7 @@ class SFTConfig(BaseConfig):
     normalization: str = _help("Preset: 'none', 'light' (default: tatweel, bidi controls, presentation forms) or "
                                "'search' (also diacritics, alef/yeh/taa marbuta unification, Western digits).",
                                default="light")
+    arabic_nfc: Optional[bool] = _help("Unicode NFC composition (None: preset).", default=None)
     arabic_presentation_forms: Optional[bool] = _help("Map presentation forms to base letters (None: preset).", default=None)
     arabic_remove_bidi_controls: Optional[bool] = _help("Remove bidi control characters (None: preset).", default=None)
     arabic_remove_tatweel: Optional[bool] = _help("Remove tatweel (None: preset).", default=None)

@@ -137,7 +137,9 @@ def _utf8_error(where: str, values: Any) -> str:
 
 def _read_jsonl(path: str, text: str, bad_lines: set[int], report: LoadReport, skip: bool) -> list[RawRow]:
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Split on "\n" only: str.splitlines() also breaks at U+2028/U+2029/U+0085, which JSON strings may hold.
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         where = f"{path}, line {number}"

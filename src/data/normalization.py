@@ -3,6 +3,7 @@
 Rules (each a switch of :class:`ArabicNormalizer`):
 
 ================================  ==============================================================
+``nfc``                           Unicode NFC first (and last): composed and decomposed input agree
 ``presentation_forms``            Arabic presentation forms (U+FB50–U+FDFF, U+FE70–U+FEFF) to base
                                   letters (Unicode compatibility mapping); U+FEFF (BOM/ZWNBSP) removed
 ``remove_bidi_controls``          U+200E, U+200F, U+202A–U+202E, U+2066–U+2069 and U+061C removed
@@ -44,14 +45,19 @@ def _presentation_to_base(match: re.Match) -> str:
     if ch == "\ufeff":
         return ""
     mapped = unicodedata.normalize("NFKC", ch)
-    # Isolated/medial forms of harakat (U+FE70–U+FE7F) map to "space + mark" or "tatweel + mark"; keep the mark.
-    return mapped.replace(" ", "").replace(TATWEEL, "") if "\ufe70" <= ch <= "\ufe7f" else mapped
+    # Isolated/medial forms of marks (U+FE70–U+FE7F, the shadda ligatures U+FC5E–U+FC63) map to
+    # "space + mark(s)" or "tatweel + mark": keep just the marks, so no space splits the word.
+    marks = mapped.lstrip(" " + TATWEEL)
+    if marks and marks != mapped and all(unicodedata.combining(c) for c in marks):
+        return marks
+    return mapped
 
 
 @dataclass(frozen=True)
 class ArabicNormalizer:
     """A callable ``str -> str`` applying the enabled rules in a fixed order (see module docstring)."""
 
+    nfc: bool = True
     presentation_forms: bool = True
     remove_bidi_controls: bool = True
     remove_tatweel: bool = True
@@ -70,6 +76,10 @@ class ArabicNormalizer:
         return self == PRESETS["none"]
 
     def __call__(self, text: str) -> str:
+        if self.nfc:
+            # Canonical composition first, so that decomposed input (alef + combining hamza) gives the same
+            # result as composed input under every rule below.
+            text = unicodedata.normalize("NFC", text)
         if self.presentation_forms:
             text = PRESENTATION_RE.sub(_presentation_to_base, text)
         table: dict[int, Any] = {}
@@ -91,19 +101,19 @@ class ArabicNormalizer:
             text = text.translate(table)
         if self.remove_diacritics:
             text = DIACRITICS_RE.sub("", text)
-        return text
+        return unicodedata.normalize("NFC", text) if self.nfc else text
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 PRESETS: dict[str, ArabicNormalizer] = {
-    "none": ArabicNormalizer(presentation_forms=False, remove_bidi_controls=False, remove_tatweel=False),
+    "none": ArabicNormalizer(nfc=False, presentation_forms=False, remove_bidi_controls=False, remove_tatweel=False),
     "light": ArabicNormalizer(),
     "search": ArabicNormalizer(remove_diacritics=True, normalize_alef=True, normalize_alef_maqsura=True,
                                normalize_taa_marbuta=True, digits="western"),
 }
-SWITCHES = ("presentation_forms", "remove_bidi_controls", "remove_tatweel", "remove_diacritics", "normalize_alef",
+SWITCHES = ("nfc", "presentation_forms", "remove_bidi_controls", "remove_tatweel", "remove_diacritics", "normalize_alef",
             "normalize_alef_maqsura", "normalize_taa_marbuta", "digits")
 
 

@@ -122,13 +122,22 @@ class ExampleTokenizer:
         return self.fmt.format_prompt(self.normalize(instruction), self.normalize(system) if system else None)
 
     def split_text(self, text: str) -> tuple[str, str]:
-        """Split a pre-formatted text into (prompt, response) at the first response template."""
+        """Split a pre-formatted text into (prompt, response) at the first response template.
+
+        A text that already ends with the end token (and the format's suffix), as
+        ``apply_chat_template`` output does, has it removed here: ``assemble`` appends it once.
+        """
         text = self.normalize(text)
         idx = text.find(self.fmt.response_template)
-        if idx < 0:
-            return "", text
-        cut = idx + len(self.fmt.response_template)
-        return text[:cut], text[cut:]
+        prompt, response = ("", text) if idx < 0 else (text[: idx + len(self.fmt.response_template)],
+                                                        text[idx + len(self.fmt.response_template):])
+        end_text = self.tokenizer.convert_ids_to_tokens(self.end_id)
+        suffix = self.fmt.end_suffix
+        if suffix and response.endswith(end_text + suffix):
+            response = response[: -len(suffix)]
+        if response.endswith(end_text):
+            response = response[: -len(end_text)]
+        return prompt, response
 
     def segments(self, record: dict) -> list[tuple[str, str, bool]]:
         """``(kind, text, trained)`` segments of a record; kind is "prompt" or "response"."""

@@ -44,6 +44,7 @@ class BaseTrainer(ABC):
         self.training_completed_at: Optional[str] = None
         self.train_result: Any = None
         self._num_items_in_batch: Any = None
+        self._loss_normalized_by_num_items = False
         self.final_metrics: dict[str, float] = {}
         self._saved_dirs: set[str] = set()
 
@@ -119,7 +120,6 @@ class BaseTrainer(ABC):
         self.config.validate()
         check_bf16(self.config.bf16)
         _check_reporters(self.config.report_to)
-        self._check_output_dir(self.config.output_dir)
         dataset = self.dataset if self.dataset is not None else self.load_dataset()
         if self.model is None:
             self.setup_model()
@@ -128,13 +128,22 @@ class BaseTrainer(ABC):
 
     def train(self) -> Any:
         """Run the whole pipeline: load data and model, train, save to ``config.output_dir``."""
+        # Refuse before hours of training, not at the save after them.
+        self._check_output_dir(self.config.output_dir)
         trainer = self.prepare()
         self.train_result = trainer.train()
         self.training_completed_at = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.final_metrics = {"train_loss": float(self.train_result.training_loss)}
+        failure = None
         if trainer.eval_dataset is not None:
-            self.final_metrics.update(self.evaluate_model())
+            try:
+                self.final_metrics.update(self.evaluate_model())
+            except Exception as exc:  # the trained model must be saved whatever the final evaluation does
+                logger.error("final evaluation failed (%s); saving the trained model anyway", exc)
+                failure = exc
         self.save_model()
+        if failure is not None:
+            raise failure
         return self.train_result
 
     def evaluate_model(self, eval_dataset: Any = None) -> dict[str, float]:

@@ -24,7 +24,7 @@ from src.training.losses import safe_perplexity, token_loss_sum
 
 
 class SFTHFTrainer(Trainer):
-    # compute_loss normalises by num_items_in_batch itself whenever it is given.
+    # Set per call in compute_loss: True when the owner's loss was divided by num_items_in_batch.
     loss_is_scaled_for_ga = None
 
     def __init__(self, *args: Any, owner: Any = None, **kwargs: Any):
@@ -38,10 +38,15 @@ class SFTHFTrainer(Trainer):
         if self.owner is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         self.owner._num_items_in_batch = num_items_in_batch
+        self.owner._loss_normalized_by_num_items = False
         try:
-            return self.owner.compute_loss(model, inputs, return_outputs)
+            result = self.owner.compute_loss(model, inputs, return_outputs)
         finally:
             self.owner._num_items_in_batch = None
+        # A compute_loss override that returns its own per-micro-batch mean (not normalised by the
+        # accumulated token count) gets the stock division by the accumulation steps in training_step.
+        self.loss_is_scaled_for_ga = bool(self.owner._loss_normalized_by_num_items)
+        return result
 
     def get_eval_dataloader(self, eval_dataset=None):
         """The stock eval dataloader, but never dropping the last batch: ``dataloader_drop_last`` is a

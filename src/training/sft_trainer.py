@@ -177,6 +177,7 @@ class SFTTrainer(BaseTrainer):
             loss = loss_sum / num_items_in_batch
             if self.trainer is not None:
                 loss = loss * self.trainer.data_parallel_scale()
+            self._loss_normalized_by_num_items = True
         else:
             loss = loss_sum / n_tokens.clamp(min=1)
         return (loss, outputs) if return_outputs else loss
@@ -207,8 +208,12 @@ class SFTTrainer(BaseTrainer):
         metrics = {k: float(v) for k, v in self.trainer.evaluate(dataset).items()}
         if self.config.eval_generation_samples > 0 and eval_dataset is None and self.dataset is not None \
                 and "validation" in self.dataset:
-            metrics.update(self.evaluate_generation(list(self.dataset["validation"]),
-                                                    max_samples=self.config.eval_generation_samples))
+            if "instruction" in self.dataset["validation"].column_names:
+                metrics.update(self.evaluate_generation(list(self.dataset["validation"]),
+                                                        max_samples=self.config.eval_generation_samples))
+            else:
+                logger.warning("eval_generation_samples is set but the validation rows are conversations or "
+                               "pre-formatted text: generation-based evaluation needs instruction/response rows; skipped")
         return metrics
 
     def evaluate_generation(self, records: List[dict], max_samples: Optional[int] = None, max_length: Optional[int] = None,
