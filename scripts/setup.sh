@@ -11,8 +11,10 @@ fi
 . .venv/bin/activate
 if ! python -c "import torch, transformers, peft, datasets, accelerate, sacrebleu, matplotlib, pytest, hypothesis, src" 2>/dev/null \
    || [ pyproject.toml -nt .venv/.installed ]; then
-    python -m pip install -q --upgrade pip
-    python -m pip install -q torch==2.13.0
-    python -m pip install -q -e ".[eval,test]"
+    # (the filter drops pip's notes about this machine's unused local package folders)
+    quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+    quiet python -m pip install -q --upgrade pip
+    quiet python -m pip install -q torch==2.13.0
+    quiet python -m pip install -q -e ".[eval,test]"
     touch .venv/.installed
 fi

@@ -21,6 +21,12 @@ OVERLONG_POLICIES = ("truncate", "drop", "error")
 EVAL_STRATEGIES = ("no", "steps", "epoch")
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _help(text: str, **kw: Any) -> Any:
     return field(metadata={"help": text}, **kw)
 
@@ -211,7 +217,7 @@ class BaseConfig:
             data_seed=self.seed,
             dataloader_drop_last=self.dataloader_drop_last,
             dataloader_num_workers=self.dataloader_num_workers,
-            dataloader_pin_memory=self.dataloader_pin_memory,
+            dataloader_pin_memory=self.dataloader_pin_memory and _cuda_available(),  # pinning only helps host->GPU copies
             bf16=self.bf16,
             save_steps=self.save_steps,
             save_total_limit=self.save_total_limit,
@@ -242,9 +248,7 @@ class BaseConfig:
         # partly filled ones into the same batches instead of padding them next to full rows.
         group = self.group_by_length
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "use_cpu" in accepted:
-            import torch
-
-            if not torch.cuda.is_available():
+            if not _cuda_available():
                 # Launched with torchrun on CPUs: without use_cpu, transformers leaves parallel_mode
                 # NOT_PARALLEL and each rank trains on its own shard with no gradient sync at all.
                 kwargs["use_cpu"] = True
