@@ -292,3 +292,12 @@ def test_evaluate_after_load_model_in_the_same_output_dir(memorised, tmp_path):
     restored.load_model(str(out))
     metrics = restored.evaluate_model()  # evaluating writes nothing: no "already holds a saved model" refusal
     assert metrics["eval_loss"] == pytest.approx(after["eval_loss"], rel=1e-5)
+
+
+def test_no_validation_data_turns_off_evaluation_and_best_model(tiny_model_dir, pairs_file, tmp_path):
+    config = make_config(tiny_model_dir, pairs_file, tmp_path / "o", max_steps=2, evaluation_strategy="steps",
+                         eval_steps=1, save_steps=1, load_best_model_at_end=True, validation_split_ratio=0.0)
+    trainer = create_sft_trainer(config)
+    trainer.train()
+    assert trainer.trainer.eval_dataset is None and "eval_loss" not in trainer.final_metrics
+    assert os.path.isfile(tmp_path / "o" / "model.safetensors")

@@ -94,7 +94,7 @@ class SFTTrainer(BaseTrainer):
         """Create and configure the SFT trainer instance.
 
         ``dataset`` is a dict (or ``DatasetDict``) with ``train`` and optional ``validation`` record
-        datasets (instruction/response rows, or pre-formatted ``text`` rows). Steps: validate and
+        datasets (instruction/response rows, conversations, or pre-formatted ``text`` rows). Steps: validate and
         format the records, tokenize with prompt masking, pack or length-group, build the collator,
         return a :class:`transformers.Trainer` subclass ready to train.
         """
@@ -107,10 +107,11 @@ class SFTTrainer(BaseTrainer):
         eval_dataset = self.tokenize_split(records["validation"], "validation") if records.get("validation") else None
         logger.info("Tokenized: %s", self.tokenize_report.summary())
         self._check_batches(train_dataset, training_args)
-        if eval_dataset is None and training_args.eval_strategy != "no":
-            logger.warning("no validation split: evaluation during training is turned off")
+        if eval_dataset is None and (training_args.eval_strategy != "no" or training_args.load_best_model_at_end):
+            logger.warning("no validation split: evaluation during training and load_best_model_at_end are turned off")
             training_args.eval_strategy = training_args.eval_strategy.__class__("no")
             training_args.do_eval = False
+            training_args.load_best_model_at_end = False
         collator = SFTDataCollator(self.tokenizer.pad_token_id, self.config.pad_to_multiple_of)
         trainer = SFTHFTrainer(
             model=self.model,
