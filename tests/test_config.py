@@ -106,3 +106,15 @@ def test_yaml_scientific_notation_and_string_numbers(tmp_path):
     assert SFTConfig.from_yaml(str(path)).learning_rate == 2e-4
     with pytest.raises(ValueError, match="warmup_ratio"):
         SFTConfig(warmup_ratio="0.1")
+
+
+def test_yaml_1_1_quirks_and_none_flags(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("evaluation_strategy: no\nlora_target_modules: q_proj\nsystem_prompt: أنت مساعد\n", encoding="utf-8")
+    c = SFTConfig.from_args(["--config", str(path), "--system_prompt", "None", "--arabic_remove_diacritics", "--packing"])
+    assert c.evaluation_strategy == "no"  # YAML read the bare `no` as False
+    assert c.lora_target_modules == ["q_proj"]
+    assert c.system_prompt is None  # `--field None` means None, not the string "None"
+    assert c.arabic_remove_diacritics is True and c.packing is True  # bare optional-bool flag means true
+    with pytest.raises(ValueError, match="lora_target_modules"):
+        SFTConfig(lora_target_modules="q_proj")

@@ -154,3 +154,16 @@ def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):
     path.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\r\n", encoding="utf-8")
     records, _ = load_records(str(path), validation_split_ratio=0)
     assert [r["instruction"] for r in records["train"]] == ["سطر\u2028ثان", PAIRS[0]["instruction"]]
+
+
+def test_conversation_rows_row_level_system_and_bad_roles(tmp_path):
+    turns = [{"from": "human", "value": "سؤال"}, {"from": "gpt", "value": "جواب"}]
+    records, _ = load_records({"train": [{"system": "أنت مساعد", "conversations": turns}]}, validation_split_ratio=0)
+    assert records["train"][0]["messages"][0] == {"role": "system", "content": "أنت مساعد"}
+    rows = [{"conversations": turns}, {"conversations": [{"from": ["human"], "value": "x"}, turns[1]]},
+            {"messages": [{"role": "assistant", "content": "a"}]}]
+    path = write_jsonl(tmp_path / "conv.jsonl", rows)
+    with pytest.raises(DatasetError, match=r"conv\.jsonl, line 2, field 'conversations\[0\]\.from': unknown role"):
+        load_records(path)
+    records, report = load_records(path, skip_invalid=True, validation_split_ratio=0)
+    assert len(records["train"]) == 1 and report.skipped["invalid conversation"] == 2

@@ -17,6 +17,7 @@ ALL_OFF = PRESETS["none"]
         ({"remove_tatweel": True}, "جـــميل", "جميل"),
         ({"remove_bidi_controls": True}, "\u200fمرحبا\u200e \u202bنص\u202c \u2067x\u2069\u061c", "مرحبا نص x"),
         ({"normalize_alef": True}, "أحمد إيمان آمال ٱلكتاب", "احمد ايمان امال الكتاب"),
+        ({"normalize_alef": True, "nfc": True}, "أ\u0655ب", "اب"),  # a stray hamza mark cannot recompose an alef
         ({"normalize_alef_maqsura": True}, "مستشفى على", "مستشفي علي"),
         ({"normalize_taa_marbuta": True}, "مدرسة جميلة", "مدرسه جميله"),
         ({"digits": "western"}, "سنة ٢٠٢٤ و۱۴۴۵", "سنة 2024 و1445"),
@@ -69,6 +70,16 @@ def test_config_validation_names_the_field():
     assert SFTConfig(normalization="search", arabic_remove_diacritics=False).normalizer().remove_diacritics is False
 
 
+@settings(max_examples=200, deadline=None)
+@given(arabic_text, st.fixed_dictionaries({k: st.booleans() for k in ("nfc", "presentation_forms", "remove_bidi_controls",
+                                                                       "remove_tatweel", "remove_diacritics", "normalize_alef",
+                                                                       "normalize_alef_maqsura", "normalize_taa_marbuta")}))
+def test_every_switch_combination_is_idempotent(text, switches):
+    normalizer = ArabicNormalizer(**switches)
+    once = normalizer(text + "أ\u0655\u0654ا\u0653")
+    assert normalizer(once) == once
+
+
 def test_same_normalization_for_training_generation_and_after_load(tiny_model_dir, tmp_path):
     from src.data.tokenization import IGNORE_INDEX
     from src.training.sft_trainer import SFTTrainer
@@ -91,6 +102,17 @@ def test_same_normalization_for_training_generation_and_after_load(tiny_model_di
     restored.load_model(str(tmp_path / "o"))
     assert restored.config.normalizer() == config.normalizer()
     assert restored.example_tokenizer().encode_prompt(instruction) == prompt_ids
+    # a run saved before normalization existed trained on untouched text: restore "none", not today's default
+    import json
+
+    meta_path = tmp_path / "o" / "sft_metadata.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    del meta["normalization"]
+    del meta["config"]["normalization"]
+    meta_path.write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+    old = SFTTrainer(SFTConfig())
+    old.load_model(str(tmp_path / "o"))
+    assert old.config.normalizer().is_identity
 
 
 def test_decomposed_and_composed_input_agree():

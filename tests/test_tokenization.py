@@ -159,3 +159,12 @@ def test_text_that_already_ends_with_the_end_token_gets_it_once(tiny_tokenizer):
     alpaca = ExampleTokenizer(tiny_tokenizer, get_prompt_format("alpaca"), max_seq_length=256)
     with_eos = alpaca.tokenize_batch([{"text": "### Instruction:\nس\n\n### Response:\nج<|endoftext|>"}])[0]
     assert with_eos[0].count(tiny_tokenizer.eos_token_id) == 1
+
+
+def test_text_split_finds_the_response_template_after_normalization(tiny_tokenizer):
+    from src.data.normalization import build_normalizer
+
+    fmt = get_prompt_format("custom", "السؤال: {instruction}\nالإجابة: ")
+    et = ExampleTokenizer(tiny_tokenizer, fmt, 256, normalize=build_normalizer("light", normalize_alef=True))
+    prompt, response = et.split_text("السؤال: ما عاصمة مصر؟\nالإجابة: القاهرة")
+    assert prompt == "السؤال: ما عاصمة مصر؟\nالاجابة: " and response == "القاهرة"

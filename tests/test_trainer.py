@@ -301,3 +301,32 @@ def test_no_validation_data_turns_off_evaluation_and_best_model(tiny_model_dir, 
     trainer.train()
     assert trainer.trainer.eval_dataset is None and "eval_loss" not in trainer.final_metrics
     assert os.path.isfile(tmp_path / "o" / "model.safetensors")
+
+
+def test_generation_eval_prompts_equal_training_prompts_and_settings_round_trip(tiny_model_dir, tmp_path):
+    from src.data.tokenization import IGNORE_INDEX
+
+    rows = [{**p, "system": "أجب باختصار." if i % 2 else None} for i, p in enumerate(PAIRS[:4])]
+    data = write_jsonl(tmp_path / "sys.jsonl", rows)
+    config = make_config(tiny_model_dir, data, tmp_path / "o", eval_dataset_path=data, per_device_train_batch_size=1,
+                         group_by_length=False, overlong_policy="drop", train_on_last_turn_only=True,
+                         system_prompt="نظام عام")
+    trainer = create_sft_trainer(config)
+    trainer.prepare()
+    seen = []
+    generate = trainer.generate_from_prompts
+    trainer.generate_from_prompts = lambda prompts, **kw: seen.extend(prompts) or generate(prompts, **kw)
+    trainer.evaluate_generation(list(trainer.dataset["validation"]), max_length=2)
+    training_prompts = []
+    for row in trainer.trainer.eval_dataset:
+        first_trained = next(i for i, label in enumerate(row["labels"]) if label != IGNORE_INDEX)
+        training_prompts.append(row["input_ids"][:first_trained])
+    # each row's own system prompt (or the configured one), exactly as in its training example
+    assert seen == training_prompts
+    system_ids = trainer.tokenizer("أجب باختصار.", add_special_tokens=False)["input_ids"]
+    assert [p[:len(system_ids)] == system_ids for p in seen] == [False, True, False, True]
+    trainer.save_model()
+    restored = SFTTrainer(SFTConfig())
+    restored.load_model(str(tmp_path / "o"))
+    assert restored.config.overlong_policy == "drop" and restored.config.train_on_last_turn_only is True
+    assert restored.config.system_prompt == "نظام عام"

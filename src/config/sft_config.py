@@ -173,7 +173,8 @@ class BaseConfig:
         if self.dataloader_num_workers < 0:
             bad("dataloader_num_workers", "a non-negative integer")
         if self.use_lora:
-            if not self.lora_target_modules or not all(isinstance(m, str) and m for m in self.lora_target_modules):
+            if (not isinstance(self.lora_target_modules, (list, tuple)) or not self.lora_target_modules
+                    or not all(isinstance(m, str) and m for m in self.lora_target_modules)):
                 bad("lora_target_modules", "a non-empty list of module names such as ['q_proj', 'v_proj']")
             if self.lora_alpha / self.lora_r > 16:
                 bad("lora_alpha", f"at most 16 x lora_r ({16 * self.lora_r}); a scale of lora_alpha/lora_r > 16 "
@@ -282,16 +283,28 @@ class BaseConfig:
         """Parse ``--config file.yaml`` plus any field overrides (``--max_seq_length 256``).
 
         Overrides are parsed by ``transformers.HfArgumentParser`` from the dataclass fields, with the
-        YAML values as defaults, so the command line always wins over the file.
+        YAML values as defaults, so the command line always wins over the file. Beyond what the parser
+        does: ``--field None`` sets an optional field to None, a bare ``--arabic_remove_diacritics``
+        means true, and YAML 1.1 quirks are undone (``evaluation_strategy: no`` is read by YAML as
+        False; ``lora_target_modules: q_proj`` as a string instead of a one-item list).
         """
         import argparse
+        import typing
 
         import yaml
         from transformers import HfArgumentParser
 
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        optional = {n for n, t in hints.items() if n in fields and type(None) in typing.get_args(t)}
+        optional_bool = {n for n in optional if bool in typing.get_args(hints[n])}
+        list_fields = {n for n, t in hints.items() if n in fields and typing.get_origin(t) is list}
+        str_fields = {n for n, t in hints.items() if n in fields and (t is str or str in typing.get_args(t))}
+
         pre = argparse.ArgumentParser(add_help=False)
         pre.add_argument("--config", default=None)
         known, rest = pre.parse_known_args(argv)
+        rest, set_to_none = _preprocess_flags(rest, optional, optional_bool)
         parser = HfArgumentParser(cls)
         parser.add_argument("--config", default=None, help="YAML file with field values; flags override it.")
         if known.config:
@@ -301,13 +314,40 @@ class BaseConfig:
                 values = yaml.safe_load(fh) or {}
             if not isinstance(values, dict):
                 raise ValueError(f"{known.config}: expected a mapping of field names to values, got {type(values).__name__}.")
-            unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+            unknown = sorted(set(values) - set(fields))
             if unknown:
                 raise ValueError(f"{known.config}: unknown field(s) {unknown}.")
+            for name, value in values.items():
+                if name in str_fields and isinstance(value, bool):
+                    values[name] = "yes" if value else "no"  # YAML 1.1 turns a bare no/off into False
+                elif name in list_fields and isinstance(value, str):
+                    values[name] = [value]
             # Defaults from YAML; dataclass construction (and validation) happens once, after parsing.
             parser.set_defaults(**values)
-        config, _namespace = parser.parse_args_into_dataclasses(args=rest)
-        return config
+        namespace = parser.parse_args(rest)
+        kwargs = {name: getattr(namespace, name) for name, f in fields.items() if f.init}
+        kwargs.update({name: None for name in set_to_none})
+        return cls(**kwargs)
+
+
+def _preprocess_flags(argv: list[str], optional: set[str], optional_bool: set[str]) -> tuple[list[str], set[str]]:
+    """Take ``--field None`` out of argv (returned as names to set to None); give bare optional-bool flags ``true``."""
+    out: list[str] = []
+    set_to_none: set[str] = set()
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        name = token[2:] if token.startswith("--") else None
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if name in optional and following == "None":
+            set_to_none.add(name)
+            i += 2
+            continue
+        out.append(token)
+        if name in optional_bool and (following is None or following.startswith("--")):
+            out.append("true")
+        i += 1
+    return out, set_to_none
 
 
 @dataclass

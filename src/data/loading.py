@@ -280,8 +280,9 @@ def parse_conversation(turns: Any, key: str, where: str) -> list[dict[str, str]]
             raise DatasetError(f"{where}, field {field_name!r}: expected an object with {role_key!r} and {content_key!r}",
                                "invalid conversation")
         role = turn.get(role_key)
-        role = SHAREGPT_ROLES.get(role, role) if sharegpt else role
-        if role not in ("system", "user", "assistant"):
+        if sharegpt and isinstance(role, str):
+            role = SHAREGPT_ROLES.get(role, role)
+        if not isinstance(role, str) or role not in ("system", "user", "assistant"):
             raise DatasetError(f"{where}, field '{field_name}.{role_key}': unknown role {turn.get(role_key)!r}; expected "
                                f"system, user or assistant", "invalid conversation")
         content = _check_text(turn, content_key, where, f"{field_name}.{content_key}")
@@ -307,7 +308,15 @@ def parse_record(values: Any, where: str) -> dict[str, Any]:
         raise DatasetError(f"{where}: expected an object with 'instruction' and 'response' fields, got {type(values).__name__}", "not an object")
     for key in ("messages", "conversations"):
         if values.get(key) is not None:
-            return {"messages": parse_conversation(values[key], key, where)}
+            messages = parse_conversation(values[key], key, where)
+            system = values.get("system")  # a row-level system prompt (LLaMA-Factory's ShareGPT layout)
+            if system is not None:
+                system = _check_text(values, "system", where)
+                if messages[0]["role"] == "system":
+                    raise DatasetError(f"{where}, field 'system': the row has a system field and a system turn; keep one",
+                                       "invalid conversation")
+                messages = [{"role": "system", "content": system}] + messages
+            return {"messages": messages}
     instruction_key = _pick(values, INSTRUCTION_KEYS)
     if instruction_key is None and "text" in values:
         return {"text": _check_text(values, "text", where)}

@@ -128,9 +128,9 @@ class ExampleTokenizer:
         ``apply_chat_template`` output does, has it removed here: ``assemble`` appends it once.
         """
         text = self.normalize(text)
-        idx = text.find(self.fmt.response_template)
-        prompt, response = ("", text) if idx < 0 else (text[: idx + len(self.fmt.response_template)],
-                                                        text[idx + len(self.fmt.response_template):])
+        marker = self.normalize(self.fmt.response_template)  # the text was normalized: search for it normalized too
+        idx = text.find(marker)
+        prompt, response = ("", text) if idx < 0 else (text[: idx + len(marker)], text[idx + len(marker):])
         end_text = self.tokenizer.convert_ids_to_tokens(self.end_id)
         suffix = self.fmt.end_suffix
         if suffix and response.endswith(end_text + suffix):

@@ -241,9 +241,13 @@ class SFTTrainer(BaseTrainer):
         chosen = [usable[i] for i in sorted(order[: max_samples or len(usable)])]
         if not chosen:
             raise ValueError("generation eval: no instruction/response rows to generate for")
-        predictions = self.batch_generate([r["instruction"] for r in chosen],
-                                          max_length=max_length or self.config.eval_generation_max_length,
-                                          batch_size=self.config.per_device_eval_batch_size)
+        self._ensure_model()
+        example_tokenizer = self.example_tokenizer()
+        # Each row's own system prompt, exactly as its training prompt had it.
+        predictions = self.generate_from_prompts(
+            [example_tokenizer.encode_prompt(r["instruction"], r.get("system")) for r in chosen],
+            max_length=max_length or self.config.eval_generation_max_length,
+            batch_size=self.config.per_device_eval_batch_size)
         normalize = self.config.normalizer()
         references = [normalize(r["response"]) for r in chosen]
         predictions_n = [normalize(p) for p in predictions]
@@ -306,13 +310,20 @@ class SFTTrainer(BaseTrainer):
         """
         if isinstance(instructions, str) or not all(isinstance(i, str) for i in instructions):
             raise TypeError("batch_generate expects a list of instruction strings")
+        self._ensure_model()
+        example_tokenizer = self.example_tokenizer()
+        return self.generate_from_prompts([example_tokenizer.encode_prompt(text) for text in instructions],
+                                          max_length=max_length, batch_size=batch_size, **kwargs)
+
+    @torch.no_grad()
+    def generate_from_prompts(self, prompts: List[List[int]], max_length: int = 512, batch_size: int = 4,
+                              **kwargs) -> List[str]:
+        """Generate from already formatted prompt ids (as ``ExampleTokenizer.encode_prompt`` makes them)."""
         if max_length < 1 or batch_size < 1:
             raise ValueError(f"max_length and batch_size must be positive (got {max_length}, {batch_size})")
         self._ensure_model()
         from tqdm.auto import tqdm
 
-        example_tokenizer = self.example_tokenizer()
-        prompts = [example_tokenizer.encode_prompt(text) for text in instructions]
         stop_ids = self.stop_token_ids()
         pad_id = self.tokenizer.pad_token_id
         gen_kwargs = dict(kwargs)
@@ -364,6 +375,7 @@ class SFTTrainer(BaseTrainer):
             "padding_efficiency": self.padding_efficiency,
             "normalization": {"preset": c.normalization, **c.normalizer().to_dict()},
             "train_on_last_turn_only": bool(c.train_on_last_turn_only),
+            "overlong_policy": c.overlong_policy,
         }
         if self.tokenize_report is not None:
             meta["examples"] = dict(self.tokenize_report.examples)
@@ -373,14 +385,16 @@ class SFTTrainer(BaseTrainer):
 
     def _restore_from_metadata(self, metadata: Dict[str, Any]) -> None:
         super()._restore_from_metadata(metadata)
-        for key in ("instruction_template", "custom_template", "system_prompt", "max_seq_length", "packing"):
+        for key in ("instruction_template", "custom_template", "system_prompt", "max_seq_length", "packing",
+                    "train_on_last_turn_only", "overlong_policy"):
             if key in metadata and getattr(self.config, key) != metadata[key]:
                 logger.info("load_model: using the saved run's %s=%r (config had %r)", key, metadata[key],
                             getattr(self.config, key))
                 setattr(self.config, key, metadata[key])
         if metadata.get("response_template"):
             self.config.response_template = metadata["response_template"]
-        normalization = metadata.get("normalization")
+        # Runs saved before normalization existed trained on untouched text: "none", not today's default.
+        normalization = metadata.get("normalization") or {"preset": metadata.get("config", {}).get("normalization", "none")}
         if normalization:
             # Generation must normalize exactly as training did: take the saved switches, not the preset's.
             from src.data.normalization import SWITCHES
