@@ -19,8 +19,8 @@ def _user_error_types():
     from src.data.tokenization import TokenizerMismatchError
     from src.models.loading import ModelLoadError
 
-    return (ValueError, TypeError, FileNotFoundError, FileExistsError, DatasetError, ModelLoadError,
-            TokenizerMismatchError)
+    # TypeError is left out on purpose: from the command line it can only be a bug, which deserves a traceback.
+    return (ValueError, FileNotFoundError, FileExistsError, DatasetError, ModelLoadError, TokenizerMismatchError)
 
 
 def run_training(argv: list[str]) -> int:

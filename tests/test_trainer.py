@@ -330,3 +330,28 @@ def test_generation_eval_prompts_equal_training_prompts_and_settings_round_trip(
     restored.load_model(str(tmp_path / "o"))
     assert restored.config.overlong_policy == "drop" and restored.config.train_on_last_turn_only is True
     assert restored.config.system_prompt == "نظام عام"
+
+
+def test_resume_from_the_last_checkpoint(tiny_model_dir, pairs_file, tmp_path):
+    first = create_sft_trainer(make_config(tiny_model_dir, pairs_file, tmp_path / "o", max_steps=4, save_steps=2))
+    first.train()
+    assert os.path.isdir(tmp_path / "o" / "checkpoint-4")
+    from transformers import TrainerCallback
+
+    steps_run = []
+
+    class CountSteps(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            steps_run.append(state.global_step)
+
+    class Counting(SFTTrainer):
+        def get_callbacks(self):
+            return [CountSteps()]
+
+    again = Counting(make_config(tiny_model_dir, pairs_file, tmp_path / "o", max_steps=6, save_steps=2,
+                                 resume_from_checkpoint="last", overwrite_output_dir=True))
+    again.train()
+    assert steps_run == [5, 6]  # continued from checkpoint-4, did not start over
+    with pytest.raises(ValueError, match="no checkpoint"):
+        create_sft_trainer(make_config(tiny_model_dir, pairs_file, tmp_path / "empty", max_steps=2,
+                                       resume_from_checkpoint="last")).train()

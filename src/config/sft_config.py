@@ -106,6 +106,11 @@ class BaseConfig:
         "Module names that get adapters.", default_factory=lambda: ["q_proj", "v_proj", "k_proj", "o_proj"]
     )
 
+    resume_from_checkpoint: Optional[str] = _help(
+        "Continue an interrupted run: a checkpoint directory, or 'last' for the newest checkpoint-* in output_dir.",
+        default=None,
+    )
+
     # --- evaluation, saving, logging ----------------------------------------------------------------
     evaluation_strategy: str = _help("'no', 'steps' or 'epoch' (translated to eval_strategy).", default="epoch")
     eval_steps: Optional[int] = _help("Steps between evaluations when evaluation_strategy='steps'.", default=None)

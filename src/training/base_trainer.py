@@ -131,7 +131,7 @@ class BaseTrainer(ABC):
         # Refuse before hours of training, not at the save after them.
         self._check_output_dir(self.config.output_dir)
         trainer = self.prepare()
-        self.train_result = trainer.train()
+        self.train_result = trainer.train(resume_from_checkpoint=self._resume_checkpoint())
         self.training_completed_at = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.final_metrics = {"train_loss": float(self.train_result.training_loss)}
         failure = None
@@ -150,6 +150,22 @@ class BaseTrainer(ABC):
         """Evaluation metrics of the current model (subclasses add method-specific ones)."""
         trainer = self.prepare()
         return {k: float(v) for k, v in trainer.evaluate(eval_dataset).items()}
+
+    def _resume_checkpoint(self) -> Optional[str]:
+        """``config.resume_from_checkpoint`` as a directory (``'last'`` = newest checkpoint-* in output_dir)."""
+        from transformers.trainer_utils import get_last_checkpoint
+
+        wanted = self.config.resume_from_checkpoint
+        if not wanted:
+            return None
+        if wanted == "last":
+            last = get_last_checkpoint(self.config.output_dir) if os.path.isdir(self.config.output_dir) else None
+            if last is None:
+                raise ValueError(f"resume_from_checkpoint='last' but {self.config.output_dir} has no checkpoint-* directory")
+            return last
+        if not os.path.isdir(wanted):
+            raise ValueError(f"resume_from_checkpoint: {wanted!r} is not a checkpoint directory")
+        return wanted
 
     # -- saving and loading ------------------------------------------------------------------------
     def _check_output_dir(self, path: str) -> None:

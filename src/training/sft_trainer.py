@@ -76,8 +76,10 @@ class SFTTrainer(BaseTrainer):
         """TrainingArguments with the SFT settings of the specification.
 
         Gradient checkpointing, ``label_names=["labels"]``, ``remove_unused_columns=True``,
-        ``dataloader_drop_last`` and length grouping (when not packing) all come from the config,
-        translated to the installed transformers' names in ``SFTConfig.to_training_arguments_kwargs``.
+        ``dataloader_drop_last`` and length grouping all come from the config, translated to the
+        installed transformers' names in ``SFTConfig.to_training_arguments_kwargs``. Length grouping
+        (``group_by_length``, on by default) also applies to packed rows, where it batches the few
+        part-filled rows together instead of next to full ones.
         """
         return super().get_training_arguments()
 
