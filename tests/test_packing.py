@@ -158,3 +158,24 @@ def test_padding_efficiency_on_the_shipped_sample_set(tmp_path):
     assert packed["padding_efficiency"] >= 0.98
     assert grouped["padding_efficiency"] >= 0.90
     assert packed["tokens"] == grouped["tokens"]  # packing loses no token
+
+
+def test_flash_attention_gets_one_flattened_row_and_it_is_exact(tiny_model_dir):
+    """FlashAttention detects packing only in single-row batches: its batches are flattened. The flattened
+    layout is checked here with SDPA (same position_ids mechanism), since FlashAttention needs a GPU."""
+    from src.data.packing import flattens_packed_batches
+
+    assert flattens_packed_batches("flash_attention_2") and flattens_packed_batches("flash_attention_3")
+    assert not flattens_packed_batches("sdpa") and not flattens_packed_batches("eager")
+    model = _model(tiny_model_dir, "sdpa")
+    packed = pack_dataset(_packed_dataset(n=8, vocab=model.config.vocab_size), 80)
+    flat = SFTDataCollator(pad_token_id=0, flatten_packed=True)(list(packed))
+    rows = SFTDataCollator(pad_token_id=0)(list(packed))
+    assert flat["input_ids"].shape == (1, sum(packed["length"])) and "attention_mask" not in flat
+    with torch.no_grad():
+        flat_sum, flat_n = token_loss_sum(model(input_ids=flat["input_ids"], position_ids=flat["position_ids"],
+                                                use_cache=False).logits, flat["labels"])
+        row_sum, row_n = token_loss_sum(model(input_ids=rows["input_ids"], position_ids=rows["position_ids"],
+                                              use_cache=False).logits, rows["labels"])
+    assert flat_n == row_n
+    assert flat_sum.item() == pytest.approx(row_sum.item(), rel=1e-5)

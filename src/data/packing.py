@@ -143,6 +143,17 @@ def pack_dataset(dataset: Any, max_seq_length: int) -> Any:
     return Dataset.from_dict(rows)
 
 
+def flattens_packed_batches(attn_implementation: str | None) -> bool:
+    """Whether packed batches must be one flattened row for this attention implementation.
+
+    transformers' FlashAttention paths detect packed sequences from ``position_ids`` only when the
+    batch has a single row (``_is_packed_sequence`` in ``modeling_flash_attention_utils``): with several
+    packed rows they silently attend across examples. SDPA and eager isolate per row, where keeping
+    rows of ``max_seq_length`` is also cheaper (no attention over the whole batch at once).
+    """
+    return "flash" in (attn_implementation or "")
+
+
 @dataclass
 class SFTDataCollator:
     """Pads a list of rows into a batch, masking padding by position.
@@ -151,14 +162,19 @@ class SFTDataCollator:
     ``pad_to_multiple_of``), an ``attention_mask`` that is 0 exactly on the padded positions, and labels
     -100 there. Packed rows (they carry ``position_ids``) get no ``attention_mask``: padding becomes one
     more short sequence with its own restarting ``position_ids`` and -100 labels, so it is isolated by the
-    same mechanism that isolates the packed examples.
+    same mechanism that isolates the packed examples. With ``flatten_packed`` (FlashAttention), the
+    packed rows of a batch are concatenated into one row instead, with no padding at all.
     """
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    flatten_packed: bool = False
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         packed = "position_ids" in features[0]
+        if packed and self.flatten_packed:
+            return {key: torch.tensor([[v for f in features for v in f[key]]], dtype=torch.long)
+                    for key in ("input_ids", "labels", "position_ids")}
         longest = max(len(f["input_ids"]) for f in features)
         if self.pad_to_multiple_of:
             longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of

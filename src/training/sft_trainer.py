@@ -25,7 +25,7 @@ import torch
 
 from src.config import SFTConfig
 from src.data.loading import load_records
-from src.data.packing import SFTDataCollator, pack_dataset, padding_efficiency
+from src.data.packing import SFTDataCollator, flattens_packed_batches, pack_dataset, padding_efficiency
 from src.data.templates import get_prompt_format
 from src.data.tokenization import ExampleTokenizer, TokenizeReport, tokenize_records
 from src.training.base_trainer import BaseTrainer
@@ -114,7 +114,7 @@ class SFTTrainer(BaseTrainer):
             training_args.eval_strategy = training_args.eval_strategy.__class__("no")
             training_args.do_eval = False
             training_args.load_best_model_at_end = False
-        collator = SFTDataCollator(self.tokenizer.pad_token_id, self.config.pad_to_multiple_of)
+        collator = self.data_collator()
         trainer = SFTHFTrainer(
             model=self.model,
             args=training_args,
@@ -129,6 +129,14 @@ class SFTTrainer(BaseTrainer):
         self.padding_efficiency = self.measure_padding_efficiency(trainer)
         logger.info("Padding efficiency (real tokens / tokens computed, first epoch): %.4f", self.padding_efficiency)
         return trainer
+
+    def attn_implementation(self) -> str:
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return getattr(model.config, "_attn_implementation", None) or "eager"
+
+    def data_collator(self) -> SFTDataCollator:
+        return SFTDataCollator(self.tokenizer.pad_token_id, self.config.pad_to_multiple_of,
+                               flatten_packed=flattens_packed_batches(self.attn_implementation()))
 
     def _check_batches(self, train_dataset, args) -> None:
         rows = len(train_dataset)
@@ -157,6 +165,8 @@ class SFTTrainer(BaseTrainer):
         batches = [[lengths[i] for i in order[s:s + size]] for s in range(0, len(order), size)]
         if trainer.args.dataloader_drop_last and batches and len(batches[-1]) < size:
             batches.pop()
+        if trainer.data_collator.flatten_packed and "position_ids" in dataset.column_names:
+            return 1.0  # each batch is one flattened row: nothing is padded
         return padding_efficiency(batches, self.config.pad_to_multiple_of)
 
     # -- loss ---------------------------------------------------------------------------------------
@@ -280,7 +290,7 @@ class SFTTrainer(BaseTrainer):
         kwargs = {k: v for k, v in kwargs.items() if not k.startswith(("activation_checkpointing", "gradient_checkpointing"))}
         self.trainer = SFTHFTrainer(
             model=self.model, args=TrainingArguments(**kwargs),
-            data_collator=SFTDataCollator(self.tokenizer.pad_token_id, self.config.pad_to_multiple_of),
+            data_collator=self.data_collator(),
             processing_class=self.tokenizer, owner=self,
         )
         return self.trainer
