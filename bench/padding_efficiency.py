@@ -14,7 +14,6 @@ Qwen2.5 tokenizer.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -22,6 +21,9 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import report  # noqa: E402
 DATA = os.path.join(ROOT, "data", "arabic_instructions.jsonl")
 QWEN_TOKENIZER = os.path.join(ROOT, "..", "shared", "qwen2.5-tokenizer")
 
@@ -75,14 +77,10 @@ def main(argv=None) -> int:
                 r = measure(model_dir, packing=packing, group_by_length=grouped, max_seq_length=args.max_seq_length,
                             batch_size=args.batch_size, tokenizer_dir=tok_dir)
                 results[f"{tok_name} | {name}"] = r
-    print(f"Padding efficiency on {os.path.relpath(DATA, ROOT)} (max_seq_length={args.max_seq_length}, "
-          f"batch_size={args.batch_size}, chatml, first epoch)")
-    print(f"{'tokenizer | batching':48s} {'efficiency':>10s} {'rows':>6s} {'tokens':>8s} {'pad-to-max anchor':>18s}")
-    for name, r in results.items():
-        print(f"{name:48s} {r['padding_efficiency']:10.2%} {r['rows']:6d} {r['tokens']:8d} {r['pad_to_max_length']:18.2%}")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(results, fh, indent=2)
+    report(f"Padding efficiency on {os.path.relpath(DATA, ROOT)} (max_seq_length={args.max_seq_length}, "
+           f"batch_size={args.batch_size}, chatml, first epoch)", "tokenizer | batching",
+           [("efficiency", "padding_efficiency", ".2%"), ("rows", "rows", "d"), ("tokens", "tokens", "d"),
+            ("pad-to-max anchor", "pad_to_max_length", ".2%")], results, args.json)
     return 0
 
 

@@ -15,7 +15,6 @@ examples so the numbers are comparable. TRL gets the same examples as prompt/com
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -25,6 +24,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import report  # noqa: E402
 TRAIN = os.path.join(ROOT, "data", "arabic_instructions.jsonl")
 VALID = os.path.join(ROOT, "data", "arabic_instructions_validation.jsonl")
 
@@ -133,15 +135,11 @@ def main(argv=None) -> int:
             seconds = statistics.median(r["seconds"] for r in runs)
             results[name] = {**runs[0], "seconds": seconds, "tokens_per_second": runs[0]["real_tokens"] / seconds,
                              "all_seconds": [round(r["seconds"], 2) for r in runs]}
-    print(f"CPU ({os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads); "
-          f"tiny Qwen2 {args.epochs} epochs on {os.path.relpath(TRAIN, ROOT)}, max_seq_length={args.max_seq_length}, "
-          f"batch 4, median of {args.repeats}")
-    print(f"{'setup':48s} {'train s':>8s} {'real tok/s':>11s} {'val loss':>9s}")
-    for name, r in results.items():
-        print(f"{name:48s} {r['seconds']:8.1f} {r['tokens_per_second']:11.0f} {r['val_loss']:9.4f}")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(results, fh, indent=2)
+    report(f"CPU ({os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads); "
+           f"tiny Qwen2 {args.epochs} epochs on {os.path.relpath(TRAIN, ROOT)}, max_seq_length={args.max_seq_length}, "
+           f"batch 4, median of {args.repeats}", "setup",
+           [("train s", "seconds", ".1f"), ("real tok/s", "tokens_per_second", ".0f"), ("val loss", "val_loss", ".4f")],
+           results, args.json)
     return 0
 
 
