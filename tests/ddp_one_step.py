@@ -1,9 +1,11 @@
 """One SGD step of SFT, launched by tests/test_distributed.py under torchrun (CPU, gloo).
 
-usage: torchrun --nproc_per_node=N tests/ddp_one_step.py MODEL_DIR DATA OUT_DIR BATCH_PER_DEVICE PACKING
-Rank 0 writes the parameter update to OUT_DIR/update.pt.
+usage: torchrun --nproc_per_node=N tests/ddp_one_step.py MODEL_DIR DATA OUT_DIR BATCH_PER_DEVICE PACKING [eval]
+Rank 0 writes the parameter update to OUT_DIR/update.pt; with "eval", it evaluates on DATA instead and
+writes the metrics to OUT_DIR/eval.json.
 """
 
+import json
 import os
 import sys
 
@@ -23,9 +25,15 @@ def main() -> None:
                        evaluation_strategy="no", gradient_checkpointing=False, group_by_length=False,
                        validation_split_ratio=0.0, packing=packing == "1", max_seq_length=64 if packing == "1" else 160,
                        dataloader_pin_memory=False, ddp_backend="gloo" if "RANK" in os.environ else None, seed=0,
-                       overwrite_output_dir=True)
+                       overwrite_output_dir=True, eval_dataset_path=data, per_device_eval_batch_size=int(batch))
     trainer = SFTTrainer(config)
     trainer.prepare()
+    if sys.argv[6:7] == ["eval"]:
+        metrics = trainer.evaluate_model()
+        if int(os.environ.get("RANK", "0")) == 0:
+            with open(os.path.join(out, "eval.json"), "w") as fh:
+                json.dump(metrics, fh)
+        return
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.trainer.train()
     if int(os.environ.get("RANK", "0")) == 0:

@@ -6,7 +6,8 @@ It overrides only what must change:
   user's ``compute_loss`` override on ``SFTTrainer`` (the specification's ``CustomSFTTrainer``
   example) is what trains. The Trainer's ``num_items_in_batch`` (trained tokens in the whole
   accumulated batch, across ranks) reaches it even through an override that does not pass it on.
-- ``get_eval_dataloader`` never drops the last batch (the stock one obeys ``dataloader_drop_last``).
+- evaluation never drops the last batch (the stock loader obeys ``dataloader_drop_last``) and, under
+  data parallelism, never counts a row twice (accelerate's ``even_batches`` repeats rows).
 - ``evaluate`` weights every trained token equally across batches (the stock loop averages
   per-batch means), so packed and unpacked evaluation of the same examples give the same
   ``eval_loss``; it adds ``eval_perplexity``.
@@ -58,6 +59,27 @@ class SFTHFTrainer(Trainer):
         finally:
             self.args.dataloader_drop_last = drop_last
 
+    def _eval_loader_and_model(self, dataset):
+        """The evaluation batches of this process and the model to run them through.
+
+        With plain data parallelism (or none), each process takes every world_size-th row and runs its
+        replica's unwrapped module, so no row is counted twice (accelerate's even_batches would repeat
+        rows to even out the last batch) and no collective runs until the final sum. Sharded setups
+        (DeepSpeed, FSDP) need their wrapped model and use the stock, prepared dataloader.
+        """
+        from torch.utils.data import DataLoader
+
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            model = self._wrap_model(self.model, training=False)
+            if len(self.accelerator._models) == 0 and model is self.model and not self.is_deepspeed_enabled:
+                model = self.accelerator.prepare_model(model, evaluation_mode=True)
+            return self.get_eval_dataloader(dataset), model
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        shard = dataset.select(range(rank, len(dataset), world)) if world > 1 else dataset
+        loader = DataLoader(shard, batch_size=self.args.eval_batch_size, shuffle=False, collate_fn=self.data_collator,
+                            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
+        return loader, self.model.to(self.args.device)
+
     def data_parallel_scale(self) -> float:
         """Factor that undoes DDP's gradient averaging when the loss is divided by a global token count."""
         if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
@@ -70,11 +92,7 @@ class SFTHFTrainer(Trainer):
         if dataset is None:
             raise ValueError("no evaluation dataset: the data has no validation split and none was passed")
         self._memory_tracker.start()
-        dataloader = self.get_eval_dataloader(dataset)
-        model = self._wrap_model(self.model, training=False)
-        if len(self.accelerator._models) == 0 and model is self.model and not self.is_deepspeed_enabled:
-            # Same preparation as Trainer.evaluation_loop when evaluate() runs before train().
-            model = self.accelerator.prepare_model(model, evaluation_mode=True)
+        dataloader, model = self._eval_loader_and_model(dataset)
         model.eval()
         start = time.time()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.args.device)
