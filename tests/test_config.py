@@ -118,3 +118,16 @@ def test_yaml_1_1_quirks_and_none_flags(tmp_path):
     assert c.arabic_remove_diacritics is True and c.packing is True  # bare optional-bool flag means true
     with pytest.raises(ValueError, match="lora_target_modules"):
         SFTConfig(lora_target_modules="q_proj")
+
+
+def test_flag_spellings_and_yaml_booleans(tmp_path):
+    c = SFTConfig.from_args(["--system_prompt=None", "--eval-steps", "None", "--arabic-nfc", "--pad_to_multiple_of=None"])
+    assert c.system_prompt is None and c.eval_steps is None and c.arabic_nfc is True and c.pad_to_multiple_of is None
+    path = tmp_path / "run.yaml"
+    path.write_text("report_to: false\n", encoding="utf-8")
+    assert SFTConfig.from_yaml(str(path)).report_to == "none"
+    path.write_text("system_prompt: Yes\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="system_prompt: YAML read True"):
+        SFTConfig.from_yaml(str(path))
+    with pytest.raises(ValueError, match="--config given 2 times"):
+        SFTConfig.from_args(["--config", str(path), "--config", str(path)])

@@ -76,7 +76,7 @@ def test_config_validation_names_the_field():
                                                                        "normalize_alef_maqsura", "normalize_taa_marbuta")}))
 def test_every_switch_combination_is_idempotent(text, switches):
     normalizer = ArabicNormalizer(**switches)
-    once = normalizer(text + "أ\u0655\u0654ا\u0653")
+    once = normalizer(text + "أ\u0655\u0654ا\u0653أ\u064e\u0654آ\u0651\u0653")
     assert normalizer(once) == once
 
 

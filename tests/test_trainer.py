@@ -355,3 +355,23 @@ def test_resume_from_the_last_checkpoint(tiny_model_dir, pairs_file, tmp_path):
     with pytest.raises(ValueError, match="no checkpoint"):
         create_sft_trainer(make_config(tiny_model_dir, pairs_file, tmp_path / "empty", max_steps=2,
                                        resume_from_checkpoint="last")).train()
+
+
+def test_ctrl_c_during_the_final_evaluation_still_saves_the_model(tiny_model_dir, pairs_file, tmp_path):
+    class InterruptedEval(SFTTrainer):
+        def evaluate_model(self, eval_dataset=None):
+            raise KeyboardInterrupt
+
+    trainer = InterruptedEval(make_config(tiny_model_dir, pairs_file, tmp_path / "o", max_steps=2,
+                                          eval_dataset_path=pairs_file))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert os.path.isfile(tmp_path / "o" / "model.safetensors")
+    assert os.path.isfile(tmp_path / "o" / "sft_metadata.json")
+
+
+def test_bad_resume_path_fails_before_loading_anything(tmp_path, pairs_file):
+    trainer = create_sft_trainer(make_config("./no/such/model", pairs_file, tmp_path / "o",
+                                             resume_from_checkpoint=str(tmp_path / "nope")))
+    with pytest.raises(ValueError, match="not a checkpoint directory"):
+        trainer.train()  # the model path is bad too, but the checkpoint is checked first

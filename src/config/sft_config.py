@@ -307,8 +307,11 @@ class BaseConfig:
         str_fields = {n for n, t in hints.items() if n in fields and (t is str or str in typing.get_args(t))}
 
         pre = argparse.ArgumentParser(add_help=False)
-        pre.add_argument("--config", default=None)
+        pre.add_argument("--config", action="append", default=None)
         known, rest = pre.parse_known_args(argv)
+        if known.config and len(known.config) > 1:
+            raise ValueError(f"--config given {len(known.config)} times ({', '.join(known.config)}); give one file")
+        known.config = known.config[0] if known.config else None
         rest, set_to_none = _preprocess_flags(rest, optional, optional_bool)
         parser = HfArgumentParser(cls)
         parser.add_argument("--config", default=None, help="YAML file with field values; flags override it.")
@@ -324,7 +327,12 @@ class BaseConfig:
                 raise ValueError(f"{known.config}: unknown field(s) {unknown}.")
             for name, value in values.items():
                 if name in str_fields and isinstance(value, bool):
-                    values[name] = "yes" if value else "no"  # YAML 1.1 turns a bare no/off into False
+                    # YAML 1.1 reads a bare no/off/false as False: meaningful only where "no"/"none" is a value.
+                    if value is False and name in YAML_FALSE_MEANS:
+                        values[name] = YAML_FALSE_MEANS[name]
+                    else:
+                        raise ValueError(f"{known.config}: {name}: YAML read {value} (a boolean) where text is "
+                                         f"expected; quote the value, e.g. {name}: \"...\"")
                 elif name in list_fields and isinstance(value, str):
                     values[name] = [value]
             # Defaults from YAML; dataclass construction (and validation) happens once, after parsing.
@@ -335,21 +343,28 @@ class BaseConfig:
         return cls(**kwargs)
 
 
+YAML_FALSE_MEANS = {"evaluation_strategy": "no", "report_to": "none"}
+
+
 def _preprocess_flags(argv: list[str], optional: set[str], optional_bool: set[str]) -> tuple[list[str], set[str]]:
-    """Take ``--field None`` out of argv (returned as names to set to None); give bare optional-bool flags ``true``."""
+    """Take ``--field None`` / ``--field=None`` out of argv (returned as names to set to None), and give
+    bare optional-bool flags ``true``. Dashes in flag names count as underscores, as in HfArgumentParser."""
     out: list[str] = []
     set_to_none: set[str] = set()
     i = 0
     while i < len(argv):
         token = argv[i]
-        name = token[2:] if token.startswith("--") else None
+        name, inline = None, None
+        if token.startswith("--"):
+            flag, has_value, value = token[2:].partition("=")
+            name, inline = flag.replace("-", "_"), (value if has_value else None)
         following = argv[i + 1] if i + 1 < len(argv) else None
-        if name in optional and following == "None":
+        if name in optional and (inline == "None" or (inline is None and following == "None")):
             set_to_none.add(name)
-            i += 2
+            i += 1 if inline is not None else 2
             continue
         out.append(token)
-        if name in optional_bool and (following is None or following.startswith("--")):
+        if name in optional_bool and inline is None and (following is None or following.startswith("--")):
             out.append("true")
         i += 1
     return out, set_to_none

@@ -33,7 +33,8 @@ BIDI_CONTROLS = "\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2
 TATWEEL = "\u0640"
 DIACRITICS_RE = re.compile("[\u0610-\u061a\u064b-\u065f\u0670\u06d6-\u06dc\u06df-\u06e4\u06e7\u06e8\u06ea-\u06ed]")
 PRESENTATION_RE = re.compile("[\ufb50-\ufdff\ufe70-\ufeff]")
-ALEF_WITH_MARK_RE = re.compile("\u0627[\u0653-\u0655]+")
+# Bare alef, any harakat (which NFC orders first), then madda/hamza marks that NFC would compose back.
+ALEF_WITH_MARK_RE = re.compile("\u0627([\u064b-\u0652\u0670]*)[\u0653-\u0655]+")
 ALEF_FORMS = {"\u0623": "\u0627", "\u0625": "\u0627", "\u0622": "\u0627", "\u0671": "\u0627"}
 ARABIC_INDIC = "٠١٢٣٤٥٦٧٨٩"
 EASTERN_ARABIC_INDIC = "۰۱۲۳۴۵۶۷۸۹"
@@ -102,7 +103,7 @@ class ArabicNormalizer:
             text = text.translate(table)
         if self.normalize_alef:
             # A combining madda/hamza left after an alef would recompose into آ/أ/إ under NFC.
-            text = ALEF_WITH_MARK_RE.sub("\u0627", text)
+            text = ALEF_WITH_MARK_RE.sub("\u0627\\1", text)
         if self.remove_diacritics:
             text = DIACRITICS_RE.sub("", text)
         return unicodedata.normalize("NFC", text) if self.nfc else text

@@ -128,17 +128,18 @@ class BaseTrainer(ABC):
 
     def train(self) -> Any:
         """Run the whole pipeline: load data and model, train, save to ``config.output_dir``."""
-        # Refuse before hours of training, not at the save after them.
+        # Refuse before hours of training (and before loading anything), not at the save after them.
         self._check_output_dir(self.config.output_dir)
+        checkpoint = self._resume_checkpoint()
         trainer = self.prepare()
-        self.train_result = trainer.train(resume_from_checkpoint=self._resume_checkpoint())
+        self.train_result = trainer.train(resume_from_checkpoint=checkpoint)
         self.training_completed_at = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.final_metrics = {"train_loss": float(self.train_result.training_loss)}
         failure = None
         if trainer.eval_dataset is not None:
             try:
                 self.final_metrics.update(self.evaluate_model())
-            except Exception as exc:  # the trained model must be saved whatever the final evaluation does
+            except BaseException as exc:  # the trained model is saved whatever the final evaluation does, Ctrl-C included
                 logger.error("final evaluation failed (%s); saving the trained model anyway", exc)
                 failure = exc
         self.save_model()

@@ -65,11 +65,12 @@ class SFTHFTrainer(Trainer):
         With plain data parallelism (or none), each process takes every world_size-th row and runs its
         replica's unwrapped module, so no row is counted twice (accelerate's even_batches would repeat
         rows to even out the last batch) and no collective runs until the final sum. Sharded setups
-        (DeepSpeed, FSDP) need their wrapped model and use the stock, prepared dataloader.
+        (DeepSpeed, FSDP) and single-process multi-GPU (DataParallel) need their wrapped model and use
+        the stock, prepared dataloader.
         """
         from torch.utils.data import DataLoader
 
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or self.args.n_gpu > 1:
             model = self._wrap_model(self.model, training=False)
             if len(self.accelerator._models) == 0 and model is self.model and not self.is_deepspeed_enabled:
                 model = self.accelerator.prepare_model(model, evaluation_mode=True)
@@ -102,7 +103,8 @@ class SFTHFTrainer(Trainer):
         for batch in dataloader:
             batch = self._prepare_inputs(batch)
             labels = batch.pop("labels")
-            with self.compute_loss_context_manager():
+            # accelerate.autocast: the bare module is not wrapped in mixed precision until training starts.
+            with self.compute_loss_context_manager(), self.accelerator.autocast():
                 logits = model(**batch, use_cache=False).logits
             batch_sum, batch_tokens = token_loss_sum(logits, labels)
             loss_sum += batch_sum.double()
