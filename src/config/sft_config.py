@@ -269,14 +269,6 @@ class BaseConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "BaseConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown field(s) {unknown}; known fields are {sorted(known)}.")
-        return cls(**values)
-
-    @classmethod
     def from_yaml(cls, path: str) -> "BaseConfig":
         """Load a config from a YAML mapping of field names to values."""
         # Same path as the command line: argparse converts YAML strings such as `2e-4` (which YAML 1.1

@@ -154,6 +154,8 @@ class SFTTrainer(BaseTrainer):
     def measure_padding_efficiency(self, trainer) -> float:
         """Real tokens / tokens computed over the first epoch's training batches, as the sampler orders them."""
         dataset = trainer.train_dataset
+        if trainer.data_collator.flatten_packed and "position_ids" in dataset.column_names:
+            return 1.0  # each batch is one flattened row: nothing is padded
         lengths = dataset["length"]
         sampler = trainer._get_train_sampler(dataset)
         rng_state = torch.random.get_rng_state()  # samplers draw from the global generator: leave it untouched
@@ -165,8 +167,6 @@ class SFTTrainer(BaseTrainer):
         batches = [[lengths[i] for i in order[s:s + size]] for s in range(0, len(order), size)]
         if trainer.args.dataloader_drop_last and batches and len(batches[-1]) < size:
             batches.pop()
-        if trainer.data_collator.flatten_packed and "position_ids" in dataset.column_names:
-            return 1.0  # each batch is one flattened row: nothing is padded
         return padding_efficiency(batches, self.config.pad_to_multiple_of)
 
     # -- loss ---------------------------------------------------------------------------------------
@@ -407,14 +407,13 @@ class SFTTrainer(BaseTrainer):
             self.config.response_template = metadata["response_template"]
         # Runs saved before normalization existed trained on untouched text: "none", not today's default.
         normalization = metadata.get("normalization") or {"preset": metadata.get("config", {}).get("normalization", "none")}
-        if normalization:
-            # Generation must normalize exactly as training did: take the saved switches, not the preset's.
-            from src.data.normalization import SWITCHES
+        # Generation must normalize exactly as training did: take the saved switches, not the preset's.
+        from src.data.normalization import SWITCHES
 
-            self.config.normalization = normalization.get("preset", "light")
-            for switch in SWITCHES:
-                if switch in normalization:
-                    setattr(self.config, "arabic_" + switch, normalization[switch])
+        self.config.normalization = normalization["preset"]
+        for switch in SWITCHES:
+            if switch in normalization:
+                setattr(self.config, "arabic_" + switch, normalization[switch])
 
     def _write_generation_config(self, output_dir: str) -> None:
         """generation_config.json whose EOS ids include the template's end token (``<|im_end|>`` for ChatML),
