@@ -1,7 +1,8 @@
 import json
 
 from src.config import SFTConfig
-from src.data.audit import audit_records, main
+from src.cli.audit import run as audit_command
+from src.data.audit import audit_records
 from src.data.loading import load_records
 from src.data.templates import get_prompt_format
 from src.data.tokenization import ExampleTokenizer
@@ -30,7 +31,7 @@ def test_audit_counts_duplicates_invalid_rows_and_lengths(tiny_tokenizer, tmp_pa
 
 def test_audit_command_on_the_shipped_data(tmp_path, capsys, tiny_model_dir):
     out = tmp_path / "audit.json"
-    assert main(["--model_name", tiny_model_dir, "--dataset_path", SHIPPED_DATA, "--output_dir", str(tmp_path),
+    assert audit_command(["--model_name", tiny_model_dir, "--dataset_path", SHIPPED_DATA, "--output_dir", str(tmp_path),
                  "--audit_output", str(out)]) == 0
     table = capsys.readouterr().out
     assert "Arabic-script share of letters" in table and "fertility, Arabic words" in table

@@ -7,6 +7,7 @@ import torch
 
 from src.config import SFTConfig
 from src.models.loading import ModelLoadError
+from src.training.losses import FullLogitsLoss
 from src.training.sft_trainer import SFTTrainer, create_sft_trainer
 from tests.conftest import PAIRS, write_jsonl
 
@@ -208,8 +209,9 @@ def test_gradient_accumulation_gives_the_same_update(tiny_model_dir, tmp_path, p
         """The bug other trainers had: each micro-batch normalised by its own token count."""
 
         def compute_loss(self, model, inputs, return_outputs=False):
-            self._num_items_in_batch = None  # mean over this micro-batch's tokens; the Trainer divides by 4
-            return super().compute_loss(model, inputs, return_outputs)
+            # mean over this micro-batch's tokens (never reaching the loss object); the Trainer divides by 4
+            result = FullLogitsLoss()(model, inputs)
+            return (result.loss, result.outputs) if return_outputs else result.loss
 
     naive = _one_sgd_step(tiny_model_dir, data, tmp_path / "c", 1, 4, packing, trainer_cls=MeanPerMicroBatch,
                           max_seq_length=seq)

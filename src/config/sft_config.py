@@ -1,9 +1,11 @@
-"""Run configuration: one dataclass, validated on construction, loadable from YAML.
+"""Run configuration: one dataclass per training method, validated on construction.
 
 Field names are the specification's (``evaluation_strategy``, ``group_by_length``,
-``gradient_checkpointing`` ...), even where transformers 5 renamed them;
-:meth:`SFTConfig.to_training_arguments_kwargs` is the single place that translates them to the
-names of the installed transformers version.
+``gradient_checkpointing`` ...), even where transformers 5 renamed them; the translation to the installed
+transformers lives in ``src/training/training_args.py``, and reading YAML files and command-line flags in
+``src/cli/args.py``. The config states values: it checks types and ranges itself and asks the components
+that own a rule (templates, normalization, data files, the loss) to check the rest, so each rule and its
+message exist once.
 """
 
 from __future__ import annotations
@@ -11,20 +13,10 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
-from src.data.templates import TEMPLATE_NAMES, default_response_template
-
-DATA_FILE_EXTENSIONS = (".jsonl", ".json", ".csv")
-TINY_MODEL_PREFIX = "local:"
 OVERLONG_POLICIES = ("truncate", "drop", "error")
 EVAL_STRATEGIES = ("no", "steps", "epoch")
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -86,6 +78,11 @@ class BaseConfig:
     max_grad_norm: float = _help("Gradient clipping norm (0 disables clipping).", default=1.0)
     optim: str = _help("Optimizer name understood by transformers ('adamw_torch', 'sgd', 'adafactor', ...).",
                        default="adamw_torch")
+    loss_type: str = _help(
+        "'trained_tokens' (default): the LM head and float32 cross-entropy run only on trained positions, in chunks, "
+        "so the full [tokens, vocab] logits never exist; 'full_logits': the specification's computation on "
+        "outputs.logits. Same loss and gradients (src/training/losses.py).", default="trained_tokens")
+    loss_chunk_size: int = _help("Trained positions per LM-head chunk of the trained_tokens loss.", default=4096)
     seed: int = _help("Seed for model init, shuffling and the validation hold-out.", default=42)
     gradient_checkpointing: bool = _help("Recompute activations in backward to save memory.", default=True)
     group_by_length: bool = _help("Batch rows of similar length together (examples, or packed rows when packing).",
@@ -138,16 +135,11 @@ class BaseConfig:
 
         if not isinstance(self.model_name, str) or not self.model_name.strip():
             bad("model_name", "a hub id, a local model directory or 'local:tiny-qwen2'")
+        from src.data.loading import check_data_path
+
         for name in ("dataset_path", "eval_dataset_path"):
-            path = getattr(self, name)
-            if path is None:
-                continue
-            if not isinstance(path, str) or not path.strip():
-                bad(name, "a path to a .jsonl, .csv or .json file")
-            if not path.lower().endswith(DATA_FILE_EXTENSIONS):
-                bad(name, f"a file ending in one of {DATA_FILE_EXTENSIONS}")
-            if not os.path.isfile(path):
-                raise ValueError(f"SFTConfig.{name}: data file {path!r} does not exist (looked in {os.getcwd()}).")
+            if getattr(self, name) is not None:
+                _ask(name, check_data_path, getattr(self, name))
         if not isinstance(self.output_dir, str) or not self.output_dir.strip():
             bad("output_dir", "a directory path")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -192,174 +184,15 @@ class BaseConfig:
             bad("load_best_model_at_end", "False when evaluation_strategy='no' (there is nothing to compare)")
         if self.attn_implementation not in (None, "sdpa", "eager", "flash_attention_2"):
             bad("attn_implementation", "None, 'sdpa', 'eager' or 'flash_attention_2'")
+        from src.training.losses import check_loss_settings
+
+        _ask("loss_type", check_loss_settings, self.loss_type, self.loss_chunk_size)
         if self.deepspeed is not None and not os.path.isfile(self.deepspeed):
             raise ValueError(f"SFTConfig.deepspeed: config file {self.deepspeed!r} does not exist.")
-
-    # -- translation to transformers ------------------------------------------------------------------
-    def to_training_arguments_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for the installed ``transformers.TrainingArguments``.
-
-        The one place that knows the transformers 5 renames: ``evaluation_strategy`` -> ``eval_strategy``,
-        ``group_by_length`` -> ``train_sampling_strategy='group_by_length'``, ``gradient_checkpointing``
-        -> ``activation_checkpointing``, ``warmup_ratio`` -> fractional ``warmup_steps``.
-        """
-        from transformers import TrainingArguments
-
-        accepted = {f.name for f in dataclasses.fields(TrainingArguments)}
-        eval_strategy = self.evaluation_strategy
-        kwargs: dict[str, Any] = dict(
-            output_dir=self.output_dir,
-            learning_rate=self.learning_rate,
-            num_train_epochs=self.num_train_epochs,
-            max_steps=self.max_steps,
-            per_device_train_batch_size=self.per_device_train_batch_size,
-            per_device_eval_batch_size=self.per_device_eval_batch_size,
-            gradient_accumulation_steps=self.gradient_accumulation_steps,
-            weight_decay=self.weight_decay,
-            lr_scheduler_type=self.lr_scheduler_type,
-            max_grad_norm=self.max_grad_norm,
-            optim=self.optim,
-            seed=self.seed,
-            data_seed=self.seed,
-            dataloader_drop_last=self.dataloader_drop_last,
-            dataloader_num_workers=self.dataloader_num_workers,
-            dataloader_pin_memory=self.dataloader_pin_memory and _cuda_available(),  # pinning only helps host->GPU copies
-            bf16=self.bf16,
-            save_steps=self.save_steps,
-            save_total_limit=self.save_total_limit,
-            load_best_model_at_end=self.load_best_model_at_end,
-            logging_steps=self.logging_steps,
-            report_to=[r.strip() for r in self.report_to.split(",")] if self.report_to else "none",
-            run_name=self.run_name,
-            ddp_find_unused_parameters=self.ddp_find_unused_parameters,
-            ddp_backend=self.ddp_backend,
-            deepspeed=self.deepspeed,
-            label_names=["labels"],
-            remove_unused_columns=True,
-        )
-        if self.load_best_model_at_end:
-            # transformers requires matching save and eval schedules for load_best_model_at_end.
-            kwargs["save_strategy"] = eval_strategy
-            kwargs["metric_for_best_model"] = "eval_loss"
-            kwargs["greater_is_better"] = False
-        if eval_strategy == "steps":
-            kwargs["eval_steps"] = self.eval_steps or self.save_steps
-        kwargs["eval_strategy" if "eval_strategy" in accepted else "evaluation_strategy"] = eval_strategy
-        kwargs["warmup_ratio" if "warmup_ratio" in accepted else "warmup_steps"] = self.warmup_ratio
-        checkpointing = "activation_checkpointing" if "activation_checkpointing" in accepted else "gradient_checkpointing"
-        kwargs[checkpointing] = self.gradient_checkpointing
-        if self.gradient_checkpointing:
-            kwargs[checkpointing + "_kwargs"] = {"use_reentrant": False}
-        # Length grouping also applies to packed rows: almost all of them are full, and grouping puts the few
-        # partly filled ones into the same batches instead of padding them next to full rows.
-        group = self.group_by_length
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "use_cpu" in accepted:
-            if not _cuda_available():
-                # Launched with torchrun on CPUs: without use_cpu, transformers leaves parallel_mode
-                # NOT_PARALLEL and each rank trains on its own shard with no gradient sync at all.
-                kwargs["use_cpu"] = True
-        if "train_sampling_strategy" in accepted:
-            kwargs["train_sampling_strategy"] = "group_by_length" if group else "random"
-        else:
-            kwargs["group_by_length"] = group
-        return {k: v for k, v in kwargs.items() if k in accepted}
 
     # -- (de)serialisation -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    @classmethod
-    def from_yaml(cls, path: str) -> "BaseConfig":
-        """Load a config from a YAML mapping of field names to values."""
-        # Same path as the command line: argparse converts YAML strings such as `2e-4` (which YAML 1.1
-        # reads as a string) with each field's type.
-        return cls.from_args(["--config", path])
-
-    @classmethod
-    def from_args(cls, argv: list[str] | None = None) -> "BaseConfig":
-        """Parse ``--config file.yaml`` plus any field overrides (``--max_seq_length 256``).
-
-        Overrides are parsed by ``transformers.HfArgumentParser`` from the dataclass fields, with the
-        YAML values as defaults, so the command line always wins over the file. Beyond what the parser
-        does: ``--field None`` sets an optional field to None, a bare ``--arabic_remove_diacritics``
-        means true, and YAML 1.1 quirks are undone (``evaluation_strategy: no`` is read by YAML as
-        False; ``lora_target_modules: q_proj`` as a string instead of a one-item list).
-        """
-        import argparse
-        import typing
-
-        import yaml
-        from transformers import HfArgumentParser
-
-        hints = typing.get_type_hints(cls)
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        optional = {n for n, t in hints.items() if n in fields and type(None) in typing.get_args(t)}
-        optional_bool = {n for n in optional if bool in typing.get_args(hints[n])}
-        list_fields = {n for n, t in hints.items() if n in fields and typing.get_origin(t) is list}
-        str_fields = {n for n, t in hints.items() if n in fields and (t is str or str in typing.get_args(t))}
-
-        pre = argparse.ArgumentParser(add_help=False)
-        pre.add_argument("--config", action="append", default=None)
-        known, rest = pre.parse_known_args(argv)
-        if known.config and len(known.config) > 1:
-            raise ValueError(f"--config given {len(known.config)} times ({', '.join(known.config)}); give one file")
-        known.config = known.config[0] if known.config else None
-        rest, set_to_none = _preprocess_flags(rest, optional, optional_bool)
-        parser = HfArgumentParser(cls)
-        parser.add_argument("--config", default=None, help="YAML file with field values; flags override it.")
-        if known.config:
-            if not os.path.isfile(known.config):
-                raise ValueError(f"config file {known.config!r} does not exist.")
-            with open(known.config, encoding="utf-8") as fh:
-                values = yaml.safe_load(fh) or {}
-            if not isinstance(values, dict):
-                raise ValueError(f"{known.config}: expected a mapping of field names to values, got {type(values).__name__}.")
-            unknown = sorted(set(values) - set(fields))
-            if unknown:
-                raise ValueError(f"{known.config}: unknown field(s) {unknown}.")
-            for name, value in values.items():
-                if name in str_fields and isinstance(value, bool):
-                    # YAML 1.1 reads a bare no/off/false as False: meaningful only where "no"/"none" is a value.
-                    if value is False and name in YAML_FALSE_MEANS:
-                        values[name] = YAML_FALSE_MEANS[name]
-                    else:
-                        raise ValueError(f"{known.config}: {name}: YAML read {value} (a boolean) where text is "
-                                         f"expected; quote the value, e.g. {name}: \"...\"")
-                elif name in list_fields and isinstance(value, str):
-                    values[name] = [value]
-            # Defaults from YAML; dataclass construction (and validation) happens once, after parsing.
-            parser.set_defaults(**values)
-        namespace = parser.parse_args(rest)
-        kwargs = {name: getattr(namespace, name) for name, f in fields.items() if f.init}
-        kwargs.update({name: None for name in set_to_none})
-        return cls(**kwargs)
-
-
-YAML_FALSE_MEANS = {"evaluation_strategy": "no", "report_to": "none"}
-
-
-def _preprocess_flags(argv: list[str], optional: set[str], optional_bool: set[str]) -> tuple[list[str], set[str]]:
-    """Take ``--field None`` / ``--field=None`` out of argv (returned as names to set to None), and give
-    bare optional-bool flags ``true``. Dashes in flag names count as underscores, as in HfArgumentParser."""
-    out: list[str] = []
-    set_to_none: set[str] = set()
-    i = 0
-    while i < len(argv):
-        token = argv[i]
-        name, inline = None, None
-        if token.startswith("--"):
-            flag, has_value, value = token[2:].partition("=")
-            name, inline = flag.replace("-", "_"), (value if has_value else None)
-        following = argv[i + 1] if i + 1 < len(argv) else None
-        if name in optional and (inline == "None" or (inline is None and following == "None")):
-            set_to_none.add(name)
-            i += 1 if inline is not None else 2
-            continue
-        out.append(token)
-        if name in optional_bool and inline is None and (following is None or following.startswith("--")):
-            out.append("true")
-        i += 1
-    return out, set_to_none
 
 
 @dataclass
@@ -414,29 +247,15 @@ class SFTConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.instruction_template not in TEMPLATE_NAMES:
-            raise ValueError(
-                f"SFTConfig.instruction_template={self.instruction_template!r} is invalid: expected one of {TEMPLATE_NAMES}."
-            )
-        if self.instruction_template == "custom" and (
-            not isinstance(self.custom_template, str) or "{instruction}" not in self.custom_template
-        ):
-            raise ValueError(
-                "SFTConfig.custom_template must be a string containing '{instruction}' when "
-                f"instruction_template='custom' (got {self.custom_template!r})."
-            )
-        if self.response_template is not None and (not isinstance(self.response_template, str) or not self.response_template):
-            raise ValueError(f"SFTConfig.response_template={self.response_template!r} is invalid: expected a non-empty string.")
+        from src.data.templates import check_template_settings
+
+        _ask("instruction_template", check_template_settings, self.instruction_template, self.custom_template,
+             self.response_template)
         if isinstance(self.max_seq_length, bool) or not isinstance(self.max_seq_length, int) or self.max_seq_length < 8:
             raise ValueError(f"SFTConfig.max_seq_length={self.max_seq_length!r} is invalid: expected an integer >= 8.")
         if self.overlong_policy not in OVERLONG_POLICIES:
             raise ValueError(f"SFTConfig.overlong_policy={self.overlong_policy!r} is invalid: expected one of {OVERLONG_POLICIES}.")
-        from src.data.normalization import DIGIT_FORMS, PRESETS
-
-        if self.normalization not in PRESETS:
-            raise ValueError(f"SFTConfig.normalization={self.normalization!r} is invalid: expected one of {sorted(PRESETS)}.")
-        if self.arabic_digits is not None and self.arabic_digits not in DIGIT_FORMS:
-            raise ValueError(f"SFTConfig.arabic_digits={self.arabic_digits!r} is invalid: expected one of {DIGIT_FORMS}.")
+        _ask("normalization", self.normalizer)
         if self.eval_generation_samples < 0 or self.eval_generation_max_length < 1:
             raise ValueError("SFTConfig.eval_generation_samples must be >= 0 and eval_generation_max_length >= 1.")
         if self.pad_to_multiple_of is not None and (
@@ -453,4 +272,19 @@ class SFTConfig(BaseConfig):
     @property
     def resolved_response_template(self) -> str:
         """``response_template``, or the template's own response prefix when it is None."""
+        from src.data.templates import default_response_template
+
         return self.response_template or default_response_template(self.instruction_template, self.custom_template)
+
+
+def _ask(field_name: str, check: Any, *args: Any) -> Any:
+    """Run a component's own check; its ``ValueError`` (which names the setting) is re-raised as
+    ``SFTConfig.<setting>...``, or ``SFTConfig.<field_name>: ...`` when the message names no setting."""
+    try:
+        return check(*args)
+    except ValueError as exc:
+        message = str(exc)
+        named = message.split("=", 1)[0] if "=" in message.split(" ", 1)[0] else message.split(" ", 1)[0]
+        if named in {f.name for f in dataclasses.fields(SFTConfig)}:
+            raise ValueError(f"SFTConfig.{message}") from None
+        raise ValueError(f"SFTConfig.{field_name}: {message}") from None

@@ -1,6 +1,6 @@
 """Dataset audit: what training would see, before spending GPU hours on it.
 
-    python train_sft.py audit --config configs/sft_demo.yaml [--audit_output audit.json]
+    python train_sft.py audit --config configs/sft_demo.yaml [--audit_output audit.json]   (src/cli/audit.py)
 
 Reads the data exactly as training does (same loader, same hold-out, same normalization and template,
 with invalid rows counted instead of raised) and reports: rows per split, invalid rows by reason,
@@ -13,7 +13,6 @@ and writes JSON (default ``<output_dir>/audit.json``).
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from typing import Any
 
@@ -131,36 +130,3 @@ def format_table(result: dict[str, Any]) -> str:
         for key in ("prompt_tokens", "response_tokens", "total_tokens"):
             lines.append(f"  {key.split('_')[0]:16s}" + "".join(f"{v:8d}" for v in stats[key].values()))
     return "\n".join(lines)
-
-
-def main(argv: list[str]) -> int:
-    """``train_sft.py audit --config ... [--audit_output path]``: print the table, write JSON."""
-    from src.config import SFTConfig
-    from src.data.loading import load_records
-    from src.models.loading import load_tokenizer, resolve_model_path
-    from src.training.sft_trainer import SFTTrainer
-
-    output = None
-    if "--audit_output" in argv:
-        i = argv.index("--audit_output")
-        output = argv[i + 1] if i + 1 < len(argv) else None
-        if output is None:
-            raise ValueError("--audit_output needs a file path")
-        argv = argv[:i] + argv[i + 2:]
-    config = SFTConfig.from_args(argv)
-    if config.dataset_path is None:
-        raise ValueError("audit needs dataset_path")
-    records, report = load_records(config.dataset_path, config.eval_dataset_path,
-                                   validation_split_ratio=config.validation_split_ratio, seed=config.seed, skip_invalid=True)
-    trainer = SFTTrainer(config)
-    # Only the tokenizer is needed; for local:tiny-qwen2 this builds the tiny model once, as training would.
-    source = config.tokenizer_name or resolve_model_path(config.model_name, config.output_dir, config.dataset_path, config.seed)
-    trainer.tokenizer = load_tokenizer(source, trust_remote_code=config.trust_remote_code)
-    result = audit_records(records, report, trainer.example_tokenizer(), config.max_seq_length, config.normalizer())
-    print(format_table(result))
-    output = output or os.path.join(config.output_dir, "audit.json")
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w", encoding="utf-8") as fh:
-        json.dump(result, fh, ensure_ascii=False, indent=2)
-    print(f"\nwrote {output}")
-    return 0

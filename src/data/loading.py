@@ -448,3 +448,16 @@ def _raw_splits(source: Any, report: LoadReport, skip_invalid: bool, name: str) 
                 splits[key] = list(_iter_dataset_rows(data, f"{name} split {split!r}"))
         return splits
     raise TypeError(f"{name}: expected a file path, datasets.Dataset, DatasetDict or dict of splits, got {type(source).__name__}")
+
+
+DATA_FILE_EXTENSIONS = (".jsonl", ".json", ".csv")
+
+
+def check_data_path(path: Any) -> None:
+    """Raise ``ValueError`` when ``path`` cannot be a data file this module reads (type, extension, existence)."""
+    if not isinstance(path, str) or not path.strip():
+        raise ValueError(f"{path!r} is invalid: expected a path to a file ending in one of {DATA_FILE_EXTENSIONS}.")
+    if not path.lower().endswith(DATA_FILE_EXTENSIONS):
+        raise ValueError(f"{path!r} is invalid: expected a file ending in one of {DATA_FILE_EXTENSIONS}.")
+    if not os.path.isfile(path):
+        raise ValueError(f"data file {path!r} does not exist (looked in {os.getcwd()}).")

@@ -123,9 +123,16 @@ SWITCHES = ("nfc", "presentation_forms", "remove_bidi_controls", "remove_tatweel
 
 
 def build_normalizer(preset: str = "light", **overrides: Any) -> ArabicNormalizer:
-    """A preset with individual switches overridden (``None`` values keep the preset's choice)."""
+    """A preset with individual switches overridden (``None`` values keep the preset's choice).
+
+    Raises ``ValueError`` naming the setting (``normalization`` for the preset, ``arabic_<switch>`` for a
+    switch, as ``SFTConfig`` spells them) when a value cannot work.
+    """
     if preset not in PRESETS:
-        raise ValueError(f"normalization preset must be one of {sorted(PRESETS)}, got {preset!r}")
+        raise ValueError(f"normalization={preset!r} is invalid: expected a preset, one of {sorted(PRESETS)}.")
+    digits = overrides.get("digits")
+    if digits is not None and digits not in DIGIT_FORMS:
+        raise ValueError(f"arabic_digits={digits!r} is invalid: expected one of {DIGIT_FORMS}.")
     changes = {k: v for k, v in overrides.items() if v is not None}
     unknown = set(changes) - set(SWITCHES)
     if unknown:

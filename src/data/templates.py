@@ -66,14 +66,25 @@ class PromptFormat:
         return f"{system}\n\n"
 
 
+def check_template_settings(instruction_template: str, custom_template: str | None = None,
+                            response_template: str | None = None) -> None:
+    """Raise ``ValueError`` naming the setting when these template settings cannot work."""
+    if instruction_template not in TEMPLATE_NAMES:
+        raise ValueError(f"instruction_template={instruction_template!r} is invalid: expected one of {TEMPLATE_NAMES}.")
+    if instruction_template == "custom" and (not isinstance(custom_template, str) or "{instruction}" not in custom_template):
+        raise ValueError("custom_template must be a string containing '{instruction}' when "
+                         f"instruction_template='custom' (got {custom_template!r}).")
+    if response_template is not None and (not isinstance(response_template, str) or not response_template):
+        raise ValueError(f"response_template={response_template!r} is invalid: expected a non-empty string.")
+
+
 def default_response_template(name: str, custom_template: str | None = None) -> str:
     """The response prefix of a template: the text that ends every prompt.
 
     For a custom template it is whatever follows ``{instruction}``.
     """
+    check_template_settings(name, custom_template)
     if name == "custom":
-        if not custom_template or "{instruction}" not in custom_template:
-            raise ValueError("custom_template must contain '{instruction}'")
         return custom_template.split("{instruction}", 1)[1]
     return DEFAULT_RESPONSE_TEMPLATES[name]
 
@@ -85,14 +96,8 @@ def get_prompt_format(
     system_prompt: str | None = None,
 ) -> PromptFormat:
     """Build the :class:`PromptFormat` for a template name (``alpaca``, ``chatml`` or ``custom``)."""
-    if name not in TEMPLATE_NAMES:
-        raise ValueError(f"instruction_template must be one of {TEMPLATE_NAMES}, got {name!r}")
-    if name == "custom":
-        if not custom_template or "{instruction}" not in custom_template:
-            raise ValueError("instruction_template='custom' needs a custom_template containing '{instruction}'")
-        template = custom_template
-    else:
-        template = TEMPLATES[name]
+    check_template_settings(name, custom_template, response_template)
+    template = custom_template if name == "custom" else TEMPLATES[name]
     rt = response_template or default_response_template(name, custom_template)
     if name == "chatml":
         return PromptFormat(name, template, rt, end_token=CHATML_END, end_suffix="\n", system_prompt=system_prompt)

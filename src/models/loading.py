@@ -6,6 +6,7 @@ import logging
 import os
 from typing import Any
 
+from src.distributed import main_process_first
 from src.models.tiny import TINY_MODEL_NAME, build_tiny_qwen2, corpus_texts
 
 logger = logging.getLogger(__name__)
@@ -33,10 +34,12 @@ def resolve_model_path(model_name: str, output_dir: str, corpus_path: str | None
         if model_name != TINY_MODEL_NAME:
             raise ModelLoadError(f"unknown local model {model_name!r}; the built-in offline model is {TINY_MODEL_NAME!r}")
         path = os.path.join(output_dir, "base_model")
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            logger.info("Building the tiny random-init Qwen2 model and tokenizer in %s", path)
-            texts = corpus_texts(corpus_path) if corpus_path and corpus_path.endswith(".jsonl") else None
-            build_tiny_qwen2(texts, path, seed=seed)
+        # Under torchrun the main process builds it; the other ranks wait, then find it built.
+        with main_process_first():
+            if not os.path.isfile(os.path.join(path, "config.json")):
+                logger.info("Building the tiny random-init Qwen2 model and tokenizer in %s", path)
+                texts = corpus_texts(corpus_path) if corpus_path and corpus_path.endswith(".jsonl") else None
+                build_tiny_qwen2(texts, path, seed=seed)
         return path
     expanded = os.path.expanduser(model_name)
     if os.path.isdir(expanded):
@@ -100,7 +103,6 @@ def load_causal_lm(path: str, *, trust_remote_code: bool = False, attn_implement
     import torch
     from transformers import AutoModelForCausalLM
 
-    check_bf16(bf16)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,

@@ -1,28 +1,25 @@
 """``BaseTrainer``: model + tokenizer loading, LoRA, and the train / evaluate / save pipeline.
 
 Method-specific trainers (``SFTTrainer``) supply ``_get_training_method``, ``create_trainer`` and
-what they write into their metadata; everything else lives here once.
+what they write into their metadata; everything else lives here once. Writing goes through
+:mod:`src.training.persistence` (rank-aware), the loss through :mod:`src.training.losses`, the
+translation to ``TrainingArguments`` through :mod:`src.training.training_args`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 from abc import ABC, abstractmethod
-from datetime import datetime, timezone
 from typing import Any, Optional
 
 from src.config import BaseConfig
-from src.models.loading import (ModelLoadError, apply_lora, check_bf16, load_causal_lm, load_tokenizer,
-                                resolve_model_path)
-from src.models.tiny import TINY_MODEL_NAME
+from src.models.loading import ModelLoadError, apply_lora, check_bf16, load_causal_lm, load_tokenizer, resolve_model_path
+from src.training import persistence
+from src.training.losses import SFTLoss, build_loss
+from src.training.training_args import training_arguments_kwargs
 
 logger = logging.getLogger(__name__)
-
-# Files whose presence means a directory already holds a saved model.
-SAVED_MODEL_FILES = ("config.json", "model.safetensors", "adapter_model.safetensors", "adapter_config.json")
 
 
 class BaseTrainer(ABC):
@@ -43,10 +40,9 @@ class BaseTrainer(ABC):
         self.base_model_path: Optional[str] = None
         self.training_completed_at: Optional[str] = None
         self.train_result: Any = None
-        self._num_items_in_batch: Any = None
-        self._loss_normalized_by_num_items = False
         self.final_metrics: dict[str, float] = {}
         self._saved_dirs: set[str] = set()
+        self.loss: SFTLoss = build_loss(config.loss_type, config.loss_chunk_size)
 
     # -- hooks for subclasses ------------------------------------------------------------------------
     @abstractmethod
@@ -57,9 +53,19 @@ class BaseTrainer(ABC):
     def create_trainer(self, dataset: Any, training_args: Any, callbacks: list | None) -> Any:
         """Build a ready-to-train ``transformers.Trainer`` from a dict of record datasets."""
 
-    def _metadata(self) -> dict[str, Any]:
+    def metadata(self) -> dict[str, Any]:
         """Method-specific fields of the saved metadata file."""
         return {}
+
+    def restore_from_metadata(self, metadata: dict[str, Any]) -> None:
+        """Copy the settings a saved run needs into ``self.config`` (subclasses add theirs)."""
+        self.config.use_lora = bool(metadata.get("use_lora", self.config.use_lora))
+
+    def write_generation_config(self, output_dir: str) -> None:
+        """Subclasses write a generation_config.json that stops where their format stops."""
+
+    def _check_tokenizer(self) -> None:
+        """Subclasses check that the tokenizer can represent their format."""
 
     # -- data and model ------------------------------------------------------------------------------
     def load_dataset(self) -> Any:
@@ -78,7 +84,6 @@ class BaseTrainer(ABC):
             skip_invalid=self.config.skip_invalid_rows,
         )
         self.load_report = report
-        logger.info("Data: %s", report.summary())
         self.dataset = DatasetDict({split: Dataset.from_list(rows) for split, rows in records.items()})
         return self.dataset
 
@@ -102,24 +107,38 @@ class BaseTrainer(ABC):
         self._check_tokenizer()
         return self.model, self.tokenizer
 
-    def _check_tokenizer(self) -> None:
-        """Subclasses check that the tokenizer can represent their format."""
+    # -- training arguments --------------------------------------------------------------------------
+    def environment(self) -> dict[str, Any]:
+        """``TrainingArguments`` that depend on this machine rather than on the config."""
+        import torch
+
+        from src.distributed import world_size
+
+        cuda = torch.cuda.is_available()
+        env: dict[str, Any] = {"dataloader_pin_memory": self.config.dataloader_pin_memory and cuda}  # pinning helps host->GPU only
+        if world_size() > 1 and not cuda:
+            # Launched with torchrun on CPUs: without use_cpu, transformers leaves parallel_mode
+            # NOT_PARALLEL and each rank trains on its own shard with no gradient sync at all.
+            env["use_cpu"] = True
+        return env
 
     def get_training_arguments(self) -> Any:
         from transformers import TrainingArguments
 
-        return TrainingArguments(**self.config.to_training_arguments_kwargs())
+        return TrainingArguments(**training_arguments_kwargs(self.config, self.environment()))
 
     def get_callbacks(self) -> list:
         return []
 
+    # -- the pipeline --------------------------------------------------------------------------------
     def prepare(self) -> Any:
         """Everything up to a ready ``transformers.Trainer`` (data, model, arguments); idempotent."""
         if self.trainer is not None:
             return self.trainer
         self.config.validate()
-        check_bf16(self.config.bf16)
         _check_reporters(self.config.report_to)
+        if self.model is None:
+            check_bf16(self.config.bf16)  # before loading any data
         dataset = self.dataset if self.dataset is not None else self.load_dataset()
         if self.model is None:
             self.setup_model()
@@ -133,7 +152,7 @@ class BaseTrainer(ABC):
         checkpoint = self._resume_checkpoint()
         trainer = self.prepare()
         self.train_result = trainer.train(resume_from_checkpoint=checkpoint)
-        self.training_completed_at = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.training_completed_at = persistence.utc_now()
         self.final_metrics = {"train_loss": float(self.train_result.training_loss)}
         failure = None
         if trainer.eval_dataset is not None:
@@ -151,6 +170,19 @@ class BaseTrainer(ABC):
         """Evaluation metrics of the current model (subclasses add method-specific ones)."""
         trainer = self.prepare()
         return {k: float(v) for k, v in trainer.evaluate(eval_dataset).items()}
+
+    def compute_loss(self, model, inputs, return_outputs=False):
+        """Shifted next-token cross-entropy over trained tokens (labels != -100).
+
+        The loss object chosen by ``config.loss_type`` (``src.training.losses``) computes it; evaluation
+        uses the same object. During training each micro-batch's summed token loss is divided by the
+        trained tokens of the whole accumulated batch (all micro-batches and ranks), so 4 micro-batches of
+        1 give the same gradients as 1 batch of 4; called directly (no training step), it is the mean over
+        this batch's trained tokens, as in the specification. ``return_outputs=True`` returns
+        ``(loss, outputs)`` with real ``outputs.logits`` (computed on every position for that call).
+        """
+        result = self.loss(model, inputs, return_outputs=return_outputs)
+        return (result.loss, result.outputs) if return_outputs else result.loss
 
     def _resume_checkpoint(self) -> Optional[str]:
         """``config.resume_from_checkpoint`` as a directory (``'last'`` = newest checkpoint-* in output_dir)."""
@@ -170,80 +202,30 @@ class BaseTrainer(ABC):
 
     # -- saving and loading ------------------------------------------------------------------------
     def _check_output_dir(self, path: str) -> None:
-        """Refuse to write a model over one that is already there, unless told to."""
-        if path in self._saved_dirs or self.config.overwrite_output_dir or not os.path.isdir(path):
-            return
-        present = [f for f in SAVED_MODEL_FILES + ("sft_metadata.json",) if os.path.exists(os.path.join(path, f))]
-        if present:
-            raise FileExistsError(
-                f"{path} already holds a saved model ({', '.join(present)}); choose another output_dir or set "
-                "overwrite_output_dir=True to replace it"
-            )
+        persistence.check_output_dir(path, self._get_training_method(), self.config.overwrite_output_dir, self._saved_dirs)
 
-    def _unwrapped_model(self) -> Any:
+    def unwrapped_model(self) -> Any:
+        if self.trainer is not None:
+            return self.trainer.accelerator.unwrap_model(self.trainer.model)
         return self.model
 
     def save_model(self, output_dir: Optional[str] = None) -> None:
-        """Save weights (LoRA adapter or full model, safetensors), tokenizer, config and metadata."""
+        """Save weights (LoRA adapter or full model, safetensors), tokenizer, config and metadata.
+
+        Call it on every process: the main process writes, the others wait (``src.training.persistence``).
+        """
         if self.model is None:
             raise ValueError("save_model: there is no model yet; call train() or load_model() first")
-        output_dir = output_dir or self.config.output_dir
-        self._check_output_dir(output_dir)
-        os.makedirs(output_dir, exist_ok=True)
-        model = self._unwrapped_model()
-        model.save_pretrained(output_dir)
-        self.tokenizer.save_pretrained(output_dir)
-        base_model = self.base_model_path
-        if self.config.use_lora and self.config.model_name == TINY_MODEL_NAME and self.base_model_path:
-            # The built-in tiny base lives in the training output_dir; keep the saved run self-contained.
-            target = os.path.join(output_dir, "base_model")
-            if os.path.abspath(target) != os.path.abspath(self.base_model_path):
-                shutil.copytree(self.base_model_path, target, dirs_exist_ok=True)
-            base_model = "base_model"
-        elif base_model and os.path.isdir(base_model):
-            base_model = os.path.abspath(base_model)
-        self._write_generation_config(output_dir)
-        metadata = {
-            "training_method": self._get_training_method(),
-            **self._metadata(),
-            "model_name": self.config.model_name,
-            "base_model": base_model,
-            "use_lora": bool(self.config.use_lora),
-            "dataset_path": self.config.dataset_path,
-            "training_completed_at": self.training_completed_at,
-            "saved_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "final_metrics": self.final_metrics,
-            "config": self.config.to_dict(),
-            "versions": _library_versions(),
-        }
-        with open(os.path.join(output_dir, f"{self._get_training_method()}_metadata.json"), "w", encoding="utf-8") as fh:
-            json.dump(metadata, fh, ensure_ascii=False, indent=2)
-        if self.train_result is not None and self.trainer is not None:
-            from src.training.report import write_report
-
-            write_report(output_dir, metadata, self.trainer.state.log_history, self.final_metrics)
-        self._saved_dirs.add(output_dir)
-        logger.info("Saved %s model to %s", "LoRA adapter" if self.config.use_lora else "full", output_dir)
-
-    def _write_generation_config(self, output_dir: str) -> None:
-        """Subclasses write a generation_config.json that stops where their format stops."""
+        persistence.save_run(self, output_dir or self.config.output_dir)
 
     def read_metadata(self, path: str) -> dict[str, Any]:
-        meta_path = os.path.join(path, f"{self._get_training_method()}_metadata.json")
-        if not os.path.isdir(path):
-            raise ModelLoadError(f"load_model: {path!r} is not a directory; expected a directory written by save_model")
-        if not os.path.isfile(meta_path):
-            raise ModelLoadError(
-                f"load_model: {path!r} is not a saved {self._get_training_method()} run: it has no "
-                f"{os.path.basename(meta_path)} (expected a directory written by save_model)"
-            )
-        with open(meta_path, encoding="utf-8") as fh:
-            return json.load(fh)
+        return persistence.read_metadata(path, self._get_training_method())
 
     def load_model(self, path: str) -> None:
         """Restore a run written by :meth:`save_model` (weights, tokenizer, formatting settings)."""
         metadata = self.read_metadata(path)
-        self._restore_from_metadata(metadata)
+        self.restore_from_metadata(metadata)
+        check_bf16(self.config.bf16)
         trust = self.config.trust_remote_code
         self.tokenizer = load_tokenizer(path, trust_remote_code=trust)
         if os.path.isfile(os.path.join(path, "adapter_config.json")):
@@ -266,22 +248,6 @@ class BaseTrainer(ABC):
         self.trainer = None
         self._check_tokenizer()
         logger.info("Loaded %s from %s", "LoRA adapter" if self.config.use_lora else "model", path)
-
-    def _restore_from_metadata(self, metadata: dict[str, Any]) -> None:
-        """Subclasses copy the formatting settings a saved run needs into ``self.config``."""
-        self.config.use_lora = bool(metadata.get("use_lora", self.config.use_lora))
-
-
-def _library_versions() -> dict[str, str]:
-    import importlib.metadata
-
-    versions = {}
-    for name in ("torch", "transformers", "peft", "datasets", "accelerate", "tokenizers"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return versions
 
 
 REPORTER_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "mlflow", "comet_ml": "comet_ml",

@@ -4,13 +4,16 @@ It overrides only what must change:
 
 - ``compute_loss`` delegates to the owning :class:`~src.training.base_trainer.BaseTrainer`, so a
   user's ``compute_loss`` override on ``SFTTrainer`` (the specification's ``CustomSFTTrainer``
-  example) is what trains. The Trainer's ``num_items_in_batch`` (trained tokens in the whole
-  accumulated batch, across ranks) reaches it even through an override that does not pass it on.
+  example) is what trains. The loss object (``src.training.losses``) is handed to transformers as
+  its ``compute_loss_func`` hook, so the Trainer counts ``num_items_in_batch`` (trained tokens in the
+  whole accumulated batch, across ranks) for any model; each micro-batch runs inside
+  ``loss.accumulated_tokens(num_items_in_batch)``, so the count reaches the loss even through an
+  override that does not pass it on.
 - evaluation never drops the last batch (the stock loader obeys ``dataloader_drop_last``) and, under
   data parallelism, never counts a row twice (accelerate's ``even_batches`` repeats rows).
 - ``evaluate`` weights every trained token equally across batches (the stock loop averages
   per-batch means), so packed and unpacked evaluation of the same examples give the same
-  ``eval_loss``; it adds ``eval_perplexity``.
+  ``eval_loss``; it adds ``eval_perplexity``. It uses the same loss object as training.
 """
 
 from __future__ import annotations
@@ -21,32 +24,32 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from src.training.losses import safe_perplexity, token_loss_sum
+from src.training.losses import SFTLoss, safe_perplexity, token_loss_sum
 
 
 class SFTHFTrainer(Trainer):
-    # Set per call in compute_loss: True when the owner's loss was divided by num_items_in_batch.
+    # Set per call in compute_loss: True when the loss was divided by num_items_in_batch.
     loss_is_scaled_for_ga = None
 
-    def __init__(self, *args: Any, owner: Any = None, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args: Any, owner: Any, sft_loss: SFTLoss, **kwargs: Any):
+        # compute_loss_func: the hook that makes the Trainer count num_items_in_batch for every
+        # accumulated batch, whatever the model's forward signature. Our compute_loss calls the owner.
+        super().__init__(*args, compute_loss_func=_HookSignature(sft_loss), **kwargs)
         self.owner = owner
-        # Make the Trainer count trained tokens for every accumulated batch (it only does so for models
-        # whose forward takes **kwargs); our compute_loss divides by that count.
-        self.model_accepts_loss_kwargs = True
+        self.sft_loss = sft_loss
+        # Our losses always predict labels[i + 1] from position i: count trained tokens that way (the
+        # Trainer decides from the model's loss_type otherwise). Loud if transformers renames the switch.
+        if not hasattr(self, "_loss_shifts_labels"):
+            raise RuntimeError("this transformers version has no Trainer._loss_shifts_labels; the trained-token count "
+                               "for gradient accumulation needs review (src/training/hf_trainer.py)")
+        self._loss_shifts_labels = True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.owner is None:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        self.owner._num_items_in_batch = num_items_in_batch
-        self.owner._loss_normalized_by_num_items = False
-        try:
+        with self.sft_loss.accumulated_tokens(num_items_in_batch, self.data_parallel_scale()) as step:
             result = self.owner.compute_loss(model, inputs, return_outputs)
-        finally:
-            self.owner._num_items_in_batch = None
-        # A compute_loss override that returns its own per-micro-batch mean (not normalised by the
-        # accumulated token count) gets the stock division by the accumulation steps in training_step.
-        self.loss_is_scaled_for_ga = bool(self.owner._loss_normalized_by_num_items)
+        # A compute_loss override that returns its own per-micro-batch mean (it never reached the loss
+        # object) gets the stock division by the accumulation steps in training_step.
+        self.loss_is_scaled_for_ga = step.calls > 0
         return result
 
     def get_eval_dataloader(self, eval_dataset=None):
@@ -102,14 +105,12 @@ class SFTHFTrainer(Trainer):
         steps = 0
         for batch in dataloader:
             batch = self._prepare_inputs(batch)
-            labels = batch.pop("labels")
             # accelerate.autocast: the bare module is not wrapped in mixed precision until training starts.
             with self.compute_loss_context_manager(), self.accelerator.autocast():
-                logits = model(**batch, use_cache=False).logits
-            batch_sum, batch_tokens = token_loss_sum(logits, labels)
+                batch_sum, batch_tokens, _ = self.sft_loss.sums(model, batch)
             loss_sum += batch_sum.double()
             tokens += batch_tokens
-            samples += int(labels.shape[0])
+            samples += int(batch["labels"].shape[0])
             steps += 1
         loss_sum = self.accelerator.reduce(loss_sum, "sum")
         tokens = self.accelerator.reduce(tokens, "sum")
@@ -130,3 +131,19 @@ class SFTHFTrainer(Trainer):
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         self._memory_tracker.stop_and_update_metrics(metrics)
         return metrics
+
+
+class _HookSignature:
+    """The loss object seen through transformers' ``compute_loss_func(outputs, labels, num_items_in_batch)``.
+
+    Our ``compute_loss`` never calls it (it calls the loss object on the model); it is here so the
+    stock Trainer counts trained tokens, and it computes the same loss from full logits should stock
+    code ever call it.
+    """
+
+    def __init__(self, loss: SFTLoss):
+        self.loss = loss
+
+    def __call__(self, outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
+        loss_sum, tokens = token_loss_sum(outputs["logits"], labels)
+        return loss_sum / (num_items_in_batch if num_items_in_batch is not None else tokens.clamp(min=1))

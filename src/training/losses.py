@@ -1,33 +1,65 @@
-"""The SFT loss: shifted next-token cross-entropy over trained (label != -100) tokens."""
+"""The SFT loss: shifted next-token cross-entropy over trained (label != -100) tokens, in one object.
+
+Training (``SFTTrainer.compute_loss``) and evaluation (``SFTHFTrainer.evaluate``) both call the loss
+object that :func:`build_loss` makes from ``SFTConfig.loss_type``:
+
+- ``"trained_tokens"`` (default, :class:`TrainedTokensLoss`): the LM head runs only on the final hidden
+  states of trained positions (those whose shifted label is not -100), in chunks of ``chunk_size``
+  rows, each chunk's logits upcast to float32 for the cross-entropy. Neither the full
+  ``[tokens, vocab]`` logits nor their float32 copy ever exist. When a batch has more than one chunk,
+  each chunk is recomputed in backward (activation checkpointing) so only one chunk's logits are alive
+  at a time. The head is the model's own output-embedding module, called from inside the model's
+  forward, so it runs under the same autocast, through peft, DDP and accelerate wrappers, and tied
+  embeddings stay tied.
+- ``"full_logits"`` (:class:`FullLogitsLoss`): the specification's computation on ``outputs.logits``.
+
+Both give the same loss and gradients (tests/test_losses.py). A caller that asks for the model outputs
+(``compute_loss(..., return_outputs=True)``) gets the full-logits computation, so ``outputs.logits`` is
+real.
+
+The normalisation: with no step context the loss is the mean over this batch's trained tokens (the
+specification). Inside ``with loss.accumulated_tokens(n, scale):`` (what the Trainer wraps each
+micro-batch in) the summed token loss is divided by ``n``, the trained tokens of the whole accumulated
+batch over all ranks (transformers' ``num_items_in_batch``), and multiplied by ``scale`` (undoing DDP's
+gradient averaging), so 4 micro-batches of 1 give the gradients of 1 batch of 4, and 2 ranks of 2 those
+of 1 process of 4. The count reaches the loss even through a ``compute_loss`` override that does not
+pass it on (the specification's ``CustomSFTTrainer`` example).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from src.data.tokenization import IGNORE_INDEX
 
+logger = logging.getLogger(__name__)
+
+LOSS_TYPES = ("trained_tokens", "full_logits")
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Labels aligned with the logits that predict them: position ``i`` predicts ``labels[i + 1]``.
+
+    Padding with -100 at the end instead of slicing the logits gives identical results without a
+    contiguous copy of the ``[tokens, vocab]`` logits (bench/loss_memory.py).
+    """
+    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of next-token cross-entropy over trained positions, and how many positions were trained.
-
-    The specification's computation (position ``i`` predicts ``labels[i + 1]``, ``ignore_index=-100``)
-    with ``reduction="sum"``, so that callers can divide by the number of trained tokens of a whole
-    accumulated batch instead of a micro-batch. The labels are shifted (padded with -100 at the end)
-    instead of slicing the logits: the result and gradients are identical, without a contiguous copy of
-    the ``[tokens, vocab]`` logits and its backward (bench/loss_memory.py: -25% peak memory, about 2x faster
-    on a 151,936-token vocabulary).
-    """
-    shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].to(logits.device)
-    loss_sum = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss_sum, shift_labels.ne(IGNORE_INDEX).sum()
+    """Sum of next-token cross-entropy (float32) over trained positions, and how many were trained."""
+    shifted = shift_labels(labels).to(logits.device)
+    loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), shifted.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss_sum, shifted.ne(IGNORE_INDEX).sum()
 
 
 def safe_perplexity(loss: float) -> float:
@@ -36,3 +68,204 @@ def safe_perplexity(loss: float) -> float:
         return math.exp(loss)
     except OverflowError:
         return float("inf")
+
+
+@dataclass
+class LossResult:
+    loss: torch.Tensor  # what backward runs on (normalised as the module docstring says)
+    loss_sum: torch.Tensor  # summed float32 token cross-entropy of this batch
+    num_tokens: torch.Tensor  # trained tokens in this batch
+    outputs: Any  # the model's outputs (logits are empty under TrainedTokensLoss)
+
+
+@dataclass
+class _Step:
+    num_items_in_batch: Any
+    scale: float
+    calls: int = 0
+
+
+class SFTLoss:
+    """Base class: owns the normalisation; subclasses compute ``(loss_sum, num_tokens, outputs)``."""
+
+    name = ""
+
+    def __init__(self) -> None:
+        self._step: Optional[_Step] = None
+
+    @contextlib.contextmanager
+    def accumulated_tokens(self, num_items_in_batch: Any, scale: float = 1.0) -> Iterator[_Step]:
+        """Divide by ``num_items_in_batch`` (times ``scale``) for calls inside this block.
+
+        Yields a record whose ``calls`` says how many losses were normalised that way, so the Trainer
+        knows whether the returned loss is already scaled for gradient accumulation.
+        """
+        previous = self._step
+        self._step = _Step(num_items_in_batch, scale) if num_items_in_batch is not None else None
+        try:
+            yield self._step or _Step(None, 1.0)
+        finally:
+            self._step = previous
+
+    def __call__(self, model: Any, inputs: dict, return_outputs: bool = False) -> LossResult:
+        """The loss of one batch. ``return_outputs=True`` computes full logits so ``outputs.logits`` is real."""
+        if return_outputs:
+            loss_sum, num_tokens, outputs = full_logits_sums(model, inputs)
+        else:
+            loss_sum, num_tokens, outputs = self.sums(model, inputs)
+        step = self._step
+        if step is not None:
+            loss = loss_sum / step.num_items_in_batch * step.scale
+            step.calls += 1
+        else:
+            loss = loss_sum / num_tokens.clamp(min=1)
+        return LossResult(loss, loss_sum, num_tokens, outputs)
+
+    def sums(self, model: Any, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        raise NotImplementedError
+
+
+def _model_inputs(inputs: dict) -> dict:
+    # No labels (the model would compute its own loss on full logits) and no KV cache (packed rows are
+    # isolated only when no cache is built).
+    return {**{k: v for k, v in inputs.items() if k != "labels"}, "use_cache": False}
+
+
+def full_logits_sums(model: Any, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    outputs = model(**_model_inputs(inputs))
+    loss_sum, num_tokens = token_loss_sum(outputs.logits, inputs["labels"])
+    return loss_sum, num_tokens, outputs
+
+
+class FullLogitsLoss(SFTLoss):
+    """The specification's loss on ``outputs.logits`` (every position's logits are materialised)."""
+
+    name = "full_logits"
+
+    def sums(self, model: Any, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        return full_logits_sums(model, inputs)
+
+
+def unwrap_to_pretrained(model: Any) -> Any:
+    """The model under DDP/FSDP/DeepSpeed (``.module``), ``torch.compile`` (``._orig_mod``) and peft wrappers."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "get_base_model") and callable(model.get_base_model):
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), torch.nn.Module):
+            model = model.module
+    return model
+
+
+class _TrainedPositionsHead:
+    """Installed once as the output-embedding module's ``forward``; a pass-through unless a loss is pending.
+
+    While ``pending`` holds shift labels, it gathers the hidden states of trained positions, runs the
+    original head on them chunk by chunk, stores the summed float32 cross-entropy in ``result`` and
+    returns empty logits that depend on that loss (so DDP's unused-parameter search, which walks the
+    graph from the outputs, finds every parameter). It is persistent rather than patched per call so
+    that ``torch.compile`` guards see the same function each step.
+    """
+
+    def __init__(self, original_forward: Any):
+        self.original_forward = original_forward
+        self.pending: Optional[tuple[torch.Tensor, int]] = None
+        self.result: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.pending is None:
+            return self.original_forward(hidden_states, *args, **kwargs)
+        labels, chunk_size = self.pending
+        self.pending = None
+        flat_labels = labels.to(hidden_states.device).reshape(-1)
+        if flat_labels.numel() != hidden_states.shape[:-1].numel():
+            raise RuntimeError(f"trained-tokens loss: the head got hidden states of shape {tuple(hidden_states.shape)} "
+                               f"for labels of shape {tuple(labels.shape)}; use loss_type='full_logits' for this model")
+        positions = flat_labels.ne(IGNORE_INDEX).nonzero().squeeze(1)
+        hidden = hidden_states.reshape(-1, hidden_states.size(-1)).index_select(0, positions)
+        targets = flat_labels.index_select(0, positions)
+        n = targets.numel()
+        chunks = range(0, max(n, 1), chunk_size)  # one (empty) chunk when nothing is trained: every parameter gets a grad
+        loss_sum = None
+        for start in chunks:
+            args_ = (hidden[start:start + chunk_size], targets[start:start + chunk_size])
+            if len(chunks) > 1 and torch.is_grad_enabled():
+                part = checkpoint(self._chunk_loss, *args_, use_reentrant=False)
+            else:
+                part = self._chunk_loss(*args_)
+            loss_sum = part if loss_sum is None else loss_sum + part
+        self.result = (loss_sum, torch.tensor(n, device=loss_sum.device))
+        return hidden_states.new_zeros(*hidden_states.shape[:-1], 0) + loss_sum.to(hidden_states.dtype)
+
+    def _chunk_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.original_forward(hidden)
+        return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+class TrainedTokensLoss(SFTLoss):
+    """LM head and float32 cross-entropy on trained positions only, in chunks (see the module docstring).
+
+    Falls back to :class:`FullLogitsLoss` (with one warning) for models without an output-embedding
+    module and under single-process multi-GPU ``DataParallel``, whose per-call replicas would not carry
+    the installed head.
+    """
+
+    name = "trained_tokens"
+
+    def __init__(self, chunk_size: int = 4096):
+        super().__init__()
+        self.chunk_size = chunk_size
+        self._warned = False
+
+    def head(self, model: Any) -> Optional[_TrainedPositionsHead]:
+        """The installed head of ``model`` (installed on first use), or None where it cannot be used."""
+        if isinstance(model, torch.nn.DataParallel):
+            return self._fallback("single-process multi-GPU DataParallel")
+        base = unwrap_to_pretrained(model)
+        module = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+        if module is None:
+            return self._fallback(f"{type(base).__name__} has no output-embedding module")
+        installed = module.__dict__.get("forward")
+        if not isinstance(installed, _TrainedPositionsHead):
+            installed = _TrainedPositionsHead(module.forward)
+            module.forward = installed
+        return installed
+
+    def _fallback(self, why: str) -> None:
+        if not self._warned:
+            logger.warning("loss_type='trained_tokens' is not available (%s): computing the loss on full logits", why)
+            self._warned = True
+        return None
+
+    def sums(self, model: Any, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        head = self.head(model)
+        if head is None:
+            return full_logits_sums(model, inputs)
+        head.pending, head.result = (shift_labels(inputs["labels"]), self.chunk_size), None
+        try:
+            outputs = model(**_model_inputs(inputs))
+        finally:
+            head.pending = None
+        if head.result is None:
+            raise RuntimeError("trained-tokens loss: the model's forward never called its output-embedding module; "
+                               "use loss_type='full_logits' for this model")
+        loss_sum, num_tokens = head.result
+        head.result = None
+        return loss_sum, num_tokens, outputs
+
+
+def check_loss_settings(loss_type: str, chunk_size: int = 4096) -> None:
+    """Raise ``ValueError`` naming the setting when ``loss_type``/``loss_chunk_size`` cannot work."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r} is invalid: expected one of {LOSS_TYPES}.")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"loss_chunk_size={chunk_size!r} is invalid: expected a positive integer.")
+
+
+def build_loss(loss_type: str = "trained_tokens", chunk_size: int = 4096) -> SFTLoss:
+    """The loss object for ``SFTConfig.loss_type`` and ``loss_chunk_size``."""
+    check_loss_settings(loss_type, chunk_size)
+    return TrainedTokensLoss(chunk_size) if loss_type == "trained_tokens" else FullLogitsLoss()

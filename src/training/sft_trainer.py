@@ -1,18 +1,9 @@
-"""Supervised fine-tuning: ``SFTTrainer`` and ``create_sft_trainer``.
+"""Supervised fine-tuning: ``SFTTrainer`` and ``create_sft_trainer`` (the specification's facade).
 
-Only what is SFT-specific lives here; data logic is in ``src.data`` (templates, tokenization, packing)
-and the shared pipeline in :class:`~src.training.base_trainer.BaseTrainer`.
-
-Choices the specification leaves open:
-
-- ``generate_response(max_length=...)`` bounds the number of *generated* tokens (``max_new_tokens``),
-  not prompt + answer, so a long instruction never silently leaves no room for the answer.
-- Passing ``temperature``, ``top_p`` or ``top_k`` without ``do_sample`` turns sampling on (that is
-  what the caller asks for; transformers would ignore them under greedy decoding). With none of
-  them, decoding is greedy and deterministic.
-- Generation stops at the template's end token (``<|im_end|>`` for ChatML, EOS otherwise) and at the
-  tokenizer's EOS; the returned text is the response only, without special tokens or surrounding
-  whitespace.
+Only what is SFT-specific lives here: formatting and tokenizing records, packing, the collator, and
+the SFT settings a saved run carries. Data logic is in ``src.data``; the shared pipeline, loss and
+persistence in ``BaseTrainer``, ``src.training.losses`` and ``src.training.persistence``; generation and
+generation-based evaluation in ``src.training.generation`` (its docstring lists the generation choices).
 """
 
 from __future__ import annotations
@@ -28,13 +19,17 @@ from src.data.loading import load_records
 from src.data.packing import SFTDataCollator, flattens_packed_batches, pack_dataset, padding_efficiency
 from src.data.templates import get_prompt_format
 from src.data.tokenization import ExampleTokenizer, TokenizeReport, tokenize_records
+from src.training import generation
 from src.training.base_trainer import BaseTrainer
 from src.training.hf_trainer import SFTHFTrainer
-from src.training.losses import token_loss_sum
+from src.training.persistence import write_jsonl
 
 logger = logging.getLogger(__name__)
 
-SAMPLING_KWARGS = ("temperature", "top_p", "top_k", "typical_p", "min_p")
+# Settings a saved run carries in sft_metadata.json and load_model puts back into the config: the one list
+# for writing and restoring. (response_template is written resolved; normalization as its switches.)
+SAVED_SETTINGS = ("instruction_template", "custom_template", "system_prompt", "max_seq_length", "packing",
+                  "train_on_last_turn_only", "overlong_policy")
 
 
 class SFTTrainer(BaseTrainer):
@@ -56,17 +51,13 @@ class SFTTrainer(BaseTrainer):
 
     # -- formatting ---------------------------------------------------------------------------------
     def prompt_format(self):
-        c = self.config
-        return get_prompt_format(c.instruction_template, c.custom_template, c.resolved_response_template, c.system_prompt)
+        return prompt_format_for(self.config)
 
     def example_tokenizer(self) -> ExampleTokenizer:
         """The one object that formats and tokenizes, for training and for generation alike."""
         if self.tokenizer is None:
             raise ValueError("no tokenizer yet: call train(), prepare() or load_model() first")
-        normalizer = self.config.normalizer()
-        return ExampleTokenizer(self.tokenizer, self.prompt_format(), self.config.max_seq_length, self.config.overlong_policy,
-                                normalize=None if normalizer.is_identity else normalizer,
-                                train_on_last_turn_only=self.config.train_on_last_turn_only)
+        return example_tokenizer_for(self.config, self.tokenizer)
 
     def _check_tokenizer(self) -> None:
         self.example_tokenizer()  # raises TokenizerMismatchError when the template's tokens are missing
@@ -77,7 +68,7 @@ class SFTTrainer(BaseTrainer):
 
         Gradient checkpointing, ``label_names=["labels"]``, ``remove_unused_columns=True``,
         ``dataloader_drop_last`` and length grouping all come from the config, translated to the
-        installed transformers' names in ``SFTConfig.to_training_arguments_kwargs``. Length grouping
+        installed transformers' names in ``src.training.training_args``. Length grouping
         (``group_by_length``, on by default) also applies to packed rows, where it batches the few
         part-filled rows together instead of next to full ones.
         """
@@ -124,6 +115,7 @@ class SFTTrainer(BaseTrainer):
             processing_class=self.tokenizer,
             callbacks=callbacks or None,
             owner=self,
+            sft_loss=self.loss,
         )
         self.trainer = trainer
         self.padding_efficiency = self.measure_padding_efficiency(trainer)
@@ -169,32 +161,6 @@ class SFTTrainer(BaseTrainer):
             batches.pop()
         return padding_efficiency(batches, self.config.pad_to_multiple_of)
 
-    # -- loss ---------------------------------------------------------------------------------------
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Shifted next-token cross-entropy over trained tokens (labels != -100).
-
-        During training the Trainer passes ``num_items_in_batch``, the number of trained tokens in the
-        whole accumulated batch (over all micro-batches and data-parallel ranks): the summed token loss
-        is divided by it, so 4 micro-batches of 1 give the same gradients as 1 batch of 4. Without it
-        (a direct call, evaluation) the loss is the mean over this batch's trained tokens, as in the
-        specification. The model is called without labels and without a KV cache (packed batches are
-        isolated only when no cache is built).
-        """
-        if num_items_in_batch is None:
-            num_items_in_batch = self._num_items_in_batch
-        labels = inputs["labels"]
-        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        outputs = model(**model_inputs, use_cache=False)
-        loss_sum, n_tokens = token_loss_sum(outputs.logits, labels)
-        if num_items_in_batch is not None:
-            loss = loss_sum / num_items_in_batch
-            if self.trainer is not None:
-                loss = loss * self.trainer.data_parallel_scale()
-            self._loss_normalized_by_num_items = True
-        else:
-            loss = loss_sum / n_tokens.clamp(min=1)
-        return (loss, outputs) if return_outputs else loss
-
     # -- evaluation ---------------------------------------------------------------------------------
     def evaluate_model(self, eval_dataset: Optional[Any] = None) -> Dict[str, float]:
         """Evaluate and compute perplexity.
@@ -237,22 +203,9 @@ class SFTTrainer(BaseTrainer):
         for BLEU) and ``eval_gen_exact_match``, all computed after the configured normalization (plus
         whitespace collapsing for exact match). The first ``max_samples`` rows of a seeded shuffle are
         used; conversation and pre-formatted text rows are skipped (and counted). Every generation is
-        written to ``output_file`` (default ``<output_dir>/eval_generations.jsonl``).
+        written to ``output_file`` (default ``<output_dir>/eval_generations.jsonl``) by the main process.
         """
-        import json
-        import random
-
-        import sacrebleu
-
-        usable = [r for r in records if r.get("instruction") is not None and r.get("response") is not None]
-        skipped = len(records) - len(usable)
-        if skipped:
-            logger.info("generation eval: %d conversation/text rows skipped (instruction/response rows only)", skipped)
-        order = list(range(len(usable)))
-        random.Random(self.config.seed).shuffle(order)
-        chosen = [usable[i] for i in sorted(order[: max_samples or len(usable)])]
-        if not chosen:
-            raise ValueError("generation eval: no instruction/response rows to generate for")
+        chosen = generation.choose_rows(records, max_samples, self.config.seed)
         self._ensure_model()
         example_tokenizer = self.example_tokenizer()
         # Each row's own system prompt, exactly as its training prompt had it.
@@ -260,22 +213,10 @@ class SFTTrainer(BaseTrainer):
             [example_tokenizer.encode_prompt(r["instruction"], r.get("system")) for r in chosen],
             max_length=max_length or self.config.eval_generation_max_length,
             batch_size=self.config.per_device_eval_batch_size)
-        normalize = self.config.normalizer()
-        references = [normalize(r["response"]) for r in chosen]
-        predictions_n = [normalize(p) for p in predictions]
-        exact = [" ".join(p.split()) == " ".join(r.split()) for p, r in zip(predictions_n, references)]
-        metrics = {
-            "eval_gen_chrf": sacrebleu.corpus_chrf(predictions_n, [references]).score,
-            "eval_gen_bleu": sacrebleu.corpus_bleu(predictions_n, [references], tokenize="intl").score,
-            "eval_gen_exact_match": sum(exact) / len(exact),
-            "eval_gen_samples": float(len(chosen)),
-        }
+        metrics, exact = generation.generation_metrics(predictions, [r["response"] for r in chosen], self.config.normalizer())
         output_file = output_file or os.path.join(self.config.output_dir, "eval_generations.jsonl")
-        os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
-        with open(output_file, "w", encoding="utf-8") as fh:
-            for record, prediction, hit in zip(chosen, predictions, exact):
-                fh.write(json.dumps({"instruction": record["instruction"], "reference": record["response"],
-                                     "prediction": prediction, "exact_match": hit}, ensure_ascii=False) + "\n")
+        write_jsonl(output_file, ({"instruction": r["instruction"], "reference": r["response"], "prediction": p,
+                                   "exact_match": hit} for r, p, hit in zip(chosen, predictions, exact)))
         logger.info("generation eval on %d rows: chrF %.2f, BLEU %.2f, exact match %.1f%% (generations in %s)",
                     len(chosen), metrics["eval_gen_chrf"], metrics["eval_gen_bleu"], 100 * metrics["eval_gen_exact_match"],
                     output_file)
@@ -283,15 +224,18 @@ class SFTTrainer(BaseTrainer):
 
     def _inference_trainer(self):
         """A Trainer for evaluation only (after load_model, with no training data loaded)."""
+        from dataclasses import replace
+
         from transformers import TrainingArguments
 
-        kwargs = self.config.to_training_arguments_kwargs()
-        kwargs.update(eval_strategy="no", report_to="none")
-        kwargs = {k: v for k, v in kwargs.items() if not k.startswith(("activation_checkpointing", "gradient_checkpointing"))}
+        from src.training.training_args import training_arguments_kwargs
+
+        inference = replace(self.config, evaluation_strategy="no", load_best_model_at_end=False, report_to="none",
+                            gradient_checkpointing=False)
         self.trainer = SFTHFTrainer(
-            model=self.model, args=TrainingArguments(**kwargs),
+            model=self.model, args=TrainingArguments(**training_arguments_kwargs(inference, self.environment())),
             data_collator=self.data_collator(),
-            processing_class=self.tokenizer, owner=self,
+            processing_class=self.tokenizer, owner=self, sft_loss=self.loss,
         )
         return self.trainer
 
@@ -314,7 +258,6 @@ class SFTTrainer(BaseTrainer):
         """
         return self.batch_generate([instruction], max_length=max_length, batch_size=1, **kwargs)[0]
 
-    @torch.no_grad()
     def batch_generate(self, instructions: List[str], max_length: int = 512, batch_size: int = 4, **kwargs) -> List[str]:
         """Generate responses for many instructions, ``batch_size`` at a time, left-padded.
 
@@ -327,78 +270,33 @@ class SFTTrainer(BaseTrainer):
         return self.generate_from_prompts([example_tokenizer.encode_prompt(text) for text in instructions],
                                           max_length=max_length, batch_size=batch_size, **kwargs)
 
-    @torch.no_grad()
     def generate_from_prompts(self, prompts: List[List[int]], max_length: int = 512, batch_size: int = 4,
                               **kwargs) -> List[str]:
         """Generate from already formatted prompt ids (as ``ExampleTokenizer.encode_prompt`` makes them)."""
-        if max_length < 1 or batch_size < 1:
-            raise ValueError(f"max_length and batch_size must be positive (got {max_length}, {batch_size})")
         self._ensure_model()
-        from tqdm.auto import tqdm
-
-        stop_ids = self.stop_token_ids()
-        pad_id = self.tokenizer.pad_token_id
-        gen_kwargs = dict(kwargs)
-        if "do_sample" not in gen_kwargs:
-            gen_kwargs["do_sample"] = any(k in gen_kwargs for k in SAMPLING_KWARGS)
-        gen_kwargs.setdefault("max_new_tokens", max_length)
-        gen_kwargs.setdefault("eos_token_id", stop_ids)
-        gen_kwargs.setdefault("pad_token_id", pad_id)
-        gen_kwargs.setdefault("use_cache", True)
-        model = self.model
-        was_training = model.training
-        model.eval()
-        device = next(model.parameters()).device
-        outputs: List[str] = []
-        chunks = range(0, len(prompts), batch_size)
-        for start in tqdm(chunks, desc="Generating", disable=len(chunks) < 4):
-            chunk = prompts[start:start + batch_size]
-            width = max(len(p) for p in chunk)
-            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, ids in enumerate(chunk):
-                input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-                attention_mask[row, width - len(ids):] = 1
-            generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                       **gen_kwargs)
-            for row in generated[:, width:].tolist():
-                cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
-                outputs.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
-        if was_training:
-            model.train()
-        return outputs
+        return generation.generate_from_prompts(self.model, self.tokenizer, prompts, self.stop_token_ids(),
+                                                max_length=max_length, batch_size=batch_size, **kwargs)
 
     # -- saving -------------------------------------------------------------------------------------
-    def _unwrapped_model(self):
-        if self.trainer is not None:
-            return self.trainer.accelerator.unwrap_model(self.trainer.model)
-        return self.model
-
-    def _metadata(self) -> Dict[str, Any]:
+    def metadata(self) -> Dict[str, Any]:
         c = self.config
-        meta = {
-            "instruction_template": c.instruction_template,
+        meta: Dict[str, Any] = {key: getattr(c, key) for key in SAVED_SETTINGS}
+        meta.update({
             "response_template": c.resolved_response_template,
-            "packing": bool(c.packing),
-            "max_seq_length": c.max_seq_length,
-            "custom_template": c.custom_template,
-            "system_prompt": c.system_prompt,
+            "normalization": {"preset": c.normalization, **c.normalizer().to_dict()},
             "end_token": self.tokenizer.convert_ids_to_tokens(self.example_tokenizer().end_id),
             "padding_efficiency": self.padding_efficiency,
-            "normalization": {"preset": c.normalization, **c.normalizer().to_dict()},
-            "train_on_last_turn_only": bool(c.train_on_last_turn_only),
-            "overlong_policy": c.overlong_policy,
-        }
+            "loss_type": c.loss_type,
+        })
         if self.tokenize_report is not None:
             meta["examples"] = dict(self.tokenize_report.examples)
             meta["truncated_examples"] = dict(self.tokenize_report.truncated)
             meta["dropped_examples"] = dict(self.tokenize_report.dropped)
         return meta
 
-    def _restore_from_metadata(self, metadata: Dict[str, Any]) -> None:
-        super()._restore_from_metadata(metadata)
-        for key in ("instruction_template", "custom_template", "system_prompt", "max_seq_length", "packing",
-                    "train_on_last_turn_only", "overlong_policy"):
+    def restore_from_metadata(self, metadata: Dict[str, Any]) -> None:
+        super().restore_from_metadata(metadata)
+        for key in SAVED_SETTINGS:
             if key in metadata and getattr(self.config, key) != metadata[key]:
                 logger.info("load_model: using the saved run's %s=%r (config had %r)", key, metadata[key],
                             getattr(self.config, key))
@@ -415,12 +313,12 @@ class SFTTrainer(BaseTrainer):
             if switch in normalization:
                 setattr(self.config, "arabic_" + switch, normalization[switch])
 
-    def _write_generation_config(self, output_dir: str) -> None:
+    def write_generation_config(self, output_dir: str) -> None:
         """generation_config.json whose EOS ids include the template's end token (``<|im_end|>`` for ChatML),
         so plain ``transformers`` generation and serving engines stop where ``generate_response`` stops."""
         from transformers import GenerationConfig
 
-        base = getattr(self._unwrapped_model(), "generation_config", None)
+        base = getattr(self.unwrapped_model(), "generation_config", None)
         config = GenerationConfig.from_dict(base.to_dict()) if base is not None else GenerationConfig()
         existing = config.eos_token_id
         existing = [] if existing is None else ([existing] if isinstance(existing, int) else list(existing))
@@ -428,6 +326,21 @@ class SFTTrainer(BaseTrainer):
         if config.pad_token_id is None:
             config.pad_token_id = self.tokenizer.pad_token_id
         config.save_pretrained(output_dir)
+
+
+def prompt_format_for(config: SFTConfig):
+    """The :class:`~src.data.templates.PromptFormat` an SFT config describes."""
+    return get_prompt_format(config.instruction_template, config.custom_template, config.resolved_response_template,
+                             config.system_prompt)
+
+
+def example_tokenizer_for(config: SFTConfig, tokenizer: Any) -> ExampleTokenizer:
+    """The formatting + tokenizing object of ``config`` over ``tokenizer``: shared by training, generation and
+    the audit command, so all of them see the same token ids."""
+    normalizer = config.normalizer()
+    return ExampleTokenizer(tokenizer, prompt_format_for(config), config.max_seq_length, config.overlong_policy,
+                            normalize=None if normalizer.is_identity else normalizer,
+                            train_on_last_turn_only=config.train_on_last_turn_only)
 
 
 def create_sft_trainer(config: SFTConfig) -> SFTTrainer:

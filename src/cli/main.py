@@ -1,0 +1,61 @@
+"""The command table and the shared command-line behaviour (logging, errors, ranks).
+
+    python train_sft.py [train] --config run.yaml [--field value ...]   # train (the default command)
+    python train_sft.py audit --config run.yaml [--audit_output a.json]
+
+A new command is a module in ``src/cli`` with ``run(argv) -> int`` and one line in ``COMMANDS``.
+User errors (bad config, bad data, missing model, refused overwrite) exit with status 2 and one line on
+stderr; ``--debug`` shows the traceback. Under torchrun only the main process logs at INFO level.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+# name -> (module under src.cli, one-line description)
+COMMANDS = {
+    "train": ("src.cli.train", "train, evaluate and sample an SFT run (default)"),
+    "audit": ("src.cli.audit", "report what training would see in the data, without training"),
+}
+DEFAULT_COMMAND = "train"
+
+
+def _user_error_types() -> tuple[type, ...]:
+    from src.data.loading import DatasetError
+    from src.data.tokenization import TokenizerMismatchError
+    from src.models.loading import ModelLoadError
+
+    # TypeError is left out on purpose: from the command line it can only be a bug, which deserves a traceback.
+    return (ValueError, FileNotFoundError, FileExistsError, DatasetError, ModelLoadError, TokenizerMismatchError)
+
+
+def configure_logging() -> None:
+    from src.distributed import is_main_process
+
+    logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:
+        argv.remove("--debug")
+    name = argv[0] if argv and argv[0] in COMMANDS else DEFAULT_COMMAND
+    if argv and argv[0] == name:
+        argv = argv[1:]
+    configure_logging()
+    command = importlib.import_module(COMMANDS[name][0])
+    try:
+        return command.run(argv)
+    except SystemExit:
+        raise
+    except _user_error_types() as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
