@@ -2,45 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-QWEN_TOKENIZER_DIR = os.path.join(ROOT, "..", "shared", "qwen2.5-tokenizer")
-SHIPPED_DATA = os.path.join(ROOT, "data", "arabic_instructions.jsonl")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tests.helpers import CORPUS, PAIRS, QWEN_TOKENIZER_DIR, write_jsonl  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-# Small memorisable pairs (Arabic, some diacritics, some English) used across tests.
-PAIRS = [
-    {"instruction": "ما عاصمة مصر؟", "response": "عاصمة مصر هي القاهرة."},
-    {"instruction": "ترجم إلى الإنجليزية: صباح الخير", "response": "Good morning"},
-    {"instruction": "اكتب بيتًا عن البحر", "response": "البَحْرُ أزرقُ واسعٌ\nوالموجُ يغني للسماء"},
-    {"instruction": "كم يساوي ٣ + ٤؟", "response": "٣ + ٤ = ٧"},
-    {"instruction": "شو أحسن أكلة بالشام؟", "response": "الكبة والتبولة أكيد!"},
-    {"instruction": "ما هو الذكاء الاصطناعي؟", "response": "الذكاء الاصطناعي فرع من علوم الحاسوب يبني أنظمة تتعلم."},
-    {"instruction": "صنّف المشاعر: الخدمة كانت ممتازة", "response": "إيجابي"},
-    {"instruction": "What is Python?", "response": "Python لغة برمجة سهلة ومشهورة."},
-]
-
-CORPUS = [p["instruction"] for p in PAIRS] + [p["response"] for p in PAIRS] + [
-    "### Instruction:\n", "### Response:\n", "user\n", "assistant\n", "system\n",
-    "السؤال: ", "الجواب: ", "User: ", "Assistant: ",
-    "في فصل الربيع تتفتح الأزهار وتغرد الطيور في كل مكان.",
-    "التعلم الآلي يساعد الحواسيب على التعلم من البيانات.",
-]
-
-
-def write_jsonl(path, rows) -> str:
-    with open(path, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return str(path)
 
 
 @pytest.fixture(scope="session")

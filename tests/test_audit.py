@@ -6,7 +6,7 @@ from src.data.audit import audit_records
 from src.data.loading import load_records
 from src.data.templates import get_prompt_format
 from src.data.tokenization import ExampleTokenizer
-from tests.conftest import PAIRS, SHIPPED_DATA
+from tests.helpers import PAIRS, SHIPPED_DATA
 
 
 def test_audit_counts_duplicates_invalid_rows_and_lengths(tiny_tokenizer, tmp_path):

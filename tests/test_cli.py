@@ -6,7 +6,7 @@ import sys
 import pytest
 import yaml
 
-from tests.conftest import PAIRS, ROOT, write_jsonl
+from tests.helpers import PAIRS, ROOT, write_jsonl
 
 import train_sft
 
@@ -16,6 +16,7 @@ def run_cli(*args, cwd=ROOT):
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_user_error_exits_2_with_one_line(tmp_path):
     result = run_cli("--config", str(tmp_path / "missing.yaml"))
     assert result.returncode == 2
@@ -24,6 +25,7 @@ def test_user_error_exits_2_with_one_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_debug_flag_shows_the_traceback(tmp_path):
     result = run_cli("--config", str(tmp_path / "missing.yaml"), "--debug")
     assert result.returncode != 0 and "Traceback" in result.stderr
@@ -53,6 +55,7 @@ def test_bad_data_is_a_user_error(tmp_path, capsys, tiny_model_dir):
     assert "bad.jsonl, line 1, field 'response'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_trains_evaluates_saves_and_samples(tmp_path, tiny_model_dir, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
     config = tmp_path / "run.yaml"
@@ -68,6 +71,7 @@ def test_cli_trains_evaluates_saves_and_samples(tmp_path, tiny_model_dir, capsys
     assert meta["config"]["learning_rate"] == 1e-3 and meta["config"]["max_steps"] == 3
 
 
+@pytest.mark.slow
 def test_cli_with_conversation_data(tmp_path, tiny_model_dir, capsys):
     messages = [{"role": "user", "content": PAIRS[0]["instruction"]}, {"role": "assistant", "content": PAIRS[0]["response"]}]
     data = write_jsonl(tmp_path / "conv.jsonl", [{"messages": messages}] * 4)

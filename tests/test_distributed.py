@@ -10,7 +10,9 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import PAIRS, ROOT, write_jsonl
+from tests.helpers import PAIRS, ROOT, write_jsonl
+
+pytestmark = pytest.mark.slow  # subprocesses / long runs: `pytest -m "not slow"` skips them
 
 SCRIPT = os.path.join(ROOT, "tests", "ddp_one_step.py")
 
@@ -61,3 +63,52 @@ def test_two_ranks_evaluate_every_row_once(tiny_model_dir, tmp_path):
     double = run(2, tiny_model_dir, data, tmp_path / "ddp", 2, False, "eval")
     assert double["eval_tokens"] == single["eval_tokens"]
     assert double["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-6)
+
+
+def _train_cli(nproc, data, out, batch):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                                                    str(nproc), "--master_port", str(free_port())]
+    flags = ["--model_name", "local:tiny-qwen2", "--dataset_path", data, "--output_dir", str(out), "--use_lora", "false",
+             "--max_steps", "2", "--per_device_train_batch_size", str(batch), "--optim", "sgd", "--learning_rate", "0.5",
+             "--max_grad_norm", "0", "--warmup_ratio", "0", "--lr_scheduler_type", "constant", "--evaluation_strategy",
+             "no", "--validation_split_ratio", "0", "--group_by_length", "false", "--gradient_checkpointing", "false",
+             "--dataloader_pin_memory", "false", "--logging_steps", "1", "--save_steps", "1", "--max_seq_length", "96"]
+    if nproc > 1:
+        flags += ["--ddp_backend", "gloo"]
+    return subprocess.run(launcher + [os.path.join(ROOT, "train_sft.py")] + flags, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def _saved_files(out):
+    return sorted(f for f in os.listdir(out) if not f.startswith("checkpoint-"))
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="torch.distributed with the gloo backend is not available")
+def test_repeated_torchrun_runs_save_one_complete_run(tmp_path):
+    """Every rank used to save (one run in six exited 1 without model.safetensors): now the main process writes,
+    the others wait, and each run leaves the same complete folder as one process, printed once."""
+    from safetensors.torch import load_file
+
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    single = _train_cli(1, data, tmp_path / "single", 4)
+    assert single.returncode == 0, single.stderr[-3000:]
+    expected_files = _saved_files(tmp_path / "single")
+    assert {"model.safetensors", "sft_metadata.json", "tokenizer.json", "generation_config.json", "README.md",
+            "base_model"} <= set(expected_files)
+    expected = load_file(str(tmp_path / "single" / "model.safetensors"))
+    for attempt in range(3):
+        out = tmp_path / f"ddp{attempt}"
+        result = _train_cli(2, data, out, 2)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert _saved_files(out) == expected_files
+        weights = load_file(str(out / "model.safetensors"))
+        assert weights.keys() == expected.keys()
+        worst = max(((weights[k] - expected[k]).abs().max() / expected[k].abs().max().clamp(min=1e-12)).item()
+                    for k in expected)
+        assert worst < 1e-4
+        metadata = json.loads((out / "sft_metadata.json").read_text(encoding="utf-8"))
+        assert metadata["world_size"] == 2
+        assert result.stdout.count("Model saved to") == 1
+        assert sorted(os.listdir(out / "base_model")) == sorted(os.listdir(tmp_path / "single" / "base_model"))

@@ -4,7 +4,7 @@ import pytest
 from datasets import Dataset, DatasetDict
 
 from src.data.loading import DatasetError, hold_out, load_records
-from tests.conftest import PAIRS, write_jsonl
+from tests.helpers import PAIRS, write_jsonl
 
 
 def test_jsonl_rows_are_read_and_a_validation_split_is_held_out_deterministically(pairs_file):

@@ -83,7 +83,7 @@ def test_every_switch_combination_is_idempotent(text, switches):
 def test_same_normalization_for_training_generation_and_after_load(tiny_model_dir, tmp_path):
     from src.data.tokenization import IGNORE_INDEX
     from src.training.sft_trainer import SFTTrainer
-    from tests.conftest import write_jsonl
+    from tests.helpers import write_jsonl
 
     instruction = "مَا عَاصِمَةُ مِصْرَ؟ ـ"
     data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": instruction, "response": "القَاهِرَةُ"}] * 2)

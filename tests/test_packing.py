@@ -9,7 +9,7 @@ from src.data.packing import SFTDataCollator, best_fit_decreasing, pack_dataset,
 from src.data.tokenization import IGNORE_INDEX
 from src.training.losses import token_loss_sum
 from src.training.sft_trainer import create_sft_trainer
-from tests.conftest import PAIRS, write_jsonl
+from tests.helpers import PAIRS, write_jsonl
 
 
 def test_best_fit_decreasing_places_every_example_once_within_capacity():
@@ -146,7 +146,7 @@ def test_padding_efficiency_on_the_shipped_sample_set(tmp_path):
     import os
 
     from src.models.tiny import build_tiny_qwen2, corpus_texts
-    from tests.conftest import ROOT, SHIPPED_DATA
+    from tests.helpers import ROOT, SHIPPED_DATA
 
     spec = importlib.util.spec_from_file_location("bench_padding", os.path.join(ROOT, "bench", "padding_efficiency.py"))
     bench = importlib.util.module_from_spec(spec)

@@ -17,7 +17,9 @@ import shutil
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.slow  # subprocesses / long runs: `pytest -m "not slow"` skips them
 
 SPEC = os.path.join(ROOT, "..", "shared", "seed", "SFTTrainer-API.md")
 

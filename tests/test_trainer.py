@@ -9,20 +9,9 @@ from src.config import SFTConfig
 from src.models.loading import ModelLoadError
 from src.training.losses import FullLogitsLoss
 from src.training.sft_trainer import SFTTrainer, create_sft_trainer
-from tests.conftest import PAIRS, write_jsonl
+from tests.helpers import PAIRS, make_config, max_rel_diff, one_sgd_step, write_jsonl
 
 MEMO = PAIRS[:4]
-
-
-def make_config(model_dir, data_path, out, **overrides):
-    values = dict(
-        model_name=model_dir, dataset_path=data_path, output_dir=str(out), use_lora=False, learning_rate=3e-3,
-        num_train_epochs=1, per_device_train_batch_size=2, max_seq_length=96, warmup_ratio=0.0,
-        evaluation_strategy="no", logging_steps=50, save_steps=10_000, gradient_checkpointing=False,
-        validation_split_ratio=0.0, lr_scheduler_type="constant", dataloader_pin_memory=False,
-    )
-    values.update(overrides)
-    return SFTConfig(**values)
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +49,10 @@ def test_training_report_and_generation_metrics(memorised):
 def test_wrong_config_type_and_method_name():
     with pytest.raises(TypeError, match="SFTConfig"):
         SFTTrainer({"model_name": "x"})
-    trainer = create_sft_trainer(SFTConfig())
-    assert isinstance(trainer, SFTTrainer)
-    assert trainer._get_training_method() == "sft"
+    config = SFTConfig(max_seq_length=64)
+    trainer = create_sft_trainer(config)
+    assert type(trainer) is SFTTrainer and trainer.config is config
+    assert trainer._get_training_method() == "sft" and trainer.loss.name == "trained_tokens"
 
 
 def test_memorised_pairs_are_generated_and_generation_stops(memorised):
@@ -80,10 +70,23 @@ def test_batch_generate_equals_single_greedy_generation(memorised):
 
 
 def test_sampling_kwargs_pass_through(memorised):
+    from src.training.generation import generation_kwargs
+
     trainer, _, _ = memorised
-    out = trainer.generate_response(MEMO[0]["instruction"], max_length=8, do_sample=True, temperature=0.8, top_p=0.9,
-                                    repetition_penalty=1.1)
-    assert isinstance(out, str)
+    instruction, greedy = MEMO[0]["instruction"], MEMO[0]["response"]
+    assert trainer.generate_response(instruction, max_length=40) == greedy
+    # temperature without do_sample turns sampling on: a very hot distribution leaves the memorised answer
+    torch.manual_seed(0)
+    hot = [trainer.generate_response(instruction, max_length=8, temperature=50.0) for _ in range(3)]
+    assert all(h != greedy for h in hot)
+    torch.manual_seed(0)
+    assert [trainer.generate_response(instruction, max_length=8, temperature=50.0) for _ in range(3)] == hot  # seeded
+    # ... unless the caller says do_sample=False explicitly
+    assert trainer.generate_response(instruction, max_length=40, temperature=50.0, do_sample=False) == greedy
+    kwargs = generation_kwargs([7, 9], 0, 8, top_p=0.9, repetition_penalty=1.1)
+    assert kwargs == {"top_p": 0.9, "repetition_penalty": 1.1, "do_sample": True, "max_new_tokens": 8,
+                      "eos_token_id": [7, 9], "pad_token_id": 0, "use_cache": True}
+    assert generation_kwargs([7], 0, 8, repetition_penalty=1.1)["do_sample"] is False
     with pytest.raises(TypeError):
         trainer.batch_generate("not a list")
 
@@ -180,30 +183,15 @@ def test_lora_and_full_fine_tuning_both_train(tiny_model_dir, pairs_file, tmp_pa
 # -- gradient accumulation ---------------------------------------------------------------------------
 
 
-def _one_sgd_step(model_dir, data, out, batch, accumulation, packing, trainer_cls=SFTTrainer, max_seq_length=96, **overrides):
-    config = make_config(model_dir, data, out, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
-                         max_steps=1, optim="sgd", learning_rate=1.0, max_grad_norm=0.0, packing=packing,
-                         group_by_length=False, max_seq_length=max_seq_length, seed=0, **overrides)
-    trainer = trainer_cls(config)
-    trainer.prepare()
-    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    trainer.train()
-    return {n: (p.detach() - before[n]) for n, p in trainer.model.named_parameters()}
-
-
-def _max_rel_diff(a, b):
-    return max(((a[n] - b[n]).abs().max() / b[n].abs().max().clamp(min=1e-12)).item() for n in a)
-
-
 @pytest.mark.parametrize("packing", [False, True])
 def test_gradient_accumulation_gives_the_same_update(tiny_model_dir, tmp_path, packing):
     # examples of very different lengths, so micro-batches hold different numbers of trained tokens
     rows = [{"instruction": p["instruction"], "response": p["response"] * (1 + 2 * (i % 3))} for i, p in enumerate(PAIRS)]
     data = write_jsonl(tmp_path / "ga.jsonl", rows if packing else rows[:4])
     seq = 64 if packing else 160
-    accumulated = _one_sgd_step(tiny_model_dir, data, tmp_path / "a", 1, 4, packing, max_seq_length=seq)
-    single = _one_sgd_step(tiny_model_dir, data, tmp_path / "b", 4, 1, packing, max_seq_length=seq)
-    assert _max_rel_diff(accumulated, single) < 1e-4
+    accumulated = one_sgd_step(tiny_model_dir, data, tmp_path / "a", 1, 4, packing, max_seq_length=seq)
+    single = one_sgd_step(tiny_model_dir, data, tmp_path / "b", 4, 1, packing, max_seq_length=seq)
+    assert max_rel_diff(accumulated, single) < 1e-4
 
     class MeanPerMicroBatch(SFTTrainer):
         """The bug other trainers had: each micro-batch normalised by its own token count."""
@@ -213,18 +201,18 @@ def test_gradient_accumulation_gives_the_same_update(tiny_model_dir, tmp_path, p
             result = FullLogitsLoss()(model, inputs)
             return (result.loss, result.outputs) if return_outputs else result.loss
 
-    naive = _one_sgd_step(tiny_model_dir, data, tmp_path / "c", 1, 4, packing, trainer_cls=MeanPerMicroBatch,
+    naive = one_sgd_step(tiny_model_dir, data, tmp_path / "c", 1, 4, packing, trainer_cls=MeanPerMicroBatch,
                           max_seq_length=seq)
-    assert _max_rel_diff(naive, single) > 1e-2  # the test can tell the difference
+    assert max_rel_diff(naive, single) > 1e-2  # the test can tell the difference
 
 
 def test_gradient_checkpointing_with_lora_gives_the_same_update(tiny_model_dir, pairs_file, tmp_path):
     lora = dict(use_lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0)
-    plain = _one_sgd_step(tiny_model_dir, pairs_file, tmp_path / "a", 4, 1, False, **lora)
-    checkpointed = _one_sgd_step(tiny_model_dir, pairs_file, tmp_path / "b", 4, 1, False, gradient_checkpointing=True, **lora)
+    plain = one_sgd_step(tiny_model_dir, pairs_file, tmp_path / "a", 4, 1, False, **lora)
+    checkpointed = one_sgd_step(tiny_model_dir, pairs_file, tmp_path / "b", 4, 1, False, gradient_checkpointing=True, **lora)
     lora_b = [n for n in plain if "lora_B" in n]
     assert lora_b and all(plain[n].abs().max() > 0 for n in lora_b)  # adapters received gradients
-    assert _max_rel_diff(checkpointed, plain) < 1e-5
+    assert max_rel_diff(checkpointed, plain) < 1e-5
 
 
 def test_chatml_model_stops_at_im_end_with_plain_transformers(tiny_model_dir, tmp_path):
@@ -266,9 +254,9 @@ def test_own_mean_loss_override_is_scaled_for_accumulation(tiny_model_dir, tmp_p
             return (loss, outputs) if return_outputs else loss
 
     data = write_jsonl(tmp_path / "same.jsonl", [PAIRS[0]] * 4)
-    accumulated = _one_sgd_step(tiny_model_dir, data, tmp_path / "a", 1, 4, False, trainer_cls=OwnMeanLoss)
-    single = _one_sgd_step(tiny_model_dir, data, tmp_path / "b", 4, 1, False)
-    assert _max_rel_diff(accumulated, single) < 1e-4
+    accumulated = one_sgd_step(tiny_model_dir, data, tmp_path / "a", 1, 4, False, trainer_cls=OwnMeanLoss)
+    single = one_sgd_step(tiny_model_dir, data, tmp_path / "b", 4, 1, False)
+    assert max_rel_diff(accumulated, single) < 1e-4
 
 
 def test_final_evaluation_problems_never_lose_the_trained_model(tiny_model_dir, tmp_path):

@@ -1,0 +1,88 @@
+"""Shared test constants and helpers (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+QWEN_TOKENIZER_DIR = os.path.join(ROOT, "..", "shared", "qwen2.5-tokenizer")
+SHIPPED_DATA = os.path.join(ROOT, "data", "arabic_instructions.jsonl")
+
+# Small memorisable pairs (Arabic, some diacritics, some English) used across tests.
+PAIRS = [
+    {"instruction": "ما عاصمة مصر؟", "response": "عاصمة مصر هي القاهرة."},
+    {"instruction": "ترجم إلى الإنجليزية: صباح الخير", "response": "Good morning"},
+    {"instruction": "اكتب بيتًا عن البحر", "response": "البَحْرُ أزرقُ واسعٌ\nوالموجُ يغني للسماء"},
+    {"instruction": "كم يساوي ٣ + ٤؟", "response": "٣ + ٤ = ٧"},
+    {"instruction": "شو أحسن أكلة بالشام؟", "response": "الكبة والتبولة أكيد!"},
+    {"instruction": "ما هو الذكاء الاصطناعي؟", "response": "الذكاء الاصطناعي فرع من علوم الحاسوب يبني أنظمة تتعلم."},
+    {"instruction": "صنّف المشاعر: الخدمة كانت ممتازة", "response": "إيجابي"},
+    {"instruction": "What is Python?", "response": "Python لغة برمجة سهلة ومشهورة."},
+]
+
+CORPUS = [p["instruction"] for p in PAIRS] + [p["response"] for p in PAIRS] + [
+    "### Instruction:\n", "### Response:\n", "user\n", "assistant\n", "system\n",
+    "السؤال: ", "الجواب: ", "User: ", "Assistant: ",
+    "في فصل الربيع تتفتح الأزهار وتغرد الطيور في كل مكان.",
+    "التعلم الآلي يساعد الحواسيب على التعلم من البيانات.",
+]
+
+
+def write_jsonl(path, rows) -> str:
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return str(path)
+
+
+
+
+def make_config(model_dir, data_path, out, **overrides):
+    """A small, fast SFTConfig for the tiny model (full fine-tuning, no evaluation, constant LR)."""
+    from src.config import SFTConfig
+
+    values = dict(
+        model_name=model_dir, dataset_path=data_path, output_dir=str(out), use_lora=False, learning_rate=3e-3,
+        num_train_epochs=1, per_device_train_batch_size=2, max_seq_length=96, warmup_ratio=0.0,
+        evaluation_strategy="no", logging_steps=50, save_steps=10_000, gradient_checkpointing=False,
+        validation_split_ratio=0.0, lr_scheduler_type="constant", dataloader_pin_memory=False,
+    )
+    values.update(overrides)
+    return SFTConfig(**values)
+
+
+def one_sgd_step(model_dir, data, out, batch, accumulation, packing, trainer_cls=None, max_seq_length=96, **overrides):
+    """The parameter update of one SGD step (lr 1, no clipping): equal updates mean equal gradients."""
+    from src.training.sft_trainer import SFTTrainer
+
+    config = make_config(model_dir, data, out, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+                         max_steps=1, optim="sgd", learning_rate=1.0, max_grad_norm=0.0, packing=packing,
+                         group_by_length=False, max_seq_length=max_seq_length, seed=0, **overrides)
+    trainer = (trainer_cls or SFTTrainer)(config)
+    trainer.prepare()
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    return {n: (p.detach() - before[n]) for n, p in trainer.model.named_parameters()}
+
+
+def max_rel_diff(a, b):
+    """Largest difference between same-named tensors, relative to the largest magnitude of ``b``'s tensor."""
+    return max(((a[n] - b[n]).abs().max() / b[n].abs().max().clamp(min=1e-12)).item() for n in a)
+
+
+def load_tiny(model_dir, lora=False):
+    """The tiny model (float32, SDPA, train mode) and its tokenizer; with ``lora``, rank-4 adapters on q/v."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False))
+    model.train()
+    return model, tokenizer
