@@ -170,6 +170,8 @@ class _TrainedPositionsHead:
     that ``torch.compile`` guards see the same function each step.
     """
 
+    row_multiple = 1  # see TrainedTokensLoss.row_multiple
+
     def __init__(self, original_forward: Any):
         self.original_forward = original_forward
         self.pending: Optional[tuple[torch.Tensor, int]] = None
@@ -185,10 +187,17 @@ class _TrainedPositionsHead:
             raise RuntimeError(f"trained-tokens loss: the head got hidden states of shape {tuple(hidden_states.shape)} "
                                f"for labels of shape {tuple(labels.shape)}; use loss_type='full_logits' for this model")
         positions = flat_labels.ne(IGNORE_INDEX).nonzero().squeeze(1)
+        n = positions.numel()
+        if self.row_multiple > 1 and n % self.row_multiple:
+            # Round the row count up (extra rows repeat position 0 with an ignored target): a few shapes
+            # instead of a new one every step, for the GPU kernels' and allocator's caches.
+            extra = self.row_multiple - n % self.row_multiple
+            positions = torch.cat([positions, positions.new_zeros(extra)])
         hidden = hidden_states.reshape(-1, hidden_states.size(-1)).index_select(0, positions)
         targets = flat_labels.index_select(0, positions)
-        n = targets.numel()
-        chunks = range(0, max(n, 1), chunk_size)  # one (empty) chunk when nothing is trained: every parameter gets a grad
+        if positions.numel() > n:
+            targets[n:] = IGNORE_INDEX
+        chunks = range(0, max(targets.numel(), 1), chunk_size)  # one (empty) chunk when nothing is trained: every parameter gets a grad
         loss_sum = None
         for start in chunks:
             args_ = (hidden[start:start + chunk_size], targets[start:start + chunk_size])
@@ -202,7 +211,7 @@ class _TrainedPositionsHead:
 
     def _chunk_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self.original_forward(hidden)
-        return F.cross_entropy(logits.float(), targets, reduction="sum")
+        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 class TrainedTokensLoss(SFTLoss):
@@ -215,9 +224,10 @@ class TrainedTokensLoss(SFTLoss):
 
     name = "trained_tokens"
 
-    def __init__(self, chunk_size: int = 4096):
+    def __init__(self, chunk_size: int = 4096, row_multiple: int = 1):
         super().__init__()
         self.chunk_size = chunk_size
+        self.row_multiple = row_multiple
         self._warned = False
 
     def head(self, model: Any) -> Optional[_TrainedPositionsHead]:
@@ -245,6 +255,7 @@ class TrainedTokensLoss(SFTLoss):
         if head is None:
             return full_logits_sums(model, inputs)
         head.pending, head.result = (shift_labels(inputs["labels"]), self.chunk_size), None
+        head.row_multiple = self.row_multiple
         try:
             outputs = model(**_model_inputs(inputs))
         finally:
