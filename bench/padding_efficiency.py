@@ -24,6 +24,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import report  # noqa: E402
+
 DATA = os.path.join(ROOT, "data", "arabic_instructions.jsonl")
 QWEN_TOKENIZER = os.path.join(ROOT, "..", "shared", "qwen2.5-tokenizer")
 

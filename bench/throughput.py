@@ -27,6 +27,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import report  # noqa: E402
+
 TRAIN = os.path.join(ROOT, "data", "arabic_instructions.jsonl")
 VALID = os.path.join(ROOT, "data", "arabic_instructions_validation.jsonl")
 

@@ -1,7 +1,7 @@
 import json
 
-from src.config import SFTConfig
 from src.cli.audit import run as audit_command
+from src.config import SFTConfig
 from src.data.audit import audit_records
 from src.data.loading import load_records
 from src.data.templates import get_prompt_format

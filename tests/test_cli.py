@@ -6,9 +6,8 @@ import sys
 import pytest
 import yaml
 
-from tests.helpers import PAIRS, ROOT, write_jsonl
-
 import train_sft
+from tests.helpers import PAIRS, ROOT, write_jsonl
 
 
 def run_cli(*args, cwd=ROOT):
