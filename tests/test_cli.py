@@ -65,9 +65,15 @@ def test_cli_trains_evaluates_saves_and_samples(tmp_path, tiny_model_dir, capsys
     }), encoding="utf-8")
     assert train_sft.main(["--config", str(config), "--learning_rate", "1e-3"]) == 0
     out = capsys.readouterr().out
-    assert "Validation perplexity" in out and "Q: " in out and "A: " in out
     meta = json.loads((tmp_path / "out" / "sft_metadata.json").read_text(encoding="utf-8"))
     assert meta["config"]["learning_rate"] == 1e-3 and meta["config"]["max_steps"] == 3
+    # the summary prints the saved run's own numbers, and samples the first validation instructions
+    lines = out.splitlines()
+    loss_line = next(line for line in lines if line.startswith("Validation loss"))
+    before, after = (float(x) for x in loss_line.split(":", 1)[1].split("->"))
+    assert after == pytest.approx(meta["final_metrics"]["eval_loss"], abs=1e-4) and before != after
+    assert [line[3:] for line in lines if line.startswith("Q: ")] == [p["instruction"] for p in PAIRS[:3]]
+    assert sum(line.startswith("A: ") for line in lines) == 3
 
 
 @pytest.mark.slow
