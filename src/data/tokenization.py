@@ -72,8 +72,8 @@ def end_token_id(tokenizer: Any, fmt: PromptFormat) -> int:
         return tokenizer.convert_tokens_to_ids(fmt.end_token)
     if tokenizer.eos_token_id is None:
         raise TokenizerMismatchError(
-            f"the tokenizer has no EOS token, so the model cannot learn to stop; set tokenizer.eos_token "
-            f"or use instruction_template='chatml' (ends with <|im_end|>)"
+            "the tokenizer has no EOS token, so the model cannot learn to stop; set tokenizer.eos_token "
+            "or use instruction_template='chatml' (ends with <|im_end|>)"
         )
     return tokenizer.eos_token_id
 
