@@ -33,20 +33,27 @@ def parse_config(cls: type, argv: list[str] | None = None) -> Any:
     list_fields = {n for n, t in hints.items() if n in fields and typing.get_origin(t) is list}
     str_fields = {n for n, t in hints.items() if n in fields and (t is str or str in typing.get_args(t))}
 
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", action="append", default=None)
     known, rest = pre.parse_known_args(argv)
     if known.config and len(known.config) > 1:
         raise ValueError(f"--config given {len(known.config)} times ({', '.join(known.config)}); give one file")
     known.config = known.config[0] if known.config else None
     rest, set_to_none = _preprocess_flags(rest, optional, optional_bool)
-    parser = HfArgumentParser(cls)
+    parser = HfArgumentParser(cls, allow_abbrev=False)  # exact flag names: --learning_rat is an error
     parser.add_argument("--config", default=None, help="YAML file with field values; flags override it.")
     if known.config:
         if not os.path.isfile(known.config):
             raise ValueError(f"config file {known.config!r} does not exist.")
-        with open(known.config, encoding="utf-8") as fh:
-            values = yaml.safe_load(fh) or {}
+        try:
+            with open(known.config, encoding="utf-8") as fh:
+                values = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ValueError(f"{known.config}{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{known.config}: not UTF-8 text ({exc.reason})") from None
         if not isinstance(values, dict):
             raise ValueError(f"{known.config}: expected a mapping of field names to values, got {type(values).__name__}.")
         unknown = sorted(set(values) - set(fields))
@@ -64,7 +71,14 @@ def parse_config(cls: type, argv: list[str] | None = None) -> Any:
                 values[name] = [value]
         # Defaults from YAML; dataclass construction (and validation) happens once, after parsing.
         parser.set_defaults(**values)
-    namespace = parser.parse_args(rest)
+    namespace, unknown = parser.parse_known_args(rest)
+    if unknown:
+        import difflib
+
+        flags = [u for u in unknown if u.startswith("-")] or unknown
+        hint = difflib.get_close_matches(flags[0].lstrip("-").split("=", 1)[0].replace("-", "_"), list(fields), n=1)
+        raise ValueError(f"unknown argument(s) {' '.join(unknown)}" + (f"; did you mean --{hint[0]}?" if hint else "")
+                         + " (flag names must be exact; see --help)")
     kwargs = {name: getattr(namespace, name) for name, f in fields.items() if f.init}
     kwargs.update({name: None for name in set_to_none})
     return cls(**kwargs)

@@ -5,7 +5,9 @@
 
 A new command is a module in ``src/cli`` with ``run(argv) -> int`` and one line in ``COMMANDS``.
 User errors (bad config, bad data, missing model, refused overwrite) exit with status 2 and one line on
-stderr; ``--debug`` shows the traceback. Under torchrun only the main process logs at INFO level.
+stderr; ``--debug`` shows the traceback. A run stopped by Ctrl-C or SIGTERM prints one line with the
+resume command and exits 130 or 143; diverging training prints one line and exits 1. Under torchrun only
+the main process logs at INFO level and prints.
 """
 
 from __future__ import annotations
@@ -50,10 +52,27 @@ def main(argv: list[str] | None = None) -> int:
         argv = argv[1:]
     configure_logging()
     command = importlib.import_module(COMMANDS[name][0])
+    from src.distributed import is_main_process
+    from src.training.guards import TrainingDiverged, TrainingInterrupted
+
     try:
         return command.run(argv)
     except SystemExit:
         raise
+    except TrainingInterrupted as exc:
+        if is_main_process():
+            resume = " ".join(["python train_sft.py", *sys.argv[1:]] if argv is not None else ["python train_sft.py"])
+            if "--resume_from_checkpoint" not in resume:
+                resume += " --resume_from_checkpoint last"
+            print(f"interrupted: {exc}; resume with: {resume}" if exc.checkpoint else f"interrupted: {exc}",
+                  file=sys.stderr)
+        return exc.exit_code
+    except TrainingDiverged as exc:
+        if debug:
+            raise
+        if is_main_process():
+            print(f"error: {exc}", file=sys.stderr)
+        return 1
     except _user_error_types() as exc:
         if debug:
             raise

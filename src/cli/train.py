@@ -15,6 +15,7 @@ def run(argv: list[str]) -> int:
 
     config = parse_config(SFTConfig, argv)
     trainer = create_sft_trainer(config)
+    trainer.claim_output_dir(resuming=bool(config.resume_from_checkpoint))  # refuse a wrong folder before loading
     trainer.prepare()
     has_validation = trainer.trainer.eval_dataset is not None
     before = trainer.evaluate_model() if has_validation else None

@@ -16,9 +16,37 @@ class ModelLoadError(ValueError):
     """A model or tokenizer could not be loaded; the message says what was expected."""
 
 
+# Files without which a local folder is not a usable tokenizer (any one of them is enough).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt")
+# What a complete tiny base model folder holds (the build writes them, then renames the folder into place).
+TINY_MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
 def _looks_local(name: str) -> bool:
-    """A name that can only be a filesystem path (a hub id is 'name' or 'org/name')."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+    """A name that can only be a filesystem path (a hub id is 'name' or 'org/name'), or whose first part is a
+    local folder (``models/my-run`` when ``models/`` exists: a mistyped path, not a hub id)."""
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
+        return True
+    return "/" in name and os.path.isdir(name.split("/", 1)[0])
+
+
+def _build_tiny(path: str, corpus_path: str | None, seed: int) -> None:
+    """Build the tiny model into a temporary sibling and rename it into place: never a half-built folder."""
+    import shutil
+
+    if os.path.isdir(path):
+        missing = [f for f in TINY_MODEL_FILES if not os.path.isfile(os.path.join(path, f))]
+        if not missing:
+            return
+        logger.warning("%s is incomplete (missing %s; an earlier build was interrupted): building it again",
+                       path, ", ".join(missing))
+        shutil.rmtree(path)
+    logger.info("Building the tiny random-init Qwen2 model and tokenizer in %s", path)
+    texts = corpus_texts(corpus_path) if corpus_path and corpus_path.endswith(".jsonl") else None
+    tmp = f"{path}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_tiny_qwen2(texts, tmp, seed=seed)
+    os.replace(tmp, path)
 
 
 def resolve_model_path(model_name: str, output_dir: str, corpus_path: str | None = None, seed: int = 0) -> str:
@@ -36,10 +64,7 @@ def resolve_model_path(model_name: str, output_dir: str, corpus_path: str | None
         path = os.path.join(output_dir, "base_model")
         # Under torchrun the main process builds it; the other ranks wait, then find it built.
         with main_process_first():
-            if not os.path.isfile(os.path.join(path, "config.json")):
-                logger.info("Building the tiny random-init Qwen2 model and tokenizer in %s", path)
-                texts = corpus_texts(corpus_path) if corpus_path and corpus_path.endswith(".jsonl") else None
-                build_tiny_qwen2(texts, path, seed=seed)
+            _build_tiny(path, corpus_path, seed)
         return path
     expanded = os.path.expanduser(model_name)
     if os.path.isdir(expanded):
@@ -57,8 +82,13 @@ def resolve_model_path(model_name: str, output_dir: str, corpus_path: str | None
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a local folder or hub id; a local folder without tokenizer files is an error (transformers
+    would otherwise fall back to a near-empty tokenizer and train on nonsense without a word)."""
     from transformers import AutoTokenizer
 
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise ModelLoadError(f"{path} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); copy the "
+                             "tokenizer of the base model there or set tokenizer_name")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -110,8 +140,8 @@ def load_causal_lm(path: str, *, trust_remote_code: bool = False, attn_implement
             attn_implementation=pick_attn_implementation(attn_implementation),
             dtype=torch.bfloat16 if bf16 and bf16_weights else torch.float32,
         )
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"could not load a causal LM from {path!r}: {exc}") from exc
+    except Exception as exc:  # safetensors, torch and json errors of a damaged folder all land here
+        raise ModelLoadError(f"could not load a causal LM from {path!r}: {type(exc).__name__}: {exc}") from exc
     return model
 
 

@@ -16,6 +16,7 @@ from typing import Any, Optional
 from src.config import BaseConfig
 from src.models.loading import ModelLoadError, apply_lora, check_bf16, load_causal_lm, load_tokenizer, resolve_model_path
 from src.training import persistence
+from src.training.guards import DivergenceCallback, InterruptCallback, TrainingDiverged, TrainingInterrupted, interrupt_signals
 from src.training.losses import SFTLoss, build_loss
 from src.training.training_args import training_arguments_kwargs
 
@@ -41,7 +42,9 @@ class BaseTrainer(ABC):
         self.training_completed_at: Optional[str] = None
         self.train_result: Any = None
         self.final_metrics: dict[str, float] = {}
-        self._saved_dirs: set[str] = set()
+        self._saved_dirs: set[str] = set()  # folders this trainer wrote or claimed (no overwrite refusal there)
+        self._claimed: set[str] = set()
+        self.interrupt = InterruptCallback()
         self.loss: SFTLoss = build_loss(config.loss_type, config.loss_chunk_size)
 
     # -- hooks for subclasses ------------------------------------------------------------------------
@@ -128,7 +131,8 @@ class BaseTrainer(ABC):
         return TrainingArguments(**training_arguments_kwargs(self.config, self.environment()))
 
     def get_callbacks(self) -> list:
-        return []
+        """Stop cleanly on Ctrl-C/SIGTERM and before a non-finite update (``src.training.guards``)."""
+        return [self.interrupt, DivergenceCallback()]
 
     # -- the pipeline --------------------------------------------------------------------------------
     def prepare(self) -> Any:
@@ -146,30 +150,67 @@ class BaseTrainer(ABC):
         return self.trainer
 
     def train(self) -> Any:
-        """Run the whole pipeline: load data and model, train, save to ``config.output_dir``."""
-        # Refuse before hours of training (and before loading anything), not at the save after them.
-        self._check_output_dir(self.config.output_dir)
+        """Run the whole pipeline: load data and model, train, save to ``config.output_dir``.
+
+        Before anything is loaded, the output folder is claimed (``persistence.claim_output_dir``: foreign
+        files, a live run, an existing model are refused). Ctrl-C or SIGTERM stops at the next step with a
+        resumable checkpoint and raises :class:`~src.training.guards.TrainingInterrupted`; non-finite
+        gradients stop before the update with :class:`~src.training.guards.TrainingDiverged` (nothing is
+        saved then, the last checkpoint stays the last good one).
+        """
+        output_dir = self.config.output_dir
         checkpoint = self._resume_checkpoint()
-        trainer = self.prepare()
-        self.train_result = trainer.train(resume_from_checkpoint=checkpoint)
-        self.training_completed_at = persistence.utc_now()
-        self.final_metrics = {"train_loss": float(self.train_result.training_loss)}
-        failure = None
-        if trainer.eval_dataset is not None:
+        self.claim_output_dir(resuming=checkpoint is not None)
+        try:
+            trainer = self.prepare()
+            if checkpoint is not None and 0 < trainer.args.max_steps <= persistence.checkpoint_step(checkpoint):
+                logger.warning("%s is already at step %d of max_steps=%d: nothing to train", checkpoint,
+                               persistence.checkpoint_step(checkpoint), trainer.args.max_steps)
+                return None
             try:
-                self.final_metrics.update(self.evaluate_model())
-            except BaseException as exc:  # the trained model is saved whatever the final evaluation does, Ctrl-C included
-                logger.error("final evaluation failed (%s); saving the trained model anyway", exc)
-                failure = exc
-        self.save_model()
-        if failure is not None:
-            raise failure
-        return self.train_result
+                with interrupt_signals(self.interrupt):
+                    self.train_result = trainer.train(resume_from_checkpoint=checkpoint)
+            except TrainingDiverged as exc:
+                last = persistence.last_complete_checkpoint(output_dir)
+                raise TrainingDiverged(f"{exc}; last good checkpoint: {last or 'none'}") from None
+            if self.interrupt.signum:
+                step = self.interrupt.stopped_at or trainer.state.global_step
+                saved = os.path.join(output_dir, f"checkpoint-{step}")
+                raise TrainingInterrupted(self.interrupt.signum, step,
+                                          saved if persistence.checkpoint_problem(saved) is None else None)
+            self.training_completed_at = persistence.utc_now()
+            self.final_metrics = {"train_loss": float(self.train_result.training_loss)}
+            failure = None
+            if trainer.eval_dataset is not None:
+                try:
+                    self.final_metrics.update(self.evaluate_model())
+                except BaseException as exc:  # the trained model is saved whatever the final evaluation does, Ctrl-C included
+                    logger.error("final evaluation failed (%s); saving the trained model anyway", exc)
+                    failure = exc
+            self.save_model()
+            if failure is not None:
+                raise failure
+            return self.train_result
+        finally:
+            persistence.release_output_dir(output_dir)
 
     def evaluate_model(self, eval_dataset: Any = None) -> dict[str, float]:
         """Evaluation metrics of the current model (subclasses add method-specific ones)."""
         trainer = self.prepare()
         return {k: float(v) for k, v in trainer.evaluate(eval_dataset).items()}
+
+    def claim_output_dir(self, resuming: bool = False) -> None:
+        """Check and claim ``config.output_dir`` once, before anything is loaded (``persistence.claim_output_dir``);
+        the lock is released when training ends or, after evaluation-only use, when the process exits."""
+        output_dir = self.config.output_dir
+        if output_dir in self._claimed:
+            return
+        persistence.claim_output_dir(output_dir, self._get_training_method(), self.config.overwrite_output_dir, resuming)
+        self._claimed.add(output_dir)
+        self._saved_dirs.add(output_dir)
+        import atexit
+
+        atexit.register(persistence.release_output_dir, output_dir)
 
     def compute_loss(self, model, inputs, return_outputs=False):
         """Shifted next-token cross-entropy over trained tokens (labels != -100).
@@ -185,19 +226,22 @@ class BaseTrainer(ABC):
         return (result.loss, result.outputs) if return_outputs else result.loss
 
     def _resume_checkpoint(self) -> Optional[str]:
-        """``config.resume_from_checkpoint`` as a directory (``'last'`` = newest checkpoint-* in output_dir)."""
-        from transformers.trainer_utils import get_last_checkpoint
-
+        """``config.resume_from_checkpoint`` as a directory (``'last'`` = newest complete checkpoint-* in output_dir)."""
         wanted = self.config.resume_from_checkpoint
         if not wanted:
             return None
+        output_dir = self.config.output_dir
         if wanted == "last":
-            last = get_last_checkpoint(self.config.output_dir) if os.path.isdir(self.config.output_dir) else None
+            last = persistence.last_complete_checkpoint(output_dir)
             if last is None:
-                raise ValueError(f"resume_from_checkpoint='last' but {self.config.output_dir} has no checkpoint-* directory")
+                raise ValueError(f"resume_from_checkpoint='last' found no checkpoint to resume from: {output_dir} has no "
+                                 "complete checkpoint-* directory")
             return last
         if not os.path.isdir(wanted):
             raise ValueError(f"resume_from_checkpoint: {wanted!r} is not a checkpoint directory")
+        problem = persistence.checkpoint_problem(wanted)
+        if problem:
+            raise ValueError(f"resume_from_checkpoint: {wanted} is not a complete checkpoint: {problem}")
         return wanted
 
     # -- saving and loading ------------------------------------------------------------------------

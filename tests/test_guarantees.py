@@ -1,0 +1,233 @@
+"""What we guarantee about interrupted runs, output folders, partial files and diverging training."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from src.models.loading import ModelLoadError, load_tokenizer, resolve_model_path
+from src.training import persistence
+from src.training.guards import TrainingDiverged, TrainingInterrupted
+from src.training.sft_trainer import SFTTrainer
+from tests.helpers import PAIRS, ROOT, make_config, write_jsonl
+
+
+def _weights(trainer):
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+# -- the output folder ---------------------------------------------------------------------------------
+def test_a_folder_with_other_peoples_files_is_refused_before_loading(tmp_path, pairs_file):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "README.md").write_text("my notes", encoding="utf-8")
+    (out / "tokenizer.json").write_text("{}", encoding="utf-8")
+    # a model path that does not exist: loading it would be a ModelLoadError, so the refusal comes first
+    trainer = SFTTrainer(make_config(str(tmp_path / "no-model"), pairs_file, out))
+    with pytest.raises(FileExistsError, match=r"did not write \(README.md, tokenizer.json\)"):
+        trainer.train()
+    assert sorted(os.listdir(out)) == ["README.md", "tokenizer.json"]  # nothing written, nothing touched
+    assert (out / "README.md").read_text(encoding="utf-8") == "my notes"
+
+
+def test_output_dir_that_is_a_file_or_in_use_is_refused(tmp_path, pairs_file, tiny_model_dir):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        SFTTrainer(make_config(tiny_model_dir, pairs_file, a_file)).train()
+    out = tmp_path / "busy"
+    out.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / persistence.LOCK_FILE).write_text(json.dumps({"pid": other.pid, "host": os.uname().nodename,
+                                                             "started_at": "earlier"}))
+        with pytest.raises(FileExistsError, match=f"in use by another run \\(pid {other.pid}"):
+            SFTTrainer(make_config(tiny_model_dir, pairs_file, out, max_steps=1)).train()
+    finally:
+        other.kill()
+        other.wait()
+    # the same lock, its process gone: taken over, the run goes ahead and leaves no lock behind
+    SFTTrainer(make_config(tiny_model_dir, pairs_file, out, max_steps=1)).train()
+    assert os.path.isfile(out / "model.safetensors") and not os.path.exists(out / persistence.LOCK_FILE)
+    assert os.path.isfile(out / persistence.RUN_MARKER)
+
+
+def test_overwrite_removes_old_checkpoints_so_last_cannot_pick_them(tmp_path, pairs_file, tiny_model_dir):
+    out = tmp_path / "o"
+    SFTTrainer(make_config(tiny_model_dir, pairs_file, out, max_steps=4, save_steps=2)).train()
+    assert {"checkpoint-2", "checkpoint-4"} <= set(os.listdir(out))
+    SFTTrainer(make_config(tiny_model_dir, pairs_file, out, max_steps=1, save_steps=100, overwrite_output_dir=True)).train()
+    assert [e for e in os.listdir(out) if e.startswith("checkpoint-")] == ["checkpoint-1"]  # this run's only
+
+
+# -- partial files -------------------------------------------------------------------------------------
+def test_last_skips_an_incomplete_checkpoint(tmp_path, pairs_file, tiny_model_dir, caplog):
+    out = tmp_path / "o"
+    SFTTrainer(make_config(tiny_model_dir, pairs_file, out, max_steps=2, save_steps=2)).train()
+    partial = out / "checkpoint-3"  # what a run killed while writing a checkpoint leaves
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"\0" * 10)
+    (partial / "trainer_state.json").write_text('{"global_step": 3, "log_hist', encoding="utf-8")
+    assert persistence.last_complete_checkpoint(str(out)) == str(out / "checkpoint-2")
+    assert "skipping" in caplog.text and "checkpoint-3" in caplog.text and "not valid JSON" in caplog.text
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        SFTTrainer(make_config(tiny_model_dir, pairs_file, out, resume_from_checkpoint=str(partial),
+                               overwrite_output_dir=True)).train()
+
+
+def test_resuming_a_finished_run_trains_nothing_and_says_so(tmp_path, pairs_file, tiny_model_dir, caplog):
+    out = tmp_path / "o"
+    SFTTrainer(make_config(tiny_model_dir, pairs_file, out, max_steps=2, save_steps=2)).train()
+    before = (out / "model.safetensors").read_bytes()
+    again = SFTTrainer(make_config(tiny_model_dir, pairs_file, out, max_steps=2, save_steps=2,
+                                   resume_from_checkpoint="last", overwrite_output_dir=True))
+    assert again.train() is None
+    assert "nothing to train" in caplog.text
+    assert (out / "model.safetensors").read_bytes() == before
+
+
+def test_a_failed_save_leaves_the_previous_model_whole(tmp_path, pairs_file, tiny_model_dir, monkeypatch):
+    out = tmp_path / "o"
+    first = SFTTrainer(make_config(tiny_model_dir, pairs_file, out, max_steps=2))
+    first.train()
+    saved = {f: (out / f).read_bytes() for f in ("model.safetensors", "config.json", "sft_metadata.json")}
+    second = SFTTrainer(make_config(tiny_model_dir, pairs_file, out, max_steps=3, learning_rate=1e-2,
+                                    overwrite_output_dir=True))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(persistence, "_write_own_files", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        second.train()
+    assert {f: (out / f).read_bytes() for f in saved} == saved  # the previous model, untouched
+    restored = SFTTrainer(make_config(tiny_model_dir, pairs_file, tmp_path / "elsewhere"))
+    restored.load_model(str(out))
+    assert all(torch.equal(p, first.model.state_dict()[n]) for n, p in restored.model.state_dict().items())
+
+
+def test_an_interrupted_tiny_model_build_is_rebuilt(tmp_path):
+    base = tmp_path / "base_model"
+    path = resolve_model_path("local:tiny-qwen2", str(tmp_path))
+    assert path == str(base) and len(load_tokenizer(path)) > 1000
+    os.remove(base / "tokenizer.json")  # killed mid-build in an older version: no tokenizer
+    os.remove(base / "tokenizer_config.json")
+    resolve_model_path("local:tiny-qwen2", str(tmp_path))
+    assert os.path.isfile(base / "tokenizer.json") and len(load_tokenizer(str(base))) > 1000
+    assert not [e for e in os.listdir(tmp_path) if ".tmp-" in e]
+
+
+def test_a_model_folder_without_tokenizer_files_is_an_error(tmp_path, tiny_model_dir):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model_dir, bare, ignore=shutil.ignore_patterns("tokenizer*", "vocab*", "merges*", "special*"))
+    with pytest.raises(ModelLoadError, match="has no tokenizer files"):
+        load_tokenizer(str(bare))
+
+
+def test_truncated_weights_and_metadata_name_the_file(tmp_path, pairs_file, tiny_model_dir):
+    out = tmp_path / "o"
+    SFTTrainer(make_config(tiny_model_dir, pairs_file, out, max_steps=1)).train()
+    meta = out / "sft_metadata.json"
+    meta.write_text(meta.read_text(encoding="utf-8")[:50], encoding="utf-8")
+    with pytest.raises(ModelLoadError, match="sft_metadata.json is damaged"):
+        SFTTrainer(make_config(tiny_model_dir, pairs_file, tmp_path / "x")).load_model(str(out))
+    out2 = tmp_path / "o2"
+    SFTTrainer(make_config(tiny_model_dir, pairs_file, out2, max_steps=1)).train()
+    weights = out2 / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelLoadError, match="o2"):
+        SFTTrainer(make_config(tiny_model_dir, pairs_file, tmp_path / "y")).load_model(str(out2))
+
+
+# -- divergence ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_diverging_training_stops_before_a_nan_update_and_saves_nothing(tmp_path, pairs_file, tiny_model_dir, use_lora):
+    class NanFromStep3(SFTTrainer):
+        """A loss that turns NaN at the third step, as an overflow does (the tiny model saturates instead)."""
+
+        def compute_loss(self, model, inputs, return_outputs=False):
+            loss = super().compute_loss(model, inputs, return_outputs)
+            return loss * float("nan") if self.trainer.state.global_step >= 2 else loss
+
+    out = tmp_path / "o"
+    trainer = NanFromStep3(make_config(tiny_model_dir, pairs_file, out, max_steps=20, save_steps=1, use_lora=use_lora,
+                                       lora_r=4, lora_alpha=8))
+    with pytest.raises(TrainingDiverged, match=r"diverged at step 3: .*last good checkpoint: .*checkpoint-2"):
+        trainer.train()
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())  # the bad update was not applied
+    assert not os.path.exists(out / "model.safetensors") and not os.path.exists(out / "adapter_model.safetensors")
+    from safetensors.torch import load_file
+
+    last = persistence.last_complete_checkpoint(str(out))
+    weights = load_file(os.path.join(last, "adapter_model.safetensors" if use_lora else "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+# -- interrupts ------------------------------------------------------------------------------------------
+class SignalAt(TrainerCallback):
+    def __init__(self, step, signum):
+        self.step, self.signum = step, signum
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_sigterm_saves_a_checkpoint_and_resuming_equals_an_uninterrupted_run(tmp_path, tiny_model_dir, group_by_length):
+    rows = [{"instruction": p["instruction"], "response": p["response"] * (1 + i % 3)} for i, p in enumerate(PAIRS)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    settings = dict(max_steps=6, save_steps=100, per_device_train_batch_size=2, group_by_length=group_by_length,
+                    num_train_epochs=3, seed=3)
+    whole = SFTTrainer(make_config(tiny_model_dir, data, tmp_path / "whole", **settings))
+    whole.train()
+
+    class Interrupted(SFTTrainer):
+        def get_callbacks(self):
+            return super().get_callbacks() + [SignalAt(3, signal.SIGTERM)]
+
+    out = tmp_path / "cut"
+    cut = Interrupted(make_config(tiny_model_dir, data, out, **settings))
+    with pytest.raises(TrainingInterrupted) as info:
+        cut.train()
+    assert info.value.exit_code == 143 and info.value.step == 4 and info.value.checkpoint == str(out / "checkpoint-4")
+    assert not os.path.exists(out / "model.safetensors")  # an interrupted run is not a finished model
+    resumed = SFTTrainer(make_config(tiny_model_dir, data, out, resume_from_checkpoint="last", **settings))
+    resumed.train()
+    a, b = _weights(whole), _weights(resumed)
+    assert max((a[n] - b[n]).abs().max().item() for n in a) == 0.0
+
+
+@pytest.mark.slow
+def test_ctrl_c_from_the_command_line_exits_130_with_the_resume_command(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS * 20)
+    out = tmp_path / "o"
+    args = [sys.executable, os.path.join(ROOT, "train_sft.py"), "--model_name", tiny_model_dir, "--dataset_path", data,
+            "--output_dir", str(out), "--use_lora", "false", "--max_steps", "500", "--logging_steps", "1",
+            "--evaluation_strategy", "no", "--validation_split_ratio", "0", "--dataloader_pin_memory", "false",
+            "--gradient_checkpointing", "false", "--per_device_train_batch_size", "1"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    seen = []
+    deadline = time.time() + 240
+    for line in proc.stdout:  # wait until training steps are being logged
+        seen.append(line)
+        if "'loss'" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=240)
+    output = "".join(seen) + rest
+    assert proc.returncode == 130, output[-3000:]
+    final = [line for line in output.splitlines() if line.startswith("interrupted:")]
+    assert len(final) == 1 and "resume with: python train_sft.py" in final[0]
+    assert "--resume_from_checkpoint last" in final[0]
+    assert "Traceback" not in output
+    assert persistence.last_complete_checkpoint(str(out)) is not None
