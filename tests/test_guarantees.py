@@ -182,7 +182,9 @@ class SignalAt(TrainerCallback):
 
 
 @pytest.mark.parametrize("group_by_length", [False, True])
-def test_sigterm_saves_a_checkpoint_and_resuming_equals_an_uninterrupted_run(tmp_path, tiny_model_dir, group_by_length):
+@pytest.mark.parametrize("signal_step", [1, 3, 4])  # mid-epoch, at the end of the first epoch, in the second
+def test_sigterm_saves_a_checkpoint_and_resuming_equals_an_uninterrupted_run(tmp_path, tiny_model_dir, group_by_length,
+                                                                             signal_step):
     rows = [{"instruction": p["instruction"], "response": p["response"] * (1 + i % 3)} for i, p in enumerate(PAIRS)]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     settings = dict(max_steps=6, save_steps=100, per_device_train_batch_size=2, group_by_length=group_by_length,
@@ -192,13 +194,15 @@ def test_sigterm_saves_a_checkpoint_and_resuming_equals_an_uninterrupted_run(tmp
 
     class Interrupted(SFTTrainer):
         def get_callbacks(self):
-            return super().get_callbacks() + [SignalAt(3, signal.SIGTERM)]
+            return super().get_callbacks() + [SignalAt(signal_step, signal.SIGTERM)]
 
     out = tmp_path / "cut"
     cut = Interrupted(make_config(tiny_model_dir, data, out, **settings))
     with pytest.raises(TrainingInterrupted) as info:
         cut.train()
-    assert info.value.exit_code == 143 and info.value.step == 4 and info.value.checkpoint == str(out / "checkpoint-4")
+    stopped = signal_step + 1  # the signal arrives during a step; training stops when that step ends
+    assert info.value.exit_code == 143 and info.value.step == stopped
+    assert info.value.checkpoint == str(out / f"checkpoint-{stopped}")
     assert not os.path.exists(out / "model.safetensors")  # an interrupted run is not a finished model
     resumed = SFTTrainer(make_config(tiny_model_dir, data, out, resume_from_checkpoint="last", **settings))
     resumed.train()
@@ -231,3 +235,18 @@ def test_ctrl_c_from_the_command_line_exits_130_with_the_resume_command(tmp_path
     assert "--resume_from_checkpoint last" in final[0]
     assert "Traceback" not in output
     assert persistence.last_complete_checkpoint(str(out)) is not None
+
+
+def test_length_grouped_order_depends_on_seed_and_epoch_only():
+    from src.training.hf_trainer import EpochSeededLengthGroupedSampler
+
+    lengths = [(i * 37) % 101 + 1 for i in range(64)]
+    sampler = EpochSeededLengthGroupedSampler(4, lengths, seed=7)
+    first = list(sampler)
+    torch.rand(100)  # other consumers of the global generator change nothing
+    assert list(sampler) == first and sorted(first) == list(range(64))
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert second != first and sorted(second) == list(range(64))
+    batches = [second[i:i + 4] for i in range(0, 64, 4)]
+    assert max(lengths[i] for i in batches[0]) == max(lengths)  # longest batch first, as transformers does

@@ -11,6 +11,9 @@ It overrides only what must change:
   override that does not pass it on.
 - evaluation never drops the last batch (the stock loader obeys ``dataloader_drop_last``) and, under
   data parallelism, never counts a row twice (accelerate's ``even_batches`` repeats rows).
+- the length-grouped training order of each epoch is a function of the seed and the epoch alone
+  (transformers' ``LengthGroupedSampler`` draws from the global random generator, so a run resumed in
+  its second epoch saw a different order than an uninterrupted one).
 - ``evaluate`` weights every trained token equally across batches (the stock loop averages
   per-batch means), so packed and unpacked evaluation of the same examples give the same
   ``eval_loss``; it adds ``eval_perplexity``. It uses the same loss object as training.
@@ -23,6 +26,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from src.training.losses import SFTLoss, safe_perplexity, token_loss_sum
 
@@ -51,6 +55,12 @@ class SFTHFTrainer(Trainer):
         # object) gets the stock division by the accumulation steps in training_step.
         self.loss_is_scaled_for_ga = step.calls > 0
         return result
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):
+            return EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, self.args.data_seed or self.args.seed)
+        return sampler
 
     def get_eval_dataloader(self, eval_dataset=None):
         """The stock eval dataloader, but never dropping the last batch: ``dataloader_drop_last`` is a
@@ -147,3 +157,23 @@ class _HookSignature:
     def __call__(self, outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
         loss_sum, tokens = token_loss_sum(outputs["logits"], labels)
         return loss_sum / (num_items_in_batch if num_items_in_batch is not None else tokens.clamp(min=1))
+
+
+class EpochSeededLengthGroupedSampler(torch.utils.data.Sampler):
+    """transformers' length grouping (shuffle, sort within mega-batches, longest batch first), with the
+    shuffle of epoch ``e`` drawn from a generator seeded with ``seed + e``: the order never depends on what
+    else consumed random numbers, so a resumed run sees exactly the batches an uninterrupted run sees."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        self.batch_size, self.lengths, self.seed = batch_size, list(lengths), seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
