@@ -30,9 +30,12 @@ def barrier() -> None:
     """Wait for every rank (a no-op in a single process)."""
     if world_size() <= 1:
         return
+    import torch
     from accelerate import PartialState
 
-    PartialState().wait_for_everyone()
+    # cpu=True on machines without CUDA: accelerate's default there is "not distributed" (no process group,
+    # so waiting would return at once); transformers later joins the same gloo group (use_cpu).
+    PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
 
 
 @contextlib.contextmanager
