@@ -13,6 +13,11 @@ from tests.helpers import CORPUS, PAIRS, QWEN_TOKENIZER_DIR, write_jsonl  # noqa
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tokenized-data cache of every run in this session (and its subprocesses) lives in one fresh folder.
+if "ARABIC_QWEN_SFT_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["ARABIC_QWEN_SFT_CACHE"] = tempfile.mkdtemp(prefix="sft-test-cache-")
 
 
 @pytest.fixture(scope="session")

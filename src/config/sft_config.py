@@ -245,6 +245,12 @@ class SFTConfig(BaseConfig):
     )
     eval_generation_max_length: int = _help("Maximum new tokens per answer in generation-based evaluation.", default=128)
 
+    # --- preprocessing ---
+    dataset_cache_dir: Optional[str] = _help(
+        "Where tokenized (and packed) splits are cached and reused when the records, tokenizer and settings are "
+        "unchanged (src/data/cache.py). 'auto': $ARABIC_QWEN_SFT_CACHE, else $XDG_CACHE_HOME or ~/.cache, under "
+        "arabic-qwen-sft/tokenized; None: no cache (everything in memory).", default="auto")
+
     def validate(self) -> None:
         super().validate()
         from src.data.templates import check_template_settings
@@ -268,6 +274,16 @@ class SFTConfig(BaseConfig):
         from src.data.normalization import SWITCHES, build_normalizer
 
         return build_normalizer(self.normalization, **{k: getattr(self, "arabic_" + k) for k in SWITCHES})
+
+    @property
+    def resolved_dataset_cache_dir(self) -> Optional[str]:
+        """``dataset_cache_dir`` with 'auto' resolved (None: caching off)."""
+        if self.dataset_cache_dir != "auto":
+            return self.dataset_cache_dir
+        if os.environ.get("ARABIC_QWEN_SFT_CACHE"):
+            return os.environ["ARABIC_QWEN_SFT_CACHE"]
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return os.path.join(base, "arabic-qwen-sft", "tokenized")
 
     @property
     def resolved_response_template(self) -> str:

@@ -70,18 +70,11 @@ def audit_records(records: dict[str, list[dict]], load_report: Any, example_toke
     arabic_words: list[str] = []
     other_words: list[str] = []
     for split, rows in records.items():
-        prompt_lengths, response_lengths, total_lengths = [], [], []
-        segments = [example_tokenizer.segments(r) for r in rows]
-        texts = [t for segs in segments for _, t, _ in segs]
-        encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
-        for segs in segments:
-            lengths = [(kind, len(next(encoded))) for kind, _, _ in segs]
-            prompt = sum(n for kind, n in lengths if kind == "prompt") + len(example_tokenizer.prefix_ids)
-            n_responses = sum(1 for kind, _ in lengths if kind == "response")
-            response = sum(n for kind, n in lengths if kind == "response") + n_responses * (1 + len(example_tokenizer.suffix_ids))
-            prompt_lengths.append(prompt)
-            response_lengths.append(response)
-            total_lengths.append(prompt + response)
+        # Token counts with exactly the arithmetic of training's assemble(), before any over-long policy.
+        lengths = example_tokenizer.lengths(rows)
+        prompt_lengths = [prompt for prompt, _ in lengths]
+        response_lengths = [response for _, response in lengths]
+        total_lengths = [prompt + response for prompt, response in lengths]
         per_split[split] = {
             "prompt_tokens": _percentiles(prompt_lengths),
             "response_tokens": _percentiles(response_lengths),

@@ -30,9 +30,10 @@ import json
 import logging
 import os
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,16 @@ INSTRUCTION_KEYS = ("instruction", "prompt", "question", "query")
 RESPONSE_KEYS = ("response", "output", "completion", "answer")
 SPLIT_NAMES = ("train", "validation")
 REPLACEMENT_CHAR = "\ufffd"
+# Characters that show nothing: direction marks and embeddings/isolates (U+200E, U+200F, U+061C,
+# U+202A-U+202E, U+2066-U+2069), zero-width characters (U+200B-U+200D, U+2060, U+FEFF/BOM) and tatweel.
+# A value holding only these and whitespace is empty, whatever normalization preset a run uses.
+INVISIBLE_CHARS = ("\u200e\u200f\u061c\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+                   "\u200b\u200c\u200d\u2060\ufeff\u0640")
+_INVISIBLE_TABLE = {ord(c): None for c in INVISIBLE_CHARS}
+# C0 and C1 control characters (and DEL), except the line breaks: tab, newline, carriage return and NEL
+# (U+0085, a Unicode line separator that JSON strings may hold, like U+2028/U+2029).
+CONTROL_CHAR_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x84\x86-\x9f]")
+LONE_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
 class DatasetError(ValueError):
@@ -51,6 +62,64 @@ class DatasetError(ValueError):
     def __init__(self, message: str, reason: str = "invalid row"):
         super().__init__(message)
         self.reason = reason
+
+
+def visible_text(value: str) -> str:
+    """``value`` without whitespace, direction marks, zero-width characters and tatweel (see ``INVISIBLE_CHARS``)."""
+    return "".join(value.translate(_INVISIBLE_TABLE).split())
+
+
+def is_blank(value: str) -> bool:
+    """True when nothing visible is left in ``value``: the one definition of an empty field."""
+    return not visible_text(value)
+
+
+def _check_characters(value: str, where: str, name: str) -> None:
+    """Reject control characters (all but tab, newline, carriage return) and lone surrogates in a field."""
+    match = CONTROL_CHAR_RE.search(value)
+    if match:
+        raise DatasetError(f"{where}, field {name!r}: control character U+{ord(match.group()):04X} at position "
+                           f"{match.start()}; remove it (of the control characters only tab, newline and carriage return are allowed)",
+                           "control character")
+    match = LONE_SURROGATE_RE.search(value)
+    if match:
+        raise DatasetError(f"{where}, field {name!r}: lone surrogate U+{ord(match.group()):04X} at position "
+                           f"{match.start()} (a broken \\u escape); it is not a character", "invalid Unicode")
+
+
+class _DuplicateKeys(dict):
+    """A JSON object that held a key twice (``key``), or holds such an object somewhere inside (``own`` False)."""
+
+    key: str = ""
+    own: bool = True
+
+
+def _object_pairs(pairs: list[tuple[str, Any]]) -> dict:
+    """``object_pairs_hook`` for ``json.loads``: mark objects with a repeated key instead of keeping the last value.
+
+    The mark is carried up to every enclosing object (through lists), so a row knows about a duplicate in a turn.
+    """
+    values = dict(pairs)
+    if len(values) != len(pairs):
+        seen: set[str] = set()
+        marked = _DuplicateKeys(values)
+        marked.key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        return marked
+    for value in values.values():
+        inner = value if isinstance(value, _DuplicateKeys) else None
+        if inner is None and type(value) is list:
+            inner = next((v for v in value if isinstance(v, _DuplicateKeys)), None)
+        if inner is not None:
+            marked = _DuplicateKeys(values)
+            marked.key, marked.own = inner.key, False
+            return marked
+    return values
+
+
+def _json_loads(text: str) -> Any:
+    """Parse JSON, marking duplicate keys (see :func:`_object_pairs`); raw control characters in strings are
+    let through so that the field check names the field that holds them."""
+    return json.loads(text, object_pairs_hook=_object_pairs, strict=False)
 
 
 @dataclass
@@ -90,9 +159,68 @@ class RawRow:
     where: str
 
 
+@dataclass
+class ParsedRows:
+    """A split whose rows were validated while being read (JSONL files, ``datasets`` objects).
+
+    Reading and validating row by row keeps only the records in memory, never every raw row next to them.
+    Validation failures are kept in row order, and reported by :func:`validate_rows` exactly as if the
+    rows had been read first and validated afterwards: reading errors anywhere (also in a later file) come
+    first, then the first invalid row; skipped rows are counted in the same order.
+    """
+
+    records: list[dict] = field(default_factory=list)
+    rows_read: int = 0
+    failures: list[tuple[DatasetError, str]] = field(default_factory=list)
+
+    def add(self, values: Any, where: str) -> None:
+        self.rows_read += 1
+        try:
+            self.records.append(parse_record(values, where))
+        except DatasetError as exc:
+            self.failures.append((exc, where))
+
+    def __len__(self) -> int:
+        return self.rows_read
+
+
 # --------------------------------------------------------------------------------------------------
 # Reading files
 # --------------------------------------------------------------------------------------------------
+
+
+_UNICODE_BOMS = (  # UTF-32 first: its LE BOM starts with the UTF-16 LE one
+    (b"\xff\xfe\x00\x00", "UTF-32 (LE)"), (b"\x00\x00\xfe\xff", "UTF-32 (BE)"),
+    (b"\xff\xfe", "UTF-16 (LE)"), (b"\xfe\xff", "UTF-16 (BE)"),
+)
+
+
+def _wide_encoding(head: bytes) -> str | None:
+    """Name the UTF-16/UTF-32 encoding of a file from its first bytes (a BOM, or the NUL-byte patterns of
+    RFC 4627, section 3: text starting with an ASCII character), or None."""
+    for bom, name in _UNICODE_BOMS:
+        if head.startswith(bom):
+            return name
+    if len(head) >= 4:
+        zero = [b == 0 for b in head[:4]]
+        if zero == [True, True, True, False]:
+            return "UTF-32 (BE)"
+        if zero == [False, True, True, True]:
+            return "UTF-32 (LE)"
+        if zero == [True, False, True, False]:
+            return "UTF-16 (BE)"
+        if zero == [False, True, False, True]:
+            return "UTF-16 (LE)"
+    elif len(head) == 2 and (head[0] == 0) != (head[1] == 0):
+        return "UTF-16 (BE)" if head[0] == 0 else "UTF-16 (LE)"
+    return None
+
+
+def _check_utf8_file(path: str, head: bytes) -> None:
+    """Refuse a UTF-16/UTF-32 file with a message saying so (instead of a JSON or CSV error about its bytes)."""
+    encoding = _wide_encoding(head)
+    if encoding:
+        raise DatasetError(f"{path}: the file is {encoding} encoded; save it as UTF-8", "wrong encoding")
 
 
 def _decode(path: str, data: bytes) -> tuple[str, set[int]]:
@@ -100,8 +228,10 @@ def _decode(path: str, data: bytes) -> tuple[str, set[int]]:
 
     Lines are decoded one by one: a UTF-8 multi-byte sequence never contains the newline byte, so a
     line-wise decode finds exactly the lines with invalid bytes. Those bytes become U+FFFD so the rest
-    of the file can still be read; the rows on those lines are then reported as invalid.
+    of the file can still be read; the rows on those lines are then reported as invalid. UTF-16 and
+    UTF-32 files are refused (:func:`_check_utf8_file`).
     """
+    _check_utf8_file(path, data[:4])
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     try:
@@ -135,26 +265,55 @@ def _utf8_error(where: str, values: Any) -> str:
     return f"{where}{field_part}: invalid UTF-8 bytes; re-save the file as UTF-8"
 
 
-def _read_jsonl(path: str, text: str, bad_lines: set[int], report: LoadReport, skip: bool) -> list[RawRow]:
-    rows = []
-    # Split on "\n" only: str.splitlines() also breaks at U+2028/U+2029/U+0085, which JSON strings may hold.
-    for number, line in enumerate(text.split("\n"), start=1):
-        line = line.removesuffix("\r")
-        if not line.strip():
-            continue
-        where = f"{path}, line {number}"
-        try:
-            values = json.loads(line)
-        except json.JSONDecodeError as exc:
-            message = f"{where}: invalid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON object"
-            if number in bad_lines:
-                message = _utf8_error(where, None)
-            if skip:
-                report.skip("invalid JSON" if number not in bad_lines else "invalid UTF-8", where)
+def _read_jsonl(path: str, report: LoadReport, skip: bool) -> ParsedRows:
+    """Read and validate a JSONL file line by line (see :class:`ParsedRows`).
+
+    Lines are split at ``b"\n"`` only (``str.splitlines()`` also breaks at U+2028/U+2029/U+0085, which
+    JSON strings may hold) and decoded one by one: a UTF-8 multi-byte sequence never contains the newline
+    byte, so this finds exactly the lines with invalid bytes, as a whole-file decode would (see ``_decode``).
+    """
+    parsed = ParsedRows()
+    any_text = False
+    with open(path, "rb") as fh:
+        _check_utf8_file(path, fh.read(4))
+        fh.seek(0)
+        for number, raw in enumerate(fh, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                line, bad = raw.decode("utf-8"), False
+            except UnicodeDecodeError:
+                line, bad = raw.decode("utf-8", errors="replace"), True
+            line = line.removesuffix("\n").removesuffix("\r")
+            if not line.strip():
                 continue
-            raise DatasetError(message) from None
-        _keep_row(rows, values, where, number in bad_lines, report, skip)
-    return rows
+            any_text = True
+            where = f"{path}, line {number}"
+            try:
+                values = _json_loads(line)
+            except RecursionError:
+                message = f"{where}: invalid JSON (nested too deeply); each line must be one JSON object"
+                if skip:
+                    report.skip("invalid JSON", where)
+                    continue
+                raise DatasetError(message, "invalid JSON") from None
+            except json.JSONDecodeError as exc:
+                message = f"{where}: invalid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON object"
+                if bad:
+                    message = _utf8_error(where, None)
+                if skip:
+                    report.skip("invalid JSON" if not bad else "invalid UTF-8", where)
+                    continue
+                raise DatasetError(message) from None
+            if bad:
+                if skip:
+                    report.skip("invalid UTF-8", where)
+                    continue
+                raise DatasetError(_utf8_error(where, values))
+            parsed.add(values, where)
+    if not any_text:
+        raise DatasetError(f"{path}: the file is empty; expected instruction/response rows")
+    return parsed
 
 
 def _read_csv(path: str, text: str, bad_lines: set[int], report: LoadReport, skip: bool) -> list[RawRow]:
@@ -163,12 +322,20 @@ def _read_csv(path: str, text: str, bad_lines: set[int], report: LoadReport, ski
         header = next(reader)
     except StopIteration:
         return []
+    except csv.Error as exc:
+        raise DatasetError(f"{path}, line 1: invalid CSV header ({exc})", "invalid CSV") from None
     header = [h.strip() for h in header]
     if len(set(header)) != len(header):
         raise DatasetError(f"{path}, line 1: duplicate column names in CSV header {header}")
     rows = []
     start = reader.line_num + 1
-    for record in reader:
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:  # e.g. a field over the csv module's size limit
+            raise DatasetError(f"{path}, line {start}: invalid CSV ({exc})", "invalid CSV") from None
         end = reader.line_num
         where = f"{path}, line {start}" if start == end else f"{path}, lines {start}-{end}"
         line_span = range(start, end + 1)
@@ -190,9 +357,13 @@ def _read_json(path: str, text: str, bad_lines: set[int]) -> dict[str, list[RawR
     if bad_lines:
         raise DatasetError(f"{path}, line {min(bad_lines)}: invalid UTF-8 bytes; re-save the file as UTF-8")
     try:
-        data = json.loads(text)
+        data = _json_loads(text)
+    except RecursionError:
+        raise DatasetError(f"{path}: invalid JSON (nested too deeply)", "invalid JSON") from None
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{path}, line {exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+    if isinstance(data, _DuplicateKeys) and data.own:
+        raise DatasetError(f"{path}: duplicate key {data.key!r} in the top-level JSON object", "duplicate key")
     if isinstance(data, list):
         data = {"train": data}
     if not isinstance(data, dict):
@@ -213,19 +384,26 @@ def _read_json(path: str, text: str, bad_lines: set[int]) -> dict[str, list[RawR
     return splits
 
 
-def read_data_file(path: str, report: LoadReport, skip_invalid: bool = False) -> dict[str, list[RawRow]]:
-    """Read one data file into raw rows per split (``train`` only, unless it is a JSON split file)."""
+def read_data_file(path: str, report: LoadReport, skip_invalid: bool = False) -> dict[str, Any]:
+    """Read one data file into raw rows per split (``train`` only, unless it is a JSON split file).
+
+    JSONL files come back as :class:`ParsedRows` (validated while read), other files as lists of :class:`RawRow`.
+    """
     if not os.path.isfile(path):
         raise DatasetError(f"{path}: data file does not exist")
+    lower = path.lower()
+    if lower.endswith(".jsonl"):  # streamed: never the whole text, the raw rows and the records at once
+        splits: dict[str, Any] = {"train": _read_jsonl(path, report, skip_invalid)}
+        if not any(splits.values()) and not report.total_skipped:
+            raise DatasetError(f"{path}: no rows found; expected instruction/response rows")  # pragma: no cover
+        return splits
     with open(path, "rb") as fh:
         data = fh.read()
     text, bad_lines = _decode(path, data)
+    del data
     if not text.strip():
         raise DatasetError(f"{path}: the file is empty; expected instruction/response rows")
-    lower = path.lower()
-    if lower.endswith(".jsonl"):
-        splits = {"train": _read_jsonl(path, text, bad_lines, report, skip_invalid)}
-    elif lower.endswith(".csv"):
+    if lower.endswith(".csv"):
         splits = {"train": _read_csv(path, text, bad_lines, report, skip_invalid)}
     elif lower.endswith(".json"):
         splits = _read_json(path, text, bad_lines)
@@ -254,9 +432,18 @@ def _check_text(values: dict, key: str, where: str, field_name: str | None = Non
         raise DatasetError(
             f"{where}, field {name!r}: expected a string, got {type(value).__name__} ({value!r:.40})", "non-string value"
         )
-    if not value.strip():
-        raise DatasetError(f"{where}, field {name!r}: value is empty", "empty value")
+    if is_blank(value):
+        raise DatasetError(f"{where}, field {name!r}: value is empty{_invisible_note(value)}", "empty value")
+    _check_characters(value, where, name)
     return value
+
+
+def _invisible_note(value: str) -> str:
+    """For a value that is not plain whitespace: which invisible characters it holds, e.g. " (only U+200F, U+0640)"."""
+    shown = sorted({c for c in value if c in INVISIBLE_CHARS})
+    if not shown:
+        return ""
+    return f" (only whitespace and invisible characters: {', '.join(f'U+{ord(c):04X}' for c in shown)})"
 
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
@@ -306,6 +493,10 @@ def parse_record(values: Any, where: str) -> dict[str, Any]:
     """
     if not isinstance(values, dict):
         raise DatasetError(f"{where}: expected an object with 'instruction' and 'response' fields, got {type(values).__name__}", "not an object")
+    if isinstance(values, _DuplicateKeys):
+        inside = "" if values.own else " in an object inside the row"
+        raise DatasetError(f"{where}: duplicate key {values.key!r}{inside}; a JSON object may hold each key once",
+                           "duplicate key")
     for key in ("messages", "conversations"):
         if values.get(key) is not None:
             messages = parse_conversation(values[key], key, where)
@@ -338,25 +529,37 @@ def parse_record(values: Any, where: str) -> dict[str, Any]:
     extra_input = values.get("input")
     if extra_input is not None and not isinstance(extra_input, str):
         raise DatasetError(f"{where}, field 'input': expected a string, got {type(extra_input).__name__}", "non-string value")
-    if extra_input and extra_input.strip():
+    if extra_input:
+        _check_characters(extra_input, where, "input")
+    if extra_input and not is_blank(extra_input):
         instruction = f"{instruction}\n\n{extra_input}"
     system = values.get("system")
     if system is not None and not isinstance(system, str):
         raise DatasetError(f"{where}, field 'system': expected a string, got {type(system).__name__}", "non-string value")
+    if system:
+        _check_characters(system, where, "system")
     return {"instruction": instruction, "response": response, "system": system or None}
 
 
-def validate_rows(rows: Iterable[RawRow], report: LoadReport, split: str, skip_invalid: bool) -> list[dict]:
+def validate_rows(rows: Iterable[RawRow] | ParsedRows, report: LoadReport, split: str, skip_invalid: bool) -> list[dict]:
     """Parse every row; raise on the first invalid one, or skip and count it."""
-    records = []
-    for row in rows:
-        report.rows_read[split] += 1
-        try:
-            records.append(parse_record(row.values, row.where))
-        except DatasetError as exc:
+    if isinstance(rows, ParsedRows):
+        report.rows_read[split] += rows.rows_read
+        for exc, where in rows.failures:
             if not skip_invalid:
-                raise
-            report.skip(exc.reason, row.where)
+                raise exc
+            report.skip(exc.reason, where)
+        records = rows.records
+    else:
+        records = []
+        for row in rows:
+            report.rows_read[split] += 1
+            try:
+                records.append(parse_record(row.values, row.where))
+            except DatasetError as exc:
+                if not skip_invalid:
+                    raise
+                report.skip(exc.reason, row.where)
     shapes = {frozenset(r) for r in records}
     if len(shapes) > 1:
         raise DatasetError(
@@ -366,9 +569,16 @@ def validate_rows(rows: Iterable[RawRow], report: LoadReport, split: str, skip_i
     return records
 
 
-def _iter_dataset_rows(dataset: Any, name: str) -> Iterator[RawRow]:
-    for index, values in enumerate(dataset):
-        yield RawRow(dict(values), f"{name}, row {index}")
+def _parse_dataset_rows(dataset: Any, name: str, batch_size: int = 1000) -> ParsedRows:
+    """Validate the rows of a ``datasets.Dataset`` while reading them, a batch at a time."""
+    parsed = ParsedRows()
+    columns = list(dataset.column_names)
+    index = 0
+    for batch in dataset.iter(batch_size=batch_size):
+        for values in zip(*(batch[c] for c in columns)):
+            parsed.add(dict(zip(columns, values)), f"{name}, row {index}")
+            index += 1
+    return parsed
 
 
 # --------------------------------------------------------------------------------------------------
@@ -396,12 +606,15 @@ def load_records(
     validation_split_ratio: float = 0.1,
     seed: int = 42,
     skip_invalid: bool = False,
+    log: bool = True,
 ) -> tuple[dict[str, list[dict]], LoadReport]:
     """Load and validate training (and validation) records.
 
     ``source`` is a file path, a ``datasets.Dataset``, a ``DatasetDict`` or a dict of splits.
     ``eval_source`` optionally gives the validation split separately. Without any validation data,
-    ``validation_split_ratio`` of the training rows is held out, shuffled with ``seed``.
+    ``validation_split_ratio`` of the training rows is held out, shuffled with ``seed``. ``log=False``
+    leaves the summary line out (for records that were loaded, and logged, once already); skipped rows
+    are always reported.
     """
     report = LoadReport()
     raw = _raw_splits(source, report, skip_invalid, "dataset")
@@ -419,13 +632,14 @@ def load_records(
             report.held_out_validation = len(validation)
             report.rows_kept["train"] -= len(validation)
             report.rows_kept["validation"] += len(validation)
-    logger.info("Loaded data: %s", report.summary())
+    if log:
+        logger.info("Loaded data: %s", report.summary())
     if report.total_skipped:
         logger.warning("Skipped %d invalid rows: %s", report.total_skipped, dict(report.skipped))
     return records, report
 
 
-def _raw_splits(source: Any, report: LoadReport, skip_invalid: bool, name: str) -> dict[str, list[RawRow]]:
+def _raw_splits(source: Any, report: LoadReport, skip_invalid: bool, name: str) -> dict[str, Any]:
     if isinstance(source, (str, os.PathLike)):
         return read_data_file(os.fspath(source), report, skip_invalid)
     try:
@@ -433,7 +647,7 @@ def _raw_splits(source: Any, report: LoadReport, skip_invalid: bool, name: str) 
     except ImportError:  # pragma: no cover - datasets is a hard dependency
         Dataset = DatasetDict = ()  # type: ignore
     if isinstance(source, Dataset):
-        return {"train": list(_iter_dataset_rows(source, name))}
+        return {"train": _parse_dataset_rows(source, name)}
     if isinstance(source, (DatasetDict, dict)):
         if "train" not in source:
             raise DatasetError(f"{name}: expected a 'train' split, found {sorted(source)}")
@@ -445,7 +659,7 @@ def _raw_splits(source: Any, report: LoadReport, skip_invalid: bool, name: str) 
             if isinstance(data, list):
                 splits[key] = [RawRow(v, f"{name} split {split!r}, row {i}") for i, v in enumerate(data)]
             else:
-                splits[key] = list(_iter_dataset_rows(data, f"{name} split {split!r}"))
+                splits[key] = _parse_dataset_rows(data, f"{name} split {split!r}")
         return splits
     raise TypeError(f"{name}: expected a file path, datasets.Dataset, DatasetDict or dict of splits, got {type(source).__name__}")
 

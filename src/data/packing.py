@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Any, Sequence
+from itertools import chain
+from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from src.data.tokenization import IGNORE_INDEX
@@ -119,28 +121,124 @@ def pack_examples(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def pack_dataset(dataset: Any, max_seq_length: int) -> Any:
-    """Pack a tokenized ``datasets.Dataset`` (``input_ids``, ``labels``) into rows with ``position_ids``."""
-    from datasets import Dataset
+# Column types exactly as ``Dataset.from_dict`` infers them from Python lists (``input_ids`` is narrowed
+# to int32 by ``datasets``, the rest stay int64), so the Arrow-built datasets equal the list-built ones.
+UNPACKED_COLUMNS = ("input_ids", "labels", "length")
+PACKED_COLUMNS = ("input_ids", "labels", "position_ids", "length", "num_examples")
 
-    input_ids = dataset["input_ids"]
-    labels = dataset["labels"]
-    bins = pack_examples([len(x) for x in input_ids], max_seq_length)
-    rows: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": [], "length": [], "num_examples": []}
-    for members in bins:
-        ids, lab, pos = [], [], []
-        for i in members:
-            ids.extend(input_ids[i])
-            example_labels = list(labels[i])
-            example_labels[0] = IGNORE_INDEX
-            lab.extend(example_labels)
-            pos.extend(range(len(input_ids[i])))
-        rows["input_ids"].append(ids)
-        rows["labels"].append(lab)
-        rows["position_ids"].append(pos)
-        rows["length"].append(len(ids))
-        rows["num_examples"].append(len(members))
-    return Dataset.from_dict(rows)
+
+def features(packed: bool) -> Any:
+    from datasets import Features, List, Value
+
+    columns = {"input_ids": List(Value("int32")), "labels": List(Value("int64"))}
+    if packed:
+        columns["position_ids"] = List(Value("int64"))
+    columns["length"] = Value("int64")
+    if packed:
+        columns["num_examples"] = Value("int64")
+    return Features(columns)
+
+
+def _list_array(values: np.ndarray, lengths: np.ndarray, dtype: Any) -> Any:
+    import pyarrow as pa
+
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if offsets[-1] >= 2**31:  # pragma: no cover - a batch is at most a thousand rows
+        raise ValueError("an Arrow batch of more than 2**31 tokens; lower the batch size")
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32), type=pa.int32()), pa.array(values, type=dtype))
+
+
+def _int32_ids(values: np.ndarray) -> np.ndarray:
+    if len(values) and (values.min() < -(2**31) or values.max() >= 2**31):
+        raise ValueError("token ids do not fit in int32")
+    return values.astype(np.int32, copy=False)
+
+
+def unpacked_batch(input_ids: np.ndarray, labels: np.ndarray, lengths: np.ndarray) -> Any:
+    """One Arrow record batch of unpacked examples from flat ids/labels and example lengths."""
+    import pyarrow as pa
+
+    schema = features(False).arrow_schema
+    return pa.RecordBatch.from_arrays(
+        [_list_array(_int32_ids(input_ids), lengths, pa.int32()), _list_array(labels.astype(np.int64, copy=False), lengths, pa.int64()),
+         pa.array(lengths.astype(np.int64, copy=False), type=pa.int64())], schema=schema)
+
+
+def packed_batches(input_ids: np.ndarray, labels: np.ndarray | None, lengths: np.ndarray, max_seq_length: int,
+                   rows_per_batch: int = 256, trained: np.ndarray | None = None) -> Iterator[Any]:
+    """Pack examples given as flat ``input_ids``/``labels`` and their ``lengths`` into Arrow record batches.
+
+    The rows are those of :func:`pack_examples` (best-fit decreasing, then balanced); each row holds its
+    examples in bin order with their own ``position_ids`` from 0 and the first label of every example set
+    to -100, as :func:`pack_dataset` documents. Built with numpy gathers, ``rows_per_batch`` rows at a time.
+    Instead of ``labels``, a boolean ``trained`` mask may be given: labels are then the ids where it is
+    set and -100 elsewhere (a quarter of the memory while everything waits to be packed).
+    """
+    import pyarrow as pa
+
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and lengths.min() <= 0:
+        raise ValueError(f"example {int(np.argmin(lengths))} is empty; packing needs at least one token per example")
+    starts = np.zeros(len(lengths), dtype=np.int64)
+    if len(lengths) > 1:
+        np.cumsum(lengths[:-1], out=starts[1:])
+    bins = pack_examples(lengths.tolist(), max_seq_length)
+    schema = features(True).arrow_schema
+    for first in range(0, len(bins), rows_per_batch):
+        group = bins[first : first + rows_per_batch]
+        sizes = np.fromiter(map(len, group), dtype=np.int64, count=len(group))
+        members = np.fromiter(chain.from_iterable(group), dtype=np.int64, count=int(sizes.sum()))
+        member_lengths = lengths[members]
+        member_out = np.zeros(len(members), dtype=np.int64)  # where each example starts in the batch's values
+        np.cumsum(member_lengths[:-1], out=member_out[1:])
+        total = int(member_lengths.sum())
+        source = np.repeat(starts[members] - member_out, member_lengths) + np.arange(total)
+        ids = input_ids[source]
+        if labels is not None:
+            lab = labels[source].astype(np.int64)
+        else:
+            lab = np.where(trained[source], ids, IGNORE_INDEX).astype(np.int64)
+        lab[member_out] = IGNORE_INDEX  # nothing is trained across a seam
+        positions = np.arange(total) - np.repeat(member_out, member_lengths)
+        row_lengths = np.add.reduceat(member_lengths, np.concatenate(([0], np.cumsum(sizes[:-1]))))
+        yield pa.RecordBatch.from_arrays(
+            [_list_array(_int32_ids(ids), row_lengths, pa.int32()), _list_array(lab, row_lengths, pa.int64()),
+             _list_array(positions, row_lengths, pa.int64()), pa.array(row_lengths, type=pa.int64()),
+             pa.array(sizes, type=pa.int64())], schema=schema)
+
+
+def dataset_from_batches(batches: list, packed: bool) -> Any:
+    """An in-memory ``datasets.Dataset`` over Arrow record batches (types of :func:`features`)."""
+    import pyarrow as pa
+    from datasets import Dataset
+    from datasets.fingerprint import generate_random_fingerprint
+    from datasets.table import InMemoryTable
+
+    table = pa.Table.from_batches(batches, schema=features(packed).arrow_schema)
+    # An explicit fingerprint: deriving one would pickle and hash the whole table (a full copy in memory).
+    return Dataset(InMemoryTable(table), fingerprint=generate_random_fingerprint())
+
+
+def pack_dataset(dataset: Any, max_seq_length: int) -> Any:
+    """Pack a tokenized ``datasets.Dataset`` (``input_ids``, ``labels``) into rows with ``position_ids``.
+
+    Rows come from :func:`pack_examples` over the example lengths; a row concatenates its examples (in bin
+    order), restarts ``position_ids`` at 0 for each, and sets each example's first label to -100. Columns:
+    ``input_ids``, ``labels``, ``position_ids``, ``length`` (tokens in the row), ``num_examples``.
+    """
+    import pyarrow.compute as pc
+
+    table = dataset.with_format("arrow")[:]  # the rows in dataset order (any indices mapping applied)
+    ids_column = table.column("input_ids").combine_chunks()
+    labels_column = table.column("labels").combine_chunks()
+    lengths = pc.list_value_length(ids_column).to_numpy(zero_copy_only=False).astype(np.int64)
+    label_lengths = pc.list_value_length(labels_column).to_numpy(zero_copy_only=False)
+    if not np.array_equal(lengths, label_lengths):
+        raise ValueError("every example needs as many labels as input_ids")
+    input_ids = ids_column.flatten().to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    labels = labels_column.flatten().to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    return dataset_from_batches(list(packed_batches(input_ids, labels, lengths, max_seq_length)), packed=True)
 
 
 def flattens_packed_batches(attn_implementation: str | None) -> bool:

@@ -8,6 +8,7 @@ generation-based evaluation in ``src.training.generation`` (its docstring lists 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any, Dict, List, Optional
@@ -16,9 +17,10 @@ import torch
 
 from src.config import SFTConfig
 from src.data.loading import load_records
-from src.data.packing import SFTDataCollator, flattens_packed_batches, pack_dataset, padding_efficiency
+from src.data.packing import SFTDataCollator, flattens_packed_batches, padding_efficiency
 from src.data.templates import get_prompt_format
 from src.data.tokenization import ExampleTokenizer, TokenizeReport, tokenize_records
+from src.distributed import main_process_first
 from src.training import generation
 from src.training.base_trainer import BaseTrainer
 from src.training.hf_trainer import SFTHFTrainer
@@ -76,12 +78,17 @@ class SFTTrainer(BaseTrainer):
 
     # -- datasets -----------------------------------------------------------------------------------
     def tokenize_split(self, records: List[dict], split: str) -> Any:
-        """Records -> tokenized (and, with packing, packed) ``datasets.Dataset``."""
+        """Records -> tokenized (and, with packing, packed) ``datasets.Dataset``.
+
+        With a dataset cache (``config.dataset_cache_dir``), an unchanged split (same records, tokenizer and
+        settings) is memory-mapped from disk instead of tokenized again; under torchrun the main process
+        tokenizes first and the other ranks then read its cache entry.
+        """
         self.tokenize_report = self.tokenize_report or TokenizeReport()
-        dataset = tokenize_records(records, self.example_tokenizer(), split, self.tokenize_report)
-        if self.config.packing:
-            dataset = pack_dataset(dataset, self.config.max_seq_length)
-        return dataset
+        cache_dir = self.config.resolved_dataset_cache_dir
+        with main_process_first() if cache_dir else contextlib.nullcontext():
+            return tokenize_records(records, self.example_tokenizer(), split, self.tokenize_report,
+                                    packing=self.config.packing, cache_dir=cache_dir)
 
     def create_trainer(self, dataset, training_args, callbacks):
         """Create and configure the SFT trainer instance.
@@ -94,7 +101,8 @@ class SFTTrainer(BaseTrainer):
         if self.model is None:
             self.setup_model()
         records, report = load_records(dataset, validation_split_ratio=0.0, seed=self.config.seed,
-                                       skip_invalid=self.config.skip_invalid_rows)
+                                       skip_invalid=self.config.skip_invalid_rows,
+                                       log=dataset is not self.dataset)  # load_dataset logged these rows already
         self.tokenize_report = TokenizeReport()
         train_dataset = self.tokenize_split(records["train"], "train")
         eval_dataset = self.tokenize_split(records["validation"], "validation") if records.get("validation") else None
