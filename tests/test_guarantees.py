@@ -250,3 +250,11 @@ def test_length_grouped_order_depends_on_seed_and_epoch_only():
     assert second != first and sorted(second) == list(range(64))
     batches = [second[i:i + 4] for i in range(0, 64, 4)]
     assert max(lengths[i] for i in batches[0]) == max(lengths)  # longest batch first, as transformers does
+
+
+def test_a_mistyped_local_model_path_is_reported_at_once(tmp_path, monkeypatch):
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError, match="'models/my-rnu' does not exist"):
+        resolve_model_path("models/my-rnu", str(tmp_path / "o"))  # not sent to the hub as an org/name id
+    assert resolve_model_path("Qwen/Qwen2.5-7B", str(tmp_path / "o")) == "Qwen/Qwen2.5-7B"  # a hub id stays one

@@ -15,7 +15,8 @@ def run(argv: list[str]) -> int:
 
     config = parse_config(SFTConfig, argv)
     trainer = create_sft_trainer(config)
-    trainer.claim_output_dir(resuming=bool(config.resume_from_checkpoint))  # refuse a wrong folder before loading
+    # Refuse a wrong folder before reading data or loading a model (nothing is written until training starts).
+    trainer.claim_output_dir(resuming=bool(config.resume_from_checkpoint), write=False)
     trainer.prepare()
     has_validation = trainer.trainer.eval_dataset is not None
     before = trainer.evaluate_model() if has_validation else None

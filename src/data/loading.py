@@ -19,7 +19,15 @@ Accepted row shapes (first match wins), documented here because users come from 
 
 Every record is checked: a missing, non-string or empty field raises :class:`DatasetError` naming the
 file, the line (or row index) and the field. With ``skip_invalid_rows`` the row is skipped instead,
-and :class:`LoadReport` counts it by reason; nothing is dropped silently.
+and :class:`LoadReport` counts it by reason; nothing is dropped silently. Hostile input is refused the same way:
+
+- a value is *empty* when nothing is left after removing whitespace, direction marks, zero-width characters
+  (U+FEFF included) and tatweel (:func:`is_blank`, whatever the run's normalization preset): "empty value";
+- control characters other than tab, newline, carriage return and NEL, and lone surrogates: "control
+  character" / "invalid Unicode";
+- a JSON object holding a key twice (a row, or a turn inside it): "duplicate key";
+- a UTF-16 or UTF-32 file (by its BOM, or the NUL bytes of its first characters) is refused as a whole:
+  "FILE: the file is UTF-16 (LE) encoded; save it as UTF-8".
 """
 
 from __future__ import annotations
@@ -47,10 +55,14 @@ REPLACEMENT_CHAR = "\ufffd"
 INVISIBLE_CHARS = ("\u200e\u200f\u061c\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
                    "\u200b\u200c\u200d\u2060\ufeff\u0640")
 _INVISIBLE_TABLE = {ord(c): None for c in INVISIBLE_CHARS}
+# The first character that shows something (``\s`` is ``str.isspace``, as in ``str.split``).
+_VISIBLE_RE = re.compile(f"[^\\s{INVISIBLE_CHARS}]")
 # C0 and C1 control characters (and DEL), except the line breaks: tab, newline, carriage return and NEL
 # (U+0085, a Unicode line separator that JSON strings may hold, like U+2028/U+2029).
-CONTROL_CHAR_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x84\x86-\x9f]")
-LONE_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+CONTROL_CHARS = "\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x84\x86-\x9f"
+CONTROL_CHAR_RE = re.compile(f"[{CONTROL_CHARS}]")
+# Control characters or lone surrogates (what a broken \\uD800-style escape in JSON gives): one search per field.
+_BAD_CHAR_RE = re.compile(f"[{CONTROL_CHARS}\ud800-\udfff]")
 
 
 class DatasetError(ValueError):
@@ -70,21 +82,22 @@ def visible_text(value: str) -> str:
 
 
 def is_blank(value: str) -> bool:
-    """True when nothing visible is left in ``value``: the one definition of an empty field."""
-    return not visible_text(value)
+    """True when nothing visible is left in ``value`` (``visible_text(value) == ""``): the one definition of an
+    empty field. A search for the first visible character: it stops at once for ordinary text."""
+    return _VISIBLE_RE.search(value) is None
 
 
 def _check_characters(value: str, where: str, name: str) -> None:
     """Reject control characters (all but tab, newline, carriage return) and lone surrogates in a field."""
-    match = CONTROL_CHAR_RE.search(value)
-    if match:
+    match = _BAD_CHAR_RE.search(value)
+    if match is None:
+        return
+    if CONTROL_CHAR_RE.match(match.group()):
         raise DatasetError(f"{where}, field {name!r}: control character U+{ord(match.group()):04X} at position "
-                           f"{match.start()}; remove it (of the control characters only tab, newline and carriage return are allowed)",
-                           "control character")
-    match = LONE_SURROGATE_RE.search(value)
-    if match:
-        raise DatasetError(f"{where}, field {name!r}: lone surrogate U+{ord(match.group()):04X} at position "
-                           f"{match.start()} (a broken \\u escape); it is not a character", "invalid Unicode")
+                           f"{match.start()}; remove it (of the control characters only tab, newline and carriage "
+                           "return are allowed)", "control character")
+    raise DatasetError(f"{where}, field {name!r}: lone surrogate U+{ord(match.group()):04X} at position "
+                       f"{match.start()} (a broken \\u escape); it is not a character", "invalid Unicode")
 
 
 class _DuplicateKeys(dict):
@@ -116,10 +129,35 @@ def _object_pairs(pairs: list[tuple[str, Any]]) -> dict:
     return values
 
 
+class _HasDuplicateKey(Exception):
+    pass
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    values = dict(pairs)
+    if len(values) != len(pairs):
+        raise _HasDuplicateKey
+    return values
+
+
+# Built once (``json.loads`` with options builds a decoder per call). Raw control characters in strings are
+# let through (``strict=False``) so that the field check names the field that holds them.
+_FAST_DECODER = json.JSONDecoder(object_pairs_hook=_refuse_duplicates, strict=False)
+_MARKING_DECODER = json.JSONDecoder(object_pairs_hook=_object_pairs, strict=False)
+
+
 def _json_loads(text: str) -> Any:
-    """Parse JSON, marking duplicate keys (see :func:`_object_pairs`); raw control characters in strings are
-    let through so that the field check names the field that holds them."""
-    return json.loads(text, object_pairs_hook=_object_pairs, strict=False)
+    """Parse JSON, marking objects with duplicate keys (see :func:`_object_pairs`).
+
+    The common case (no duplicate anywhere) takes the cheap hook; a text with a duplicate is parsed again
+    with the marking one, so that the row holding it is the one reported.
+    """
+    if text.startswith("\ufeff"):  # as json.loads: a BOM is an error, not whitespace
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+    try:
+        return _FAST_DECODER.decode(text)
+    except _HasDuplicateKey:
+        return _MARKING_DECODER.decode(text)
 
 
 @dataclass
@@ -541,8 +579,10 @@ def parse_record(values: Any, where: str) -> dict[str, Any]:
     return {"instruction": instruction, "response": response, "system": system or None}
 
 
-def validate_rows(rows: Iterable[RawRow] | ParsedRows, report: LoadReport, split: str, skip_invalid: bool) -> list[dict]:
-    """Parse every row; raise on the first invalid one, or skip and count it."""
+def validate_rows(rows: Iterable[RawRow] | ParsedRows, report: LoadReport, split: str, skip_invalid: bool,
+                  source_name: str = "dataset") -> list[dict]:
+    """Parse every row; raise on the first invalid one, or skip and count it. ``source_name`` (the file) starts
+    the messages about the split as a whole."""
     if isinstance(rows, ParsedRows):
         report.rows_read[split] += rows.rows_read
         for exc, where in rows.failures:
@@ -563,7 +603,7 @@ def validate_rows(rows: Iterable[RawRow] | ParsedRows, report: LoadReport, split
     shapes = {frozenset(r) for r in records}
     if len(shapes) > 1:
         raise DatasetError(
-            f"split {split!r} mixes row shapes ({', '.join(sorted('/'.join(sorted(k)) for k in shapes))}); use one shape per split"
+            f"{source_name}: split {split!r} mixes row shapes ({', '.join(sorted('/'.join(sorted(k)) for k in shapes))}); use one shape per split"
         )
     report.rows_kept[split] += len(records)
     return records
@@ -621,9 +661,11 @@ def load_records(
     if eval_source is not None:
         eval_raw = _raw_splits(eval_source, report, skip_invalid, "eval dataset")
         raw["validation"] = eval_raw.get("validation") or eval_raw.get("train") or []
-    records = {split: validate_rows(rows, report, split, skip_invalid) for split, rows in raw.items()}
+    names = {"train": _source_name(source, "dataset"), "validation": _source_name(eval_source, "eval dataset")
+             if eval_source is not None else _source_name(source, "dataset")}
+    records = {split: validate_rows(rows, report, split, skip_invalid, names[split]) for split, rows in raw.items()}
     if not records.get("train"):
-        where = source if isinstance(source, str) else "the training dataset"
+        where = _source_name(source, "the training dataset")
         raise DatasetError(f"{where}: no valid training rows ({report.summary() or 'nothing read'})")
     if "validation" not in records:
         records["train"], validation = hold_out(records["train"], validation_split_ratio, seed)
@@ -637,6 +679,10 @@ def load_records(
     if report.total_skipped:
         logger.warning("Skipped %d invalid rows: %s", report.total_skipped, dict(report.skipped))
     return records, report
+
+
+def _source_name(source: Any, default: str) -> str:
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else default
 
 
 def _raw_splits(source: Any, report: LoadReport, skip_invalid: bool, name: str) -> dict[str, Any]:

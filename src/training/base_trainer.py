@@ -199,13 +199,18 @@ class BaseTrainer(ABC):
         trainer = self.prepare()
         return {k: float(v) for k, v in trainer.evaluate(eval_dataset).items()}
 
-    def claim_output_dir(self, resuming: bool = False) -> None:
+    def claim_output_dir(self, resuming: bool = False, write: bool = True) -> None:
         """Check and claim ``config.output_dir`` once, before anything is loaded (``persistence.claim_output_dir``);
-        the lock is released when training ends or, after evaluation-only use, when the process exits."""
+        the lock is released when training ends or, after evaluation-only use, when the process exits.
+        ``write=False`` only checks: the command line refuses a wrong folder before reading any data, and
+        writes nothing there until training starts."""
         output_dir = self.config.output_dir
         if output_dir in self._claimed:
             return
-        persistence.claim_output_dir(output_dir, self._get_training_method(), self.config.overwrite_output_dir, resuming)
+        persistence.claim_output_dir(output_dir, self._get_training_method(), self.config.overwrite_output_dir, resuming,
+                                     write=write)
+        if not write:
+            return
         self._claimed.add(output_dir)
         self._saved_dirs.add(output_dir)
         import atexit

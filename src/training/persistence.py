@@ -233,9 +233,10 @@ def foreign_files(output_dir: str, method: str) -> list[str]:
     return sorted(e for e in entries if e not in OWN_BEFORE_MARKER and not CHECKPOINT_RE.match(e))
 
 
-def claim_output_dir(output_dir: str, method: str, overwrite: bool, resuming: bool) -> None:
+def claim_output_dir(output_dir: str, method: str, overwrite: bool, resuming: bool, write: bool = True) -> None:
     """Check ``output_dir`` on every rank, then (main process) clear old checkpoints when overwriting, write
-    the run marker and take the lock. Raises before anything is loaded (see the module docstring)."""
+    the run marker and take the lock. Raises before anything is loaded (see the module docstring).
+    ``write=False`` only checks (nothing is written: for refusing early, before the data is even read)."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ValueError(f"output_dir {output_dir!r} is a file; expected a directory")
     barrier()
@@ -249,6 +250,8 @@ def claim_output_dir(output_dir: str, method: str, overwrite: bool, resuming: bo
         raise FileExistsError(f"{output_dir} holds files this project did not write ({shown}); choose a new or empty "
                               "output_dir, or set overwrite_output_dir=True to write over them")
     check_output_dir(output_dir, method, overwrite)
+    if not write:
+        return
     barrier()  # every rank has checked before the main process changes anything
     if is_main_process():
         if lock and lock.get("pid") != os.getpid():
