@@ -258,3 +258,33 @@ def test_a_mistyped_local_model_path_is_reported_at_once(tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError, match="'models/my-rnu' does not exist"):
         resolve_model_path("models/my-rnu", str(tmp_path / "o"))  # not sent to the hub as an org/name id
     assert resolve_model_path("Qwen/Qwen2.5-7B", str(tmp_path / "o")) == "Qwen/Qwen2.5-7B"  # a hub id stays one
+
+
+def test_a_run_killed_after_its_last_checkpoint_resumes_to_its_final_model(tmp_path, pairs_file, tiny_model_dir):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "o"
+    SFTTrainer(make_config(tiny_model_dir, pairs_file, out, max_steps=2, save_steps=2)).train()
+    expected = load_file(str(out / "checkpoint-2" / "model.safetensors"))
+    for name in os.listdir(out):  # what a SIGKILL between the last checkpoint and the final save leaves
+        if not name.startswith("checkpoint-") and name not in (persistence.RUN_MARKER,):
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    steps = []
+
+    class CountSteps(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            steps.append(state.global_step)
+
+    class Counting(SFTTrainer):
+        def get_callbacks(self):
+            return super().get_callbacks() + [CountSteps()]
+
+    resumed = Counting(make_config(tiny_model_dir, pairs_file, out, max_steps=2, save_steps=2, resume_from_checkpoint="last"))
+    assert resumed.train() is None
+    assert steps == []  # transformers alone would have trained a third step
+    saved = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)
+    assert json.loads((out / "sft_metadata.json").read_text(encoding="utf-8"))["training_completed_at"]

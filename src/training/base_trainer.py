@@ -164,8 +164,19 @@ class BaseTrainer(ABC):
         try:
             trainer = self.prepare()
             if checkpoint is not None and 0 < trainer.args.max_steps <= persistence.checkpoint_step(checkpoint):
-                logger.warning("%s is already at step %d of max_steps=%d: nothing to train", checkpoint,
-                               persistence.checkpoint_step(checkpoint), trainer.args.max_steps)
+                # transformers would train one step more from here; there is nothing left to train.
+                step = persistence.checkpoint_step(checkpoint)
+                if os.path.isfile(os.path.join(output_dir, persistence.metadata_filename(self._get_training_method()))):
+                    logger.warning("%s is already at step %d of max_steps=%d and the run was saved: nothing to train",
+                                   checkpoint, step, trainer.args.max_steps)
+                    return None
+                logger.warning("%s is already at step %d of max_steps=%d: nothing to train; saving its weights as "
+                               "the final model (the run stopped before its final save)", checkpoint, step,
+                               trainer.args.max_steps)
+                trainer._load_from_checkpoint(checkpoint)
+                self.training_completed_at = persistence.utc_now()
+                self.final_metrics = self.evaluate_model() if trainer.eval_dataset is not None else {}
+                self.save_model()
                 return None
             try:
                 with interrupt_signals(self.interrupt):
