@@ -288,3 +288,13 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_to_its_final_model(tmp_p
     saved = load_file(str(out / "model.safetensors"))
     assert all(torch.equal(saved[k], expected[k]) for k in expected)
     assert json.loads((out / "sft_metadata.json").read_text(encoding="utf-8"))["training_completed_at"]
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_generating(tiny_model_dir, pairs_file, tmp_path):
+    trainer = SFTTrainer(make_config(tiny_model_dir, pairs_file, tmp_path / "o"))
+    trainer.setup_model()
+    context = trainer.model.config.max_position_embeddings
+    long_instruction = "كلمة " * (context + 10)
+    with pytest.raises(ValueError, match=rf"prompt 1 is \d+ tokens long, but the model's context is {context}"):
+        trainer.batch_generate(["قصير", long_instruction], max_length=8)
+    assert len(trainer.batch_generate(["قصير"], max_length=4)) == 1  # a prompt that fits still generates

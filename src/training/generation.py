@@ -7,6 +7,9 @@ Choices the specification leaves open:
 - Passing ``temperature``, ``top_p``, ``top_k``, ``typical_p`` or ``min_p`` without ``do_sample`` turns
   sampling on (that is what the caller asks for; transformers would ignore them under greedy
   decoding). With none of them, decoding is greedy and deterministic.
+- A prompt that does not leave ``max_length`` new tokens inside the model's context
+  (``config.max_position_embeddings``) is refused with an error naming it, before anything is generated:
+  cutting a prompt would silently drop the instruction or its system prompt.
 - Generation stops at the template's end token (``<|im_end|>`` for ChatML, EOS otherwise) and at the
   tokenizer's EOS; the returned text is the response only, without special tokens or surrounding
   whitespace.
@@ -46,6 +49,7 @@ def generate_from_prompts(model: Any, tokenizer: Any, prompts: list[list[int]], 
     """
     if max_length < 1 or batch_size < 1:
         raise ValueError(f"max_length and batch_size must be positive (got {max_length}, {batch_size})")
+    check_prompt_lengths(model, prompts, max_length)
     from tqdm.auto import tqdm
 
     pad_id = tokenizer.pad_token_id
@@ -73,6 +77,20 @@ def generate_from_prompts(model: Any, tokenizer: Any, prompts: list[list[int]], 
         if was_training:
             model.train()
     return outputs
+
+
+def check_prompt_lengths(model: Any, prompts: list[list[int]], max_new_tokens: int) -> None:
+    """Refuse prompts that leave no room for ``max_new_tokens`` in the model's context (module docstring)."""
+    config = getattr(model, "config", None)
+    context = getattr(config, "max_position_embeddings", None)
+    if not isinstance(context, int):
+        return
+    room = context - max_new_tokens
+    for i, prompt in enumerate(prompts):
+        if len(prompt) > room:
+            raise ValueError(f"prompt {i} is {len(prompt)} tokens long, but the model's context is {context} tokens and "
+                             f"max_length={max_new_tokens} new tokens leaves room for {max(room, 0)}; shorten the "
+                             "prompt or lower max_length")
 
 
 def choose_rows(records: list[dict], max_samples: Optional[int], seed: int) -> list[dict]:
