@@ -298,3 +298,41 @@ def test_a_prompt_longer_than_the_context_is_refused_before_generating(tiny_mode
     with pytest.raises(ValueError, match=rf"prompt 1 is \d+ tokens long, but the model's context is {context}"):
         trainer.batch_generate(["قصير", long_instruction], max_length=8)
     assert len(trainer.batch_generate(["قصير"], max_length=4)) == 1  # a prompt that fits still generates
+
+
+def _cli(data, out, *extra, model_dir):
+    return [sys.executable, os.path.join(ROOT, "train_sft.py"), "--model_name", model_dir, "--dataset_path", data,
+            "--output_dir", str(out), "--use_lora", "false", "--max_steps", "8", "--save_steps", "1",
+            "--save_total_limit", "None", "--per_device_train_batch_size", "2", "--evaluation_strategy", "no",
+            "--validation_split_ratio", "0", "--dataloader_pin_memory", "false", "--gradient_checkpointing", "false",
+            "--group_by_length", "true", "--num_train_epochs", "3", "--logging_steps", "1", *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_after", [2, 5])  # first epoch; second epoch (4 steps per epoch)
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_model_dir, kill_after):
+    from safetensors.torch import load_file
+
+    rows = [{"instruction": p["instruction"], "response": p["response"] * (1 + i % 3)} for i, p in enumerate(PAIRS)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    whole = subprocess.run(_cli(data, tmp_path / "whole", model_dir=tiny_model_dir), env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(data, out, model_dir=tiny_model_dir), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while persistence.checkpoint_problem(str(out / f"checkpoint-{kill_after}")) is not None and time.time() < deadline:
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()  # SIGKILL: no handler runs
+    proc.wait()
+    assert not os.path.exists(out / "model.safetensors")  # it really died before the end
+    resumed = subprocess.run(_cli(data, out, "--resume_from_checkpoint", "last", model_dir=tiny_model_dir), env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    b = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
