@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 def world_size() -> int:
@@ -26,16 +26,47 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def barrier() -> None:
-    """Wait for every rank (a no-op in a single process)."""
-    if world_size() <= 1:
-        return
+def _state():
     import torch
     from accelerate import PartialState
 
     # cpu=True on machines without CUDA: accelerate's default there is "not distributed" (no process group,
     # so waiting would return at once); transformers later joins the same gloo group (use_cpu).
-    PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op in a single process)."""
+    if world_size() > 1:
+        _state().wait_for_everyone()
+
+
+SHARED_ERRORS = (FileExistsError, FileNotFoundError, PermissionError, ValueError, OSError)
+
+
+def main_decides(step: Callable[[], None]) -> None:
+    """Run ``step`` on the main process only; if it raises, every rank raises the same error.
+
+    Checks and writes that only the main process does must not leave the other ranks waiting at a later
+    barrier, nor let ranks disagree (each rank judging a lock file by its own process id).
+    """
+    error = None
+    if is_main_process():
+        try:
+            step()
+        except SHARED_ERRORS as exc:
+            error = exc
+    if world_size() > 1:
+        import torch.distributed as dist
+
+        _state()
+        box = [None if error is None else (type(error).__name__, str(error))]
+        dist.broadcast_object_list(box, src=0)
+        if error is None and box[0] is not None:
+            kind = {e.__name__: e for e in SHARED_ERRORS}.get(box[0][0], RuntimeError)
+            raise kind(box[0][1])
+    if error is not None:
+        raise error
 
 
 @contextlib.contextmanager

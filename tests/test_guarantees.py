@@ -336,3 +336,53 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_model_di
     a = load_file(str(tmp_path / "whole" / "model.safetensors"))
     b = load_file(str(out / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_saving_a_full_model_over_a_lora_run_leaves_no_adapter_behind(tmp_path, pairs_file, tiny_model_dir):
+    out = tmp_path / "o"
+    SFTTrainer(make_config(tiny_model_dir, pairs_file, out, max_steps=1, use_lora=True, lora_r=4, lora_alpha=8)).train()
+    assert os.path.isfile(out / "adapter_model.safetensors")
+    full = SFTTrainer(make_config(tiny_model_dir, pairs_file, out, max_steps=1, overwrite_output_dir=True))
+    full.train()
+    assert not os.path.exists(out / "adapter_model.safetensors") and not os.path.exists(out / "adapter_config.json")
+    restored = SFTTrainer(make_config(tiny_model_dir, pairs_file, tmp_path / "x"))
+    restored.load_model(str(out))
+    assert not hasattr(restored.model, "peft_config")
+    assert all(torch.equal(p, full.model.state_dict()[n]) for n, p in restored.model.state_dict().items())
+
+
+def test_a_second_train_call_is_not_stopped_by_the_first_ones_signal(tmp_path, pairs_file, tiny_model_dir):
+    class Interrupted(SFTTrainer):
+        def get_callbacks(self):
+            return super().get_callbacks() + [SignalAt(1, signal.SIGTERM)]
+
+    out = tmp_path / "o"
+    trainer = Interrupted(make_config(tiny_model_dir, pairs_file, out, max_steps=4, save_steps=100))
+    with pytest.raises(TrainingInterrupted):
+        trainer.train()
+    # the same trainer, asked to continue, without any new signal
+    trainer.get_callbacks = lambda: SFTTrainer.get_callbacks(trainer)
+    trainer.trainer = None
+    trainer.config.resume_from_checkpoint = "last"
+    trainer.train()
+    assert os.path.isfile(out / "model.safetensors")
+
+
+def test_the_resume_command_replaces_an_earlier_resume_flag():
+    from src.cli.main import resume_command
+
+    assert resume_command(["--config", "my run.yaml", "--resume_from_checkpoint", "o/checkpoint-10", "--max_steps=9"]) == \
+        "python train_sft.py --config 'my run.yaml' --max_steps=9 --resume_from_checkpoint last"
+    assert resume_command(["--resume-from-checkpoint=o/checkpoint-3"]) == "python train_sft.py --resume_from_checkpoint last"
+
+
+def test_models_that_change_logits_after_the_head_fall_back_to_full_logits(tiny_model_dir):
+    from src.training.losses import FullLogitsLoss, TrainedTokensLoss
+    from tests.helpers import load_tiny
+
+    model, tokenizer = load_tiny(tiny_model_dir)
+    model.config.final_logit_softcapping = 30.0  # as Gemma 2 has; Qwen2 ignores it, the loss must not assume that
+    loss = TrainedTokensLoss()
+    assert loss.head(model) is None
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "labels": torch.tensor([[-100, 6, 7, 8]])}
+    assert loss(model, batch).loss.item() == pytest.approx(FullLogitsLoss()(model, batch).loss.item(), rel=1e-6)

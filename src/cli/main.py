@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 # name -> (module under src.cli, one-line description)
@@ -42,8 +43,30 @@ def configure_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command that continues this run: the same arguments, ``--resume_from_checkpoint last`` instead of
+    any earlier resume flag, under the same kind of launcher."""
+    import shlex
+
+    from src.distributed import world_size
+
+    kept, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+            continue
+        name = token.split("=", 1)[0].replace("-", "_")
+        if name == "__resume_from_checkpoint":
+            skip = "=" not in token
+            continue
+        kept.append(token)
+    launcher = ["python"] if world_size() <= 1 else ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world_size())}"]
+    return shlex.join([*launcher, "train_sft.py", *kept, "--resume_from_checkpoint", "last"])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    original = list(argv)
     debug = "--debug" in argv
     if debug:
         argv.remove("--debug")
@@ -61,11 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         raise
     except TrainingInterrupted as exc:
         if is_main_process():
-            resume = " ".join(["python train_sft.py", *sys.argv[1:]] if argv is not None else ["python train_sft.py"])
-            if "--resume_from_checkpoint" not in resume:
-                resume += " --resume_from_checkpoint last"
-            print(f"interrupted: {exc}; resume with: {resume}" if exc.checkpoint else f"interrupted: {exc}",
-                  file=sys.stderr)
+            print(f"interrupted: {exc}; resume with: {resume_command(original)}" if exc.checkpoint
+                  else f"interrupted: {exc}", file=sys.stderr)
         return exc.exit_code
     except TrainingDiverged as exc:
         if debug:

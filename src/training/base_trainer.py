@@ -184,8 +184,11 @@ class BaseTrainer(ABC):
             except TrainingDiverged as exc:
                 last = persistence.last_complete_checkpoint(output_dir)
                 raise TrainingDiverged(f"{exc}; last good checkpoint: {last or 'none'}") from None
-            if self.interrupt.signum:
-                step = self.interrupt.stopped_at or trainer.state.global_step
+            if self.interrupt.signum and self.interrupt.stopped_at is None:
+                # The signal came after the last step: every step ran, so the run finishes and saves.
+                logger.warning("a stop signal arrived after the last training step; finishing the run")
+            elif self.interrupt.signum:
+                step = self.interrupt.stopped_at
                 saved = os.path.join(output_dir, f"checkpoint-{step}")
                 raise TrainingInterrupted(self.interrupt.signum, step,
                                           saved if persistence.checkpoint_problem(saved) is None else None)
@@ -288,7 +291,13 @@ class BaseTrainer(ABC):
         check_bf16(self.config.bf16)
         trust = self.config.trust_remote_code
         self.tokenizer = load_tokenizer(path, trust_remote_code=trust)
-        if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        # The metadata says what the run saved; files left beside it (an older adapter) must not decide.
+        is_adapter = metadata.get("use_lora")
+        if is_adapter is None:
+            is_adapter = os.path.isfile(os.path.join(path, "adapter_config.json"))
+        if is_adapter and not os.path.isfile(os.path.join(path, "adapter_config.json")):
+            raise ModelLoadError(f"load_model: {path} says it holds a LoRA adapter but has no adapter_config.json")
+        if is_adapter:
             from peft import PeftModel
 
             base = metadata.get("base_model")

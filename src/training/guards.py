@@ -65,7 +65,7 @@ class InterruptCallback(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         signum = self._agreed_signal(args)
-        if signum:
+        if signum and state.global_step < state.max_steps:  # at the last step the run simply finishes
             self.signum = signum
             self.stopped_at = state.global_step
             control.should_save = True
@@ -76,8 +76,15 @@ class InterruptCallback(TrainerCallback):
 class DivergenceCallback(TrainerCallback):
     """Refuses an optimizer step whose gradients are not finite."""
 
+    warned = False
+
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> Any:
         grads = [p.grad for p in model.parameters() if p.grad is not None] if model is not None else []
+        if not grads and not self.warned:
+            # DeepSpeed keeps gradients in its own partitions: p.grad is None there.
+            logger.warning("divergence check: no gradients visible on the parameters (DeepSpeed?); non-finite "
+                           "updates are not caught by this check")
+            self.warned = True
         if grads:
             norms = torch._foreach_norm(grads)
             total = torch.stack([n.to(norms[0].device, torch.float32) for n in norms]).sum()
@@ -95,6 +102,7 @@ def interrupt_signals(callback: InterruptCallback) -> Iterator[None]:
     """While inside, SIGINT/SIGTERM set ``callback.signum`` (a second SIGINT raises KeyboardInterrupt)."""
     import threading
 
+    callback.signum = callback.stopped_at = None  # a signal of an earlier train() call is not this one's
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be installed from the main thread
         return

@@ -217,10 +217,16 @@ class _TrainedPositionsHead:
 class TrainedTokensLoss(SFTLoss):
     """LM head and float32 cross-entropy on trained positions only, in chunks (see the module docstring).
 
-    Falls back to :class:`FullLogitsLoss` (with one warning) for models without an output-embedding
-    module and under single-process multi-GPU ``DataParallel``, whose per-call replicas would not carry
-    the installed head.
+    Falls back to :class:`FullLogitsLoss` (with one warning) where the head's output is not the logits
+    the loss must see or cannot be reached safely: models without an output-embedding module, models that
+    change the logits after the head (``final_logit_softcapping``, ``logit_scale``, ``logits_scaling``),
+    single-process multi-GPU ``DataParallel`` (its per-call replicas would not carry the installed head),
+    and sharded engines (``sharded=True``: DeepSpeed, FSDP), whose hooks gather the head's weight around
+    the head's *output*, which this loss does not flow through.
     """
+
+    # Config attributes of models that transform the head's output before returning logits.
+    LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
     name = "trained_tokens"
 
@@ -228,13 +234,20 @@ class TrainedTokensLoss(SFTLoss):
         super().__init__()
         self.chunk_size = chunk_size
         self.row_multiple = row_multiple
+        self.sharded = False  # set by the Trainer under DeepSpeed/FSDP
         self._warned = False
 
     def head(self, model: Any) -> Optional[_TrainedPositionsHead]:
         """The installed head of ``model`` (installed on first use), or None where it cannot be used."""
         if isinstance(model, torch.nn.DataParallel):
             return self._fallback("single-process multi-GPU DataParallel")
+        if self.sharded:
+            return self._fallback("a sharded engine (DeepSpeed/FSDP)")
         base = unwrap_to_pretrained(model)
+        config = getattr(base, "config", None)
+        changed = [a for a in self.LOGIT_POSTPROCESSING if getattr(config, a, None) not in (None, 0, 1, 1.0)]
+        if changed:
+            return self._fallback(f"{type(base).__name__} changes its logits after the head ({', '.join(changed)})")
         module = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
         if module is None:
             return self._fallback(f"{type(base).__name__} has no output-embedding module")

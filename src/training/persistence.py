@@ -3,7 +3,8 @@
 ``save_run`` is the only writer of a finished run: the weights go through ``transformers.Trainer.save_model``
 (which gathers FSDP/DeepSpeed state dicts and writes on ``args.should_save`` only), and the files that are
 ours (generation config, ``sft_metadata.json``, the loss plot and model card, the tiny base model copy) are
-written by the main process alone. Every rank checks the target folder before anyone writes, and waits
+written by the main process alone. Checks are decided by the main process and shared with every rank
+(``src.distributed.main_decides``: all ranks raise the same error or all go on), and the other ranks wait
 at a barrier until the main process is done, so no rank can find another rank's half-written files (the
 bug of every rank saving: one torchrun run in six exited 1 without ``model.safetensors``).
 
@@ -37,7 +38,7 @@ import socket
 from datetime import datetime, timezone
 from typing import Any, Iterable, Optional
 
-from src.distributed import barrier, is_main_process, world_size
+from src.distributed import barrier, is_main_process, main_decides, world_size
 
 logger = logging.getLogger(__name__)
 
@@ -110,14 +111,16 @@ def save_run(owner: Any, output_dir: str) -> None:
     written into ``<output_dir>/.saving`` first and moved into place once complete (module docstring).
     """
     method = owner._get_training_method()
-    barrier()  # nobody checks while another rank could still be writing an earlier save
-    check_output_dir(output_dir, method, owner.config.overwrite_output_dir, owner._saved_dirs)
-    if os.path.isfile(output_dir):
-        raise ValueError(f"output_dir {output_dir!r} is a file; expected a directory")
     staging = os.path.join(output_dir, STAGING_DIR)
-    if is_main_process() and os.path.isdir(staging):
-        shutil.rmtree(staging)  # what an earlier, failed save left
-    barrier()  # every rank has checked before the main process writes anything
+
+    def check() -> None:
+        check_output_dir(output_dir, method, owner.config.overwrite_output_dir, owner._saved_dirs)
+        if os.path.isfile(output_dir):
+            raise ValueError(f"output_dir {output_dir!r} is a file; expected a directory")
+        if os.path.isdir(staging):
+            shutil.rmtree(staging)  # what an earlier, failed save left
+
+    main_decides(check)  # all ranks raise together, or all go on
     try:
         hf = owner.trainer
         if hf is not None:
@@ -140,7 +143,13 @@ def _move_into_place(staging: str, output_dir: str, marker: str) -> None:
     old_marker = os.path.join(output_dir, marker)
     if os.path.exists(old_marker):
         os.remove(old_marker)
-    for name in sorted(os.listdir(staging)):
+    staged = set(os.listdir(staging))
+    for name in os.listdir(output_dir):
+        # An earlier save's files that this save does not write (a LoRA adapter next to a new full model,
+        # weight shards, an old plot) would be taken for part of this run: they go.
+        if name not in staged and _is_saved_run_file(name):
+            os.remove(os.path.join(output_dir, name))
+    for name in sorted(staged):
         if name == marker:
             continue
         target = os.path.join(output_dir, name)
@@ -149,6 +158,16 @@ def _move_into_place(staging: str, output_dir: str, marker: str) -> None:
         os.replace(os.path.join(staging, name), target)
     os.replace(os.path.join(staging, marker), old_marker)
     shutil.rmtree(staging, ignore_errors=True)
+
+
+SAVED_RUN_FILE_RE = re.compile(
+    r"^(config\.json|generation_config\.json|adapter_config\.json|README\.md|training_curves\.png|training_args\.bin"
+    r"|(model|adapter_model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)|(model|pytorch_model)\.(safetensors|bin)\.index\.json)$")
+
+
+def _is_saved_run_file(name: str) -> bool:
+    """A file name that a model save writes (weights, shards, configs, the card and plot)."""
+    return bool(SAVED_RUN_FILE_RE.match(name))
 
 
 def _write_own_files(owner: Any, output_dir: str, method: str) -> None:
@@ -234,28 +253,32 @@ def foreign_files(output_dir: str, method: str) -> list[str]:
 
 
 def claim_output_dir(output_dir: str, method: str, overwrite: bool, resuming: bool, write: bool = True) -> None:
-    """Check ``output_dir`` on every rank, then (main process) clear old checkpoints when overwriting, write
-    the run marker and take the lock. Raises before anything is loaded (see the module docstring).
-    ``write=False`` only checks (nothing is written: for refusing early, before the data is even read)."""
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise ValueError(f"output_dir {output_dir!r} is a file; expected a directory")
-    barrier()
-    lock = read_lock(output_dir)
-    if lock and lock.get("pid") != os.getpid() and lock.get("host") == socket.gethostname() and _pid_alive(int(lock.get("pid", 0))):
-        raise FileExistsError(f"{output_dir} is in use by another run (pid {lock.get('pid')}, started "
-                              f"{lock.get('started_at')}); wait for it or choose another output_dir")
-    foreign = foreign_files(output_dir, method)
-    if foreign and not overwrite:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise FileExistsError(f"{output_dir} holds files this project did not write ({shown}); choose a new or empty "
-                              "output_dir, or set overwrite_output_dir=True to write over them")
-    check_output_dir(output_dir, method, overwrite)
-    if not write:
-        return
-    barrier()  # every rank has checked before the main process changes anything
-    if is_main_process():
-        if lock and lock.get("pid") != os.getpid():
-            logger.warning("%s: taking over a stale lock of pid %s (that process is gone)", output_dir, lock.get("pid"))
+    """Check ``output_dir``, then clear old checkpoints when overwriting, write the run marker and take the
+    lock. The main process decides and every rank raises the same error (``main_decides``). Raises before
+    anything is loaded (see the module docstring). ``write=False`` only checks (nothing is written: for
+    refusing early, before the data is even read)."""
+    lock_holder: dict = {}
+
+    def check() -> None:
+        if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+            raise ValueError(f"output_dir {output_dir!r} is a file; expected a directory")
+        lock = read_lock(output_dir)
+        if lock and lock.get("pid") != os.getpid() and lock.get("host") == socket.gethostname() \
+                and _pid_alive(int(lock.get("pid", 0))):
+            raise FileExistsError(f"{output_dir} is in use by another run (pid {lock.get('pid')}, started "
+                                  f"{lock.get('started_at')}); wait for it or choose another output_dir")
+        lock_holder.update(lock or {})
+        foreign = foreign_files(output_dir, method)
+        if foreign and not overwrite:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise FileExistsError(f"{output_dir} holds files this project did not write ({shown}); choose a new or "
+                                  "empty output_dir, or set overwrite_output_dir=True to write over them")
+        check_output_dir(output_dir, method, overwrite)
+
+    def claim() -> None:
+        if lock_holder and lock_holder.get("pid") != os.getpid():
+            logger.warning("%s: taking over a stale lock of pid %s (that process is gone)", output_dir,
+                           lock_holder.get("pid"))
         try:
             os.makedirs(output_dir, exist_ok=True)
             if overwrite and not resuming:
@@ -271,7 +294,10 @@ def claim_output_dir(output_dir: str, method: str, overwrite: bool, resuming: bo
                         {"pid": os.getpid(), "host": socket.gethostname(), "started_at": utc_now()})
         except PermissionError as exc:
             raise ValueError(f"output_dir {output_dir!r} is not writable ({exc.strerror})") from None
-    barrier()
+
+    main_decides(check)
+    if write:
+        main_decides(claim)
 
 
 def release_output_dir(output_dir: str) -> None:
