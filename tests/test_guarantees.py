@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -181,14 +182,17 @@ class SignalAt(TrainerCallback):
             os.kill(os.getpid(), self.signum)
 
 
-@pytest.mark.parametrize("group_by_length", [False, True])
-@pytest.mark.parametrize("signal_step", [1, 3, 4])  # mid-epoch, at the end of the first epoch, in the second
+@pytest.mark.parametrize("group_by_length,packing,signal_step", [
+    (False, False, 1), (False, False, 3), (False, False, 4),  # mid-epoch, end of the first epoch, in the second
+    (True, False, 1), (True, False, 3), (True, False, 4),
+    (True, True, 4),  # packed rows, length-grouped, in the second epoch
+])
 def test_sigterm_saves_a_checkpoint_and_resuming_equals_an_uninterrupted_run(tmp_path, tiny_model_dir, group_by_length,
-                                                                             signal_step):
+                                                                             packing, signal_step):
     rows = [{"instruction": p["instruction"], "response": p["response"] * (1 + i % 3)} for i, p in enumerate(PAIRS)]
-    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    data = write_jsonl(tmp_path / "d.jsonl", rows * (2 if packing else 1))  # packed: 8 rows, 4 steps per epoch
     settings = dict(max_steps=6, save_steps=100, per_device_train_batch_size=2, group_by_length=group_by_length,
-                    num_train_epochs=3, seed=3)
+                    num_train_epochs=3, seed=3, packing=packing, max_seq_length=64 if packing else 96)
     whole = SFTTrainer(make_config(tiny_model_dir, data, tmp_path / "whole", **settings))
     whole.train()
 
@@ -386,3 +390,35 @@ def test_models_that_change_logits_after_the_head_fall_back_to_full_logits(tiny_
     assert loss.head(model) is None
     batch = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "labels": torch.tensor([[-100, 6, 7, 8]])}
     assert loss(model, batch).loss.item() == pytest.approx(FullLogitsLoss()(model, batch).loss.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("case", ["yaml", "file_as_output_dir", "unknown_flag"])
+def test_command_line_errors_are_one_line_naming_the_file(tmp_path, capsys, tiny_model_dir, pairs_file, case):
+    import train_sft
+
+    if case == "yaml":
+        config = tmp_path / "run.yaml"
+        config.write_text("model_name: x\nmax_seq_length: [1, 2\n", encoding="utf-8")
+        argv, expected = ["--config", str(config)], rf"{config}, line 3, column 1: not valid YAML"
+    elif case == "file_as_output_dir":
+        target = tmp_path / "a-file"
+        target.write_text("x")
+        argv = ["--model_name", tiny_model_dir, "--dataset_path", pairs_file, "--output_dir", str(target)]
+        expected = rf"output_dir '{target}' is a file"
+    else:
+        argv, expected = ["--learning_rat", "1e-3"], "unknown argument.*did you mean --learning_rate"
+    assert train_sft.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(expected, err[0]), err
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root can write into read-only folders")
+def test_a_read_only_output_dir_is_refused_naming_it(tmp_path, pairs_file, tiny_model_dir):
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        with pytest.raises(ValueError, match="is not writable"):
+            SFTTrainer(make_config(tiny_model_dir, pairs_file, out, max_steps=1)).train()
+    finally:
+        out.chmod(0o755)
