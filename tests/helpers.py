@@ -86,3 +86,20 @@ def load_tiny(model_dir, lora=False):
                                                  init_lora_weights=False))
     model.train()
     return model, tokenizer
+
+
+def step_counting_trainer(steps: list):
+    """An SFTTrainer class that appends every optimizer step it runs (``state.global_step``) to ``steps``."""
+    from transformers import TrainerCallback
+
+    from src.training.sft_trainer import SFTTrainer
+
+    class CountSteps(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            steps.append(state.global_step)
+
+    class Counting(SFTTrainer):
+        def get_callbacks(self):
+            return super().get_callbacks() + [CountSteps()]
+
+    return Counting

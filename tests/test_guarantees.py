@@ -16,7 +16,7 @@ from src.models.loading import ModelLoadError, load_tokenizer, resolve_model_pat
 from src.training import persistence
 from src.training.guards import TrainingDiverged, TrainingInterrupted
 from src.training.sft_trainer import SFTTrainer
-from tests.helpers import PAIRS, ROOT, make_config, write_jsonl
+from tests.helpers import PAIRS, ROOT, make_config, step_counting_trainer, write_jsonl
 
 
 def _weights(trainer):
@@ -277,15 +277,7 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_to_its_final_model(tmp_p
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     steps = []
-
-    class CountSteps(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            steps.append(state.global_step)
-
-    class Counting(SFTTrainer):
-        def get_callbacks(self):
-            return super().get_callbacks() + [CountSteps()]
-
+    Counting = step_counting_trainer(steps)
     resumed = Counting(make_config(tiny_model_dir, pairs_file, out, max_steps=2, save_steps=2, resume_from_checkpoint="last"))
     assert resumed.train() is None
     assert steps == []  # transformers alone would have trained a third step

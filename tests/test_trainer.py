@@ -9,7 +9,7 @@ from src.config import SFTConfig
 from src.models.loading import ModelLoadError
 from src.training.losses import FullLogitsLoss
 from src.training.sft_trainer import SFTTrainer, create_sft_trainer
-from tests.helpers import PAIRS, make_config, max_rel_diff, one_sgd_step, write_jsonl
+from tests.helpers import PAIRS, make_config, max_rel_diff, one_sgd_step, step_counting_trainer, write_jsonl
 
 MEMO = PAIRS[:4]
 
@@ -326,17 +326,8 @@ def test_resume_from_the_last_checkpoint(tiny_model_dir, pairs_file, tmp_path):
     first = create_sft_trainer(make_config(tiny_model_dir, pairs_file, tmp_path / "o", max_steps=4, save_steps=2))
     first.train()
     assert os.path.isdir(tmp_path / "o" / "checkpoint-4")
-    from transformers import TrainerCallback
-
     steps_run = []
-
-    class CountSteps(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            steps_run.append(state.global_step)
-
-    class Counting(SFTTrainer):
-        def get_callbacks(self):
-            return [CountSteps()]
+    Counting = step_counting_trainer(steps_run)
 
     again = Counting(make_config(tiny_model_dir, pairs_file, tmp_path / "o", max_steps=6, save_steps=2,
                                  resume_from_checkpoint="last", overwrite_output_dir=True))
