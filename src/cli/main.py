@@ -2,6 +2,7 @@
 
     python train_sft.py [train] --config run.yaml [--field value ...]   # train (the default command)
     python train_sft.py audit --config run.yaml [--audit_output a.json]
+    python train_sft.py export --model RUN_DIR --to DIR
 
 A new command is a module in ``src/cli`` with ``run(argv) -> int`` and one line in ``COMMANDS``.
 User errors (bad config, bad data, missing model, refused overwrite) exit with status 2 and one line on
@@ -21,6 +22,7 @@ import sys
 COMMANDS = {
     "train": ("src.cli.train", "train, evaluate and sample an SFT run (default)"),
     "audit": ("src.cli.audit", "report what training would see in the data, without training"),
+    "export": ("src.cli.export", "merge a LoRA run into its base (or re-save a full run) as a plain transformers folder"),
 }
 DEFAULT_COMMAND = "train"
 

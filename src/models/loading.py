@@ -126,19 +126,22 @@ def check_bf16(bf16: bool) -> None:
 
 
 def load_causal_lm(path: str, *, trust_remote_code: bool = False, attn_implementation: str | None = None,
-                   bf16: bool = False, bf16_weights: bool = True) -> Any:
+                   bf16: bool = False, bf16_weights: bool = True, dtype: Any = None) -> Any:
     """Load a causal LM. With ``bf16``, weights are stored in bfloat16 only when ``bf16_weights``: a frozen
     LoRA base or inference; full fine-tuning keeps float32 master weights under bf16 autocast, since AdamW
-    updates on bfloat16 weights lose most small steps."""
+    updates on bfloat16 weights lose most small steps. ``dtype`` (a torch dtype or "auto": the checkpoint's
+    own) overrides both, for exporting."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    if dtype is None:
+        dtype = torch.bfloat16 if bf16 and bf16_weights else torch.float32
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
             trust_remote_code=trust_remote_code,
             attn_implementation=pick_attn_implementation(attn_implementation),
-            dtype=torch.bfloat16 if bf16 and bf16_weights else torch.float32,
+            dtype=dtype,
         )
     except Exception as exc:  # safetensors, torch and json errors of a damaged folder all land here
         raise ModelLoadError(f"could not load a causal LM from {path!r}: {type(exc).__name__}: {exc}") from exc

@@ -284,8 +284,11 @@ class BaseTrainer(ABC):
     def read_metadata(self, path: str) -> dict[str, Any]:
         return persistence.read_metadata(path, self._get_training_method())
 
-    def load_model(self, path: str) -> None:
-        """Restore a run written by :meth:`save_model` (weights, tokenizer, formatting settings)."""
+    def load_model(self, path: str, dtype: Any = None) -> None:
+        """Restore a run written by :meth:`save_model` (weights, tokenizer, formatting settings).
+
+        ``dtype`` (a torch dtype or "auto") overrides the precision the config implies (float32, or
+        bfloat16 with ``bf16``)."""
         metadata = self.read_metadata(path)
         self.restore_from_metadata(metadata)
         check_bf16(self.config.bf16)
@@ -306,12 +309,12 @@ class BaseTrainer(ABC):
             if not base:
                 raise ModelLoadError(f"load_model: {path!r} holds a LoRA adapter but its metadata names no base model")
             base_model = load_causal_lm(base, trust_remote_code=trust, attn_implementation=self.config.attn_implementation,
-                                        bf16=self.config.bf16)
+                                        bf16=self.config.bf16, dtype=dtype)
             self.model = PeftModel.from_pretrained(base_model, path)
             self.base_model_path = base
         else:
             self.model = load_causal_lm(path, trust_remote_code=trust, attn_implementation=self.config.attn_implementation,
-                                        bf16=self.config.bf16)
+                                        bf16=self.config.bf16, dtype=dtype)
             self.base_model_path = path
         self.model.eval()
         self.trainer = None

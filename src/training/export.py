@@ -1,0 +1,91 @@
+"""Exporting a trained run as a plain ``transformers`` model folder (``train_sft.py export``).
+
+A LoRA run is merged into its base model (``peft``'s ``merge_and_unload``); a full run is re-saved. The
+folder gets safetensors weights, the tokenizer, a generation config that stops at the template's end token,
+and ``sft_metadata.json`` (the run's, marked as exported and merged), so plain ``transformers`` and
+serving engines that read the same files (vLLM) load it without peft, and ``load_model`` still restores
+the formatting settings. Weights keep the checkpoint's own precision unless ``dtype`` says otherwise.
+
+The target is written to a temporary sibling and renamed into place when complete; an existing target is
+refused unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from typing import Any
+
+from src.training import persistence
+
+logger = logging.getLogger(__name__)
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def export_run(model_dir: str, target: str, *, overwrite: bool = False, dtype: str = "auto",
+               trust_remote_code: bool = False) -> str:
+    """Write ``model_dir`` (a run saved by ``save_model``) as a merged, peft-free model folder at ``target``."""
+    import torch
+
+    from src.config import SFTConfig
+    from src.training.sft_trainer import SFTTrainer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"export: dtype={dtype!r} is invalid: expected one of {DTYPES}")
+    if os.path.abspath(target) == os.path.abspath(model_dir):
+        raise ValueError(f"export: the target {target} is the run itself; choose another folder")
+    if os.path.exists(target) and not (os.path.isdir(target) and not os.listdir(target)) and not overwrite:
+        raise FileExistsError(f"export: {target} already exists and is not empty; choose another folder or pass --overwrite")
+    trainer = SFTTrainer(SFTConfig(output_dir=target, trust_remote_code=trust_remote_code))
+    trainer.load_model(model_dir, dtype="auto" if dtype == "auto" else getattr(torch, dtype))
+    model = trainer.model
+    merged = hasattr(model, "merge_and_unload")
+    if merged:
+        model = model.merge_and_unload()
+    trainer.model = model
+    metadata = trainer.read_metadata(model_dir)
+    metadata.update({
+        "use_lora": False,
+        "base_model": None,
+        "exported_from": os.path.abspath(model_dir),
+        "merged_lora_adapter": merged,
+        "exported_at": persistence.utc_now(),
+        "export_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+    })
+    tmp = f"{os.path.abspath(target).rstrip(os.sep)}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        trainer.tokenizer.save_pretrained(tmp)
+        trainer.write_generation_config(tmp)
+        card = os.path.join(model_dir, "README.md")
+        if os.path.isfile(card):
+            shutil.copy2(card, os.path.join(tmp, "README.md"))
+        with open(os.path.join(tmp, persistence.metadata_filename("sft")), "w", encoding="utf-8") as fh:
+            json.dump(metadata, fh, ensure_ascii=False, indent=2)
+        if os.path.exists(target):
+            shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("Exported %s%s to %s", model_dir, " (LoRA merged into its base)" if merged else "", target)
+    return target
+
+
+def parse_and_export(argv: list[str]) -> Any:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="train_sft.py export", allow_abbrev=False,
+                                     description="Merge a trained run (LoRA or full) into a plain transformers model folder.")
+    parser.add_argument("--model", required=True, help="a run folder written by training (its output_dir)")
+    parser.add_argument("--to", required=True, help="the folder to write (must be new or empty, unless --overwrite)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="weight precision (auto: the checkpoint's own)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing target folder")
+    parser.add_argument("--trust_remote_code", action="store_true")
+    args = parser.parse_args(argv)
+    return export_run(args.model, args.to, overwrite=args.overwrite, dtype=args.dtype,
+                      trust_remote_code=args.trust_remote_code)

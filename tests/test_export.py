@@ -1,0 +1,83 @@
+"""``train_sft.py export``: a LoRA run merged into its base loads with plain transformers and generates the same."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import train_sft
+from src.training.sft_trainer import SFTTrainer
+from tests.helpers import PAIRS, make_config, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    data = write_jsonl(tmp / "d.jsonl", PAIRS[:4])
+    out = tmp / "run"
+    trainer = SFTTrainer(make_config(tiny_model_dir, data, out, use_lora=True, lora_r=8, lora_alpha=16, lora_dropout=0.0,
+                                     max_steps=40, learning_rate=1e-2, per_device_train_batch_size=4,
+                                     instruction_template="chatml"))
+    trainer.train()
+    return trainer, out
+
+
+def test_export_merges_the_adapter_and_plain_transformers_generates_the_same(lora_run, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    trainer, run_dir = lora_run
+    target = tmp_path / "merged"
+    assert train_sft.main(["export", "--model", str(run_dir), "--to", str(target)]) == 0
+    assert f"Exported to {target}" in capsys.readouterr().out
+    files = set(os.listdir(target))
+    assert {"model.safetensors", "config.json", "tokenizer.json", "generation_config.json", "sft_metadata.json"} <= files
+    assert not {"adapter_model.safetensors", "adapter_config.json"} & files
+    meta = json.loads((target / "sft_metadata.json").read_text(encoding="utf-8"))
+    assert meta["merged_lora_adapter"] is True and meta["use_lora"] is False and meta["instruction_template"] == "chatml"
+    plain = AutoModelForCausalLM.from_pretrained(str(target)).eval()  # no peft involved
+    tokenizer = AutoTokenizer.from_pretrained(str(target))
+    assert not hasattr(plain, "peft_config")
+    adapter_model = trainer.model.eval()
+    for pair in PAIRS[:4]:
+        prompt = torch.tensor([trainer.example_tokenizer().encode_prompt(pair["instruction"])])
+        with torch.no_grad():
+            merged_ids = plain.generate(prompt, max_new_tokens=12, do_sample=False)[0]
+            adapter_ids = adapter_model.generate(input_ids=prompt, max_new_tokens=12, do_sample=False,
+                                                 eos_token_id=trainer.stop_token_ids())[0]
+        assert merged_ids.tolist() == adapter_ids.tolist()
+        assert tokenizer.decode(merged_ids[prompt.shape[1]:], skip_special_tokens=True).strip() == \
+            trainer.generate_response(pair["instruction"], max_length=12)
+    # load_model still restores the run's formatting settings from the exported folder
+    restored = SFTTrainer(make_config(str(target), None, tmp_path / "x"))
+    restored.load_model(str(target))
+    assert restored.config.instruction_template == "chatml"
+    assert restored.generate_response(PAIRS[0]["instruction"], max_length=12) == \
+        trainer.generate_response(PAIRS[0]["instruction"], max_length=12)
+
+
+def test_export_refuses_an_existing_folder_and_names_it(lora_run, tmp_path, capsys):
+    _, run_dir = lora_run
+    target = tmp_path / "taken"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    assert train_sft.main(["export", "--model", str(run_dir), "--to", str(target)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(target) in err[0] and "--overwrite" in err[0]
+    assert os.listdir(target) == ["notes.txt"]
+    assert train_sft.main(["export", "--model", str(run_dir), "--to", str(target), "--overwrite"]) == 0
+    assert os.path.isfile(target / "model.safetensors") and not os.path.exists(target / "notes.txt")
+
+
+def test_export_of_a_full_run_and_of_a_folder_that_is_not_a_run(tiny_model_dir, pairs_file, tmp_path, capsys):
+    run_dir = tmp_path / "full"
+    SFTTrainer(make_config(tiny_model_dir, pairs_file, run_dir, max_steps=1)).train()
+    assert train_sft.main(["export", "--model", str(run_dir), "--to", str(tmp_path / "copy")]) == 0
+    meta = json.loads((tmp_path / "copy" / "sft_metadata.json").read_text(encoding="utf-8"))
+    assert meta["merged_lora_adapter"] is False
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(run_dir / "model.safetensors")), load_file(str(tmp_path / "copy" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert train_sft.main(["export", "--model", tiny_model_dir, "--to", str(tmp_path / "nope")]) == 2
+    assert "sft_metadata.json" in capsys.readouterr().err
