@@ -114,6 +114,14 @@ class BaseConfig:
     save_steps: int = _help("Steps between checkpoints.", default=500)
     save_total_limit: Optional[int] = _help("Keep at most this many checkpoints.", default=2)
     load_best_model_at_end: bool = _help("Reload the checkpoint with the lowest eval_loss at the end.", default=False)
+    early_stopping_patience: Optional[int] = _help(
+        "Stop when eval_loss has not improved (by more than early_stopping_threshold) for this many evaluations; "
+        "needs evaluation_strategy 'steps' or 'epoch' and keeps the best checkpoint (load_best_model_at_end).",
+        default=None)
+    early_stopping_threshold: float = _help("Smallest eval_loss decrease that counts as an improvement.", default=0.0)
+    neftune_noise_alpha: Optional[float] = _help(
+        "NEFTune: uniform noise of this scale on the input embeddings, in training steps only (never in evaluation "
+        "or generation); typical values 5-15.", default=None)
     logging_steps: int = _help("Steps between training-loss log lines.", default=10)
     report_to: str = _help("'none', 'wandb', 'tensorboard', ... (comma-separated for several).", default="none")
     run_name: Optional[str] = _help("Run name for trackers.", default=None)
@@ -182,6 +190,16 @@ class BaseConfig:
             bad("eval_steps", "a positive integer")
         if self.load_best_model_at_end and self.evaluation_strategy == "no":
             bad("load_best_model_at_end", "False when evaluation_strategy='no' (there is nothing to compare)")
+        if self.early_stopping_patience is not None:
+            if isinstance(self.early_stopping_patience, bool) or not isinstance(self.early_stopping_patience, int) \
+                    or self.early_stopping_patience < 1:
+                bad("early_stopping_patience", "None or a positive integer")
+            if self.evaluation_strategy == "no":
+                bad("early_stopping_patience", "None when evaluation_strategy='no' (early stopping watches eval_loss)")
+        if self.early_stopping_threshold < 0:
+            bad("early_stopping_threshold", "a non-negative number")
+        if self.neftune_noise_alpha is not None and not self.neftune_noise_alpha > 0:
+            bad("neftune_noise_alpha", "None or a positive number")
         if self.attn_implementation not in (None, "sdpa", "eager", "flash_attention_2"):
             bad("attn_implementation", "None, 'sdpa', 'eager' or 'flash_attention_2'")
         from src.training.losses import check_loss_settings

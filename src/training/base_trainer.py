@@ -131,8 +131,14 @@ class BaseTrainer(ABC):
         return TrainingArguments(**training_arguments_kwargs(self.config, self.environment()))
 
     def get_callbacks(self) -> list:
-        """Stop cleanly on Ctrl-C/SIGTERM and before a non-finite update (``src.training.guards``)."""
-        return [self.interrupt, DivergenceCallback()]
+        """Stop cleanly on Ctrl-C/SIGTERM and before a non-finite update (``src.training.guards``); early
+        stopping on eval_loss when ``early_stopping_patience`` is set."""
+        callbacks = [self.interrupt, DivergenceCallback()]
+        if getattr(self.config, "early_stopping_patience", None) is not None:
+            from transformers import EarlyStoppingCallback
+
+            callbacks.append(EarlyStoppingCallback(self.config.early_stopping_patience, self.config.early_stopping_threshold))
+        return callbacks
 
     # -- the pipeline --------------------------------------------------------------------------------
     def prepare(self) -> Any:

@@ -109,10 +109,14 @@ class SFTTrainer(BaseTrainer):
         logger.info("Tokenized: %s", self.tokenize_report.summary())
         self._check_batches(train_dataset, training_args)
         if eval_dataset is None and (training_args.eval_strategy != "no" or training_args.load_best_model_at_end):
-            logger.warning("no validation split: evaluation during training and load_best_model_at_end are turned off")
+            logger.warning("no validation split: evaluation during training, load_best_model_at_end and early "
+                           "stopping are turned off")
             training_args.eval_strategy = training_args.eval_strategy.__class__("no")
             training_args.do_eval = False
             training_args.load_best_model_at_end = False
+            from transformers import EarlyStoppingCallback
+
+            callbacks = [c for c in (callbacks or []) if not isinstance(c, EarlyStoppingCallback)]
         collator = self.data_collator()
         trainer = SFTHFTrainer(
             model=self.model,
@@ -239,6 +243,7 @@ class SFTTrainer(BaseTrainer):
         from src.training.training_args import training_arguments_kwargs
 
         inference = replace(self.config, evaluation_strategy="no", load_best_model_at_end=False, report_to="none",
+                            early_stopping_patience=None,
                             gradient_checkpointing=False)
         self.trainer = SFTHFTrainer(
             model=self.model, args=TrainingArguments(**training_arguments_kwargs(inference, self.environment())),

@@ -90,7 +90,11 @@ def training_arguments_kwargs(config: Any, environment: dict[str, Any] | None = 
         remove_unused_columns=True,
     )
     eval_strategy = config.evaluation_strategy
-    if config.load_best_model_at_end:
+    if config.neftune_noise_alpha is not None:
+        kwargs["neftune_noise_alpha"] = config.neftune_noise_alpha
+    if config.load_best_model_at_end or config.early_stopping_patience is not None:
+        # Early stopping keeps the best checkpoint: transformers' EarlyStoppingCallback works through it.
+        kwargs["load_best_model_at_end"] = True
         # transformers requires matching save and eval schedules for load_best_model_at_end.
         kwargs.update(save_strategy=eval_strategy, metric_for_best_model="eval_loss", greater_is_better=False)
     if eval_strategy == "steps":
