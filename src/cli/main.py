@@ -3,6 +3,7 @@
     python train_sft.py [train] --config run.yaml [--field value ...]   # train (the default command)
     python train_sft.py audit --config run.yaml [--audit_output a.json]
     python train_sft.py export --model RUN_DIR --to DIR
+    python train_sft.py generate --model RUN_DIR --input rows.jsonl --output out.jsonl
 
 A new command is a module in ``src/cli`` with ``run(argv) -> int`` and one line in ``COMMANDS``.
 User errors (bad config, bad data, missing model, refused overwrite) exit with status 2 and one line on
@@ -23,6 +24,7 @@ COMMANDS = {
     "train": ("src.cli.train", "train, evaluate and sample an SFT run (default)"),
     "audit": ("src.cli.audit", "report what training would see in the data, without training"),
     "export": ("src.cli.export", "merge a LoRA run into its base (or re-save a full run) as a plain transformers folder"),
+    "generate": ("src.cli.generate", "generate a response for every row of a JSONL file (batched, resumable)"),
 }
 DEFAULT_COMMAND = "train"
 

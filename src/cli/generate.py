@@ -1,0 +1,43 @@
+"""``train_sft.py generate --model DIR --input rows.jsonl --output out.jsonl``: batched, resumable generation
+with the run's own prompt format (``src.training.batch_generation``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from src.distributed import is_main_process
+
+
+def run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="train_sft.py generate", allow_abbrev=False,
+                                     description="Generate a response for every row of a JSONL file (resumable).")
+    parser.add_argument("--model", required=True, help="a run folder (output_dir of training) or an exported folder")
+    parser.add_argument("--input", required=True, help="JSONL rows with 'instruction' (and optional 'system', 'id')")
+    parser.add_argument("--output", required=True, help="JSONL output; rows already there are skipped")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--max_length", type=int, default=256, help="maximum new tokens per response")
+    parser.add_argument("--do_sample", action="store_true", help="sample (implied by any sampling flag below)")
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top_p", type=float)
+    parser.add_argument("--top_k", type=int)
+    parser.add_argument("--repetition_penalty", type=float)
+    parser.add_argument("--seed", type=int, help="seed for sampling")
+    args = parser.parse_args(argv)
+    if not is_main_process():
+        return 0  # one process generates; the file is not split across ranks
+    from src.config import SFTConfig
+    from src.training.batch_generation import done_ids, generate_file, read_input_rows
+    from src.training.sft_trainer import SFTTrainer
+
+    rows = read_input_rows(args.input)  # bad input is reported before a model is loaded
+    done_ids(args.output)  # and so is an output file that is not ours
+    trainer = SFTTrainer(SFTConfig(output_dir=args.model))
+    trainer.load_model(args.model)
+    sampling = {k: getattr(args, k) for k in ("temperature", "top_p", "top_k", "repetition_penalty")
+                if getattr(args, k) is not None}
+    if args.do_sample:
+        sampling["do_sample"] = True
+    counts = generate_file(trainer, args.input, args.output, batch_size=args.batch_size, max_length=args.max_length,
+                           seed=args.seed, rows=rows, **sampling)
+    print(f"Generated {counts['generated']} rows into {args.output} ({counts['skipped']} already there)")
+    return 0
