@@ -4,6 +4,7 @@
     python train_sft.py audit --config run.yaml [--audit_output a.json]
     python train_sft.py export --model RUN_DIR --to DIR
     python train_sft.py generate --model RUN_DIR --input rows.jsonl --output out.jsonl
+    python train_sft.py chat --model RUN_DIR
 
 A new command is a module in ``src/cli`` with ``run(argv) -> int`` and one line in ``COMMANDS``.
 User errors (bad config, bad data, missing model, refused overwrite) exit with status 2 and one line on
@@ -25,6 +26,7 @@ COMMANDS = {
     "audit": ("src.cli.audit", "report what training would see in the data, without training"),
     "export": ("src.cli.export", "merge a LoRA run into its base (or re-save a full run) as a plain transformers folder"),
     "generate": ("src.cli.generate", "generate a response for every row of a JSONL file (batched, resumable)"),
+    "chat": ("src.cli.chat", "chat with a trained run (streamed answers, multi-turn, /reset /system /exit)"),
 }
 DEFAULT_COMMAND = "train"
 

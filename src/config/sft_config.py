@@ -37,8 +37,9 @@ class BaseConfig:
         "Load the tokenizer from here instead of model_name (a hub id or a directory with tokenizer files).", default=None
     )
     dataset_path: Optional[str] = _help(
-        "Training data: a .jsonl, .csv or .json file (the JSON file may hold {'train': [...], "
-        "'validation': [...]}). May be None when a datasets.Dataset is passed to create_trainer directly.",
+        "Training data: a .jsonl, .csv, .json or .parquet file (the JSON file may hold {'train': [...], "
+        "'validation': [...]}), a folder saved by datasets (save_to_disk), or a hub dataset id ('org/name'). May "
+        "be None when a datasets.Dataset is passed to create_trainer directly.",
         default=None,
     )
     eval_dataset_path: Optional[str] = _help(

@@ -687,7 +687,11 @@ def _source_name(source: Any, default: str) -> str:
 
 def _raw_splits(source: Any, report: LoadReport, skip_invalid: bool, name: str) -> dict[str, Any]:
     if isinstance(source, (str, os.PathLike)):
-        return read_data_file(os.fspath(source), report, skip_invalid)
+        path = os.fspath(source)
+        if path.lower().endswith(DATA_FILE_EXTENSIONS) or (os.path.exists(path) and not os.path.isdir(path)
+                                                           and not path.lower().endswith(".parquet")):
+            return read_data_file(path, report, skip_invalid)
+        source, name = open_dataset_source(path), path
     try:
         from datasets import Dataset, DatasetDict
     except ImportError:  # pragma: no cover - datasets is a hard dependency
@@ -711,13 +715,49 @@ def _raw_splits(source: Any, report: LoadReport, skip_invalid: bool, name: str) 
 
 
 DATA_FILE_EXTENSIONS = (".jsonl", ".json", ".csv")
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SOURCES = ("a .jsonl, .json, .csv or .parquet file, a folder saved by datasets (save_to_disk), or a hub dataset id "
+           "such as 'org/name'")
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    return bool(HUB_ID_RE.match(path)) and not os.path.exists(path) and not os.path.isdir(path.split("/", 1)[0])
 
 
 def check_data_path(path: Any) -> None:
-    """Raise ``ValueError`` when ``path`` cannot be a data file this module reads (type, extension, existence)."""
+    """Raise ``ValueError`` when ``path`` cannot be a data source this module reads: a data file (.jsonl,
+    .json, .csv, .parquet), a folder saved by ``datasets`` (``save_to_disk``), or a hub dataset id."""
     if not isinstance(path, str) or not path.strip():
-        raise ValueError(f"{path!r} is invalid: expected a path to a file ending in one of {DATA_FILE_EXTENSIONS}.")
-    if not path.lower().endswith(DATA_FILE_EXTENSIONS):
-        raise ValueError(f"{path!r} is invalid: expected a file ending in one of {DATA_FILE_EXTENSIONS}.")
+        raise ValueError(f"{path!r} is invalid: expected {SOURCES}.")
+    if os.path.isdir(path) or _looks_like_hub_id(path):
+        return
+    if not path.lower().endswith(DATA_FILE_EXTENSIONS + (".parquet",)):
+        raise ValueError(f"{path!r} is invalid: expected {SOURCES}.")
     if not os.path.isfile(path):
         raise ValueError(f"data file {path!r} does not exist (looked in {os.getcwd()}).")
+
+
+def open_dataset_source(path: str) -> Any:
+    """A ``datasets`` object for a .parquet file, a folder saved by ``save_to_disk``, or a hub dataset id; the
+    error names the source and what went wrong (a hub id offline fails here, not later)."""
+    import datasets
+
+    try:
+        if os.path.isfile(path) and path.lower().endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            return datasets.Dataset(pq.read_table(path))
+        if os.path.isdir(path):
+            return datasets.load_from_disk(path)
+    except Exception as exc:  # pyarrow, datasets and OS errors of a damaged file or folder
+        raise DatasetError(f"{path}: could not read it as {'parquet' if os.path.isfile(path) else 'a saved dataset folder'} "
+                           f"({type(exc).__name__}: {exc})", "unreadable file") from None
+    if not _looks_like_hub_id(path):
+        raise DatasetError(f"{path}: not found; expected {SOURCES}", "unreadable file")
+    try:
+        return datasets.load_dataset(path)
+    except Exception as exc:
+        offline = " (offline: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") == "1" or \
+            os.environ.get("HF_DATASETS_OFFLINE") == "1" else ""
+        raise DatasetError(f"hub dataset {path!r} could not be loaded{offline}: {type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}", "unreadable file") from None

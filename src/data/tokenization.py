@@ -312,6 +312,18 @@ class ExampleTokenizer:
         """Prompt ids for generation: exactly the ids an example's prompt has at training time."""
         return self.prefix_ids + self._encode(self.prompt_text(instruction, system))
 
+    def encode_conversation_prompt(self, messages: list[dict]) -> list[int]:
+        """Prompt ids for the next assistant turn of a conversation (``messages``: optional system message,
+        then alternating user/assistant turns, ending with a user turn): exactly the ids that precede that
+        turn's response when the whole conversation is a training example."""
+        if not messages or messages[-1].get("role") != "user":
+            raise ValueError("encode_conversation_prompt: the conversation must end with a user message")
+        segments = self.segments({"messages": list(messages) + [{"role": "assistant", "content": "-"}]})[:-1]
+        ids = list(self.prefix_ids)
+        for (kind, _, _), tokens in zip(segments, self.encode_texts([text for _, text, _ in segments])):
+            ids += tokens if kind == "prompt" else list(tokens) + [self.end_id] + self.suffix_ids
+        return ids
+
     def lengths(self, records: Iterable[dict], batch_size: int = 1000) -> list[tuple[int, int]]:
         """``(prompt_tokens, response_tokens)`` per record, before any over-long policy.
 

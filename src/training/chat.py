@@ -1,0 +1,123 @@
+"""Interactive chat with a trained run (``train_sft.py chat``).
+
+Each turn's prompt is the whole conversation so far, formatted and tokenized exactly as a multi-turn
+training example (``ExampleTokenizer.encode_conversation_prompt``: the system block opens the first
+prompt, every earlier answer ends with the end token). Answers stream token by token as they are
+generated and stop at the template's end token. Commands: ``/reset`` (forget the conversation),
+``/system TEXT`` (set the system prompt and start over), ``/exit`` (or end of input). Works on a terminal
+and with piped input (one user message per line).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Optional, TextIO
+
+HELP = "commands: /reset (new conversation), /system TEXT (set the system prompt), /exit"
+
+
+class ChatSession:
+    """A conversation with ``trainer``'s model (an :class:`~src.training.sft_trainer.SFTTrainer` after load_model)."""
+
+    def __init__(self, trainer: Any, system: Optional[str] = None, max_length: int = 512, **generation_kwargs: Any):
+        self.trainer = trainer
+        self.system = system
+        self.max_length = max_length
+        self.generation_kwargs = generation_kwargs
+        self.messages: list[dict] = []
+
+    def reset(self, system: Optional[str] = None, keep_system: bool = True) -> None:
+        self.messages = []
+        if not keep_system:
+            self.system = system
+
+    def prompt_ids(self, user: str) -> list[int]:
+        messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+        return self.trainer.example_tokenizer().encode_conversation_prompt(messages + [{"role": "user", "content": user}])
+
+    def reply(self, user: str, out: Optional[TextIO] = None) -> str:
+        """Generate the answer to ``user``, writing it to ``out`` as it is generated; remember the turn."""
+        import torch
+
+        from src.training.generation import check_prompt_lengths, generation_kwargs
+
+        trainer = self.trainer
+        ids = self.prompt_ids(user)
+        model = trainer.model
+        check_prompt_lengths(model, [ids], self.max_length)
+        stop_ids = trainer.stop_token_ids()
+        kwargs = generation_kwargs(stop_ids, trainer.tokenizer.pad_token_id, self.max_length, **self.generation_kwargs)
+        streamer = None
+        if out is not None:
+            streamer = _Streamer(trainer.tokenizer, out)
+            kwargs["streamer"] = streamer
+        device = next(model.parameters()).device
+        model.eval()
+        with torch.no_grad():
+            generated = model.generate(input_ids=torch.tensor([ids], device=device),
+                                       attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device), **kwargs)
+        new = generated[0, len(ids):].tolist()
+        cut = next((i for i, t in enumerate(new) if t in stop_ids), len(new))
+        answer = trainer.tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
+        if streamer is not None:
+            streamer.end()
+        self.messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        return answer
+
+
+class _Streamer:
+    """Writes decoded text as tokens arrive (transformers' TextStreamer, to any text stream)."""
+
+    def __init__(self, tokenizer: Any, out: TextIO):
+        from transformers import TextStreamer
+
+        class ToStream(TextStreamer):
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                out.write(text)
+                out.flush()
+
+        self.streamer = ToStream(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.out = out
+
+    def put(self, value: Any) -> None:
+        self.streamer.put(value)
+
+    def end(self) -> None:
+        self.streamer.end()
+        self.out.write("\n")
+        self.out.flush()
+
+
+def chat_loop(session: ChatSession, inp: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
+    """Read user messages from ``inp`` until ``/exit`` or end of input; stream answers to ``out``."""
+    interactive = inp.isatty()
+    if interactive:
+        out.write(HELP + "\n")
+    while True:
+        if interactive:
+            out.write("\n> ")
+            out.flush()
+        line = inp.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            break
+        if text == "/reset":
+            session.reset()
+            out.write("(new conversation)\n")
+            continue
+        if text == "/system" or text.startswith("/system "):
+            session.reset(text[len("/system"):].strip() or None, keep_system=False)
+            out.write(f"(system prompt {'set' if session.system else 'back to the run default'}; new conversation)\n")
+            continue
+        if text.startswith("/"):
+            out.write(f"unknown command {text.split()[0]}; {HELP}\n")
+            continue
+        if not interactive:
+            out.write("> " + text + "\n")
+        session.reply(text, out=out)
+        out.flush()
+    return 0
