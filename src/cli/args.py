@@ -7,6 +7,7 @@ doing the type conversion from the dataclass fields.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -69,6 +70,8 @@ def parse_config(cls: type, argv: list[str] | None = None) -> Any:
                                      f"expected; quote the value, e.g. {name}: \"...\"")
             elif name in list_fields and isinstance(value, str):
                 values[name] = [value]
+            elif name in str_fields and isinstance(value, (list, dict)):
+                values[name] = json.dumps(value, ensure_ascii=False)  # a structured field (datasets) as JSON text
         # Defaults from YAML; dataclass construction (and validation) happens once, after parsing.
         parser.set_defaults(**values)
     namespace, unknown = parser.parse_known_args(rest)

@@ -28,10 +28,18 @@ def run(argv: list[str]) -> int:
             raise ValueError("--audit_output needs a file path")
         argv = argv[:i] + argv[i + 2:]
     config = parse_config(SFTConfig, argv)
-    if config.dataset_path is None:
-        raise ValueError("audit needs dataset_path")
-    records, report = load_records(config.dataset_path, config.eval_dataset_path,
-                                   validation_split_ratio=config.validation_split_ratio, seed=config.seed, skip_invalid=True)
+    if config.datasets is not None:
+        from src.data.mixing import load_mixture, parse_mixture
+
+        records, report = load_mixture(parse_mixture(config.datasets), config.eval_dataset_path,
+                                       validation_split_ratio=config.validation_split_ratio, seed=config.seed,
+                                       skip_invalid=True)
+    elif config.dataset_path is None:
+        raise ValueError("audit needs dataset_path (or datasets)")
+    else:
+        records, report = load_records(config.dataset_path, config.eval_dataset_path,
+                                       validation_split_ratio=config.validation_split_ratio, seed=config.seed,
+                                       skip_invalid=True)
     # Only the tokenizer is needed; for local:tiny-qwen2 this builds the tiny model once, as training would.
     source = config.tokenizer_name or resolve_model_path(config.model_name, config.output_dir, config.dataset_path, config.seed)
     tokenizer = load_tokenizer(source, trust_remote_code=config.trust_remote_code)

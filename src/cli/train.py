@@ -37,7 +37,7 @@ def run(argv: list[str]) -> int:
         print(f"Padding efficiency    : {trainer.padding_efficiency:.2%}")
     validation = trainer.dataset["validation"] if has_validation else None
     if validation is not None and "instruction" in validation.column_names:  # not for conversation/text rows
-        samples = validation["instruction"][:3]
+        samples = [i for i in validation["instruction"] if i is not None][:3]  # instruction rows only
         responses = trainer.batch_generate(samples, max_length=48, batch_size=len(samples), repetition_penalty=1.3)
         for instruction, response in zip(samples, responses):
             print("-" * 72)

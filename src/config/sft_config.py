@@ -42,6 +42,11 @@ class BaseConfig:
         "be None when a datasets.Dataset is passed to create_trainer directly.",
         default=None,
     )
+    datasets: Optional[str] = _help(
+        "Instead of dataset_path, several sources mixed with weights: a list (YAML) or JSON text of "
+        "{path, weight or fraction, split, max_samples} (src/data/mixing.py); deterministic with the seed.",
+        default=None,
+    )
     eval_dataset_path: Optional[str] = _help(
         "Optional separate validation file (same formats). Without it, a validation split from the "
         "data file is used, or validation_split_ratio of the training rows is held out (seeded).",
@@ -149,6 +154,13 @@ class BaseConfig:
         for name in ("dataset_path", "eval_dataset_path"):
             if getattr(self, name) is not None:
                 _ask(name, check_data_path, getattr(self, name))
+        if self.datasets is not None:
+            from src.data.mixing import parse_mixture
+
+            if self.dataset_path is not None:
+                bad("datasets", "None when dataset_path is set (give one or the other)")
+            for source in _ask("datasets", parse_mixture, self.datasets):
+                _ask("datasets", check_data_path, source.path)
         if not isinstance(self.output_dir, str) or not self.output_dir.strip():
             bad("output_dir", "a directory path")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",

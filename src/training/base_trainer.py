@@ -77,17 +77,31 @@ class BaseTrainer(ABC):
 
         from src.data.loading import load_records
 
-        if self.config.dataset_path is None:
-            raise ValueError("SFTConfig.dataset_path is not set: give a .jsonl, .csv or .json file to train on")
-        records, report = load_records(
-            self.config.dataset_path,
-            self.config.eval_dataset_path,
-            validation_split_ratio=self.config.validation_split_ratio,
-            seed=self.config.seed,
-            skip_invalid=self.config.skip_invalid_rows,
-        )
+        if getattr(self.config, "datasets", None) is not None:
+            from src.data.mixing import load_mixture, parse_mixture
+
+            records, report = load_mixture(parse_mixture(self.config.datasets), self.config.eval_dataset_path,
+                                           validation_split_ratio=self.config.validation_split_ratio,
+                                           seed=self.config.seed, skip_invalid=self.config.skip_invalid_rows)
+        elif self.config.dataset_path is None:
+            raise ValueError("SFTConfig.dataset_path is not set: give a .jsonl, .csv, .json or .parquet file (or "
+                             "datasets: a mixture) to train on")
+        else:
+            records, report = load_records(
+                self.config.dataset_path,
+                self.config.eval_dataset_path,
+                validation_split_ratio=self.config.validation_split_ratio,
+                seed=self.config.seed,
+                skip_invalid=self.config.skip_invalid_rows,
+            )
         self.load_report = report
-        self.dataset = DatasetDict({split: Dataset.from_list(rows) for split, rows in records.items()})
+        # Columns of every row shape (Dataset.from_list would keep only the first row's keys); a row's absent
+        # fields are nulls, which the loader reads as absent again.
+        def to_dataset(rows: list[dict]) -> Any:
+            keys = list(dict.fromkeys(k for row in rows for k in row))
+            return Dataset.from_dict({k: [row.get(k) for row in rows] for k in keys})
+
+        self.dataset = DatasetDict({split: to_dataset(rows) for split, rows in records.items()})
         return self.dataset
 
     def setup_model(self) -> tuple[Any, Any]:

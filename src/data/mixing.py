@@ -1,0 +1,124 @@
+"""Mixing several datasets with weights (``SFTConfig.datasets``).
+
+A mixture is a list of sources, each ``{"path": ..., "weight": w}`` (or ``"fraction"``; the shares are
+normalised to sum to 1), optionally ``"split"`` ("train", the default, or "validation") and
+``"max_samples"`` (use at most this many rows of the source, taken by a seeded shuffle). The mixture has
+as many rows as the sources offer together (after ``max_samples``); each source contributes its share of
+that total, drawing its rows without replacement while it has enough and repeating them (a seeded
+shuffle each pass) when its share is larger than the source. Row counts are exact up to rounding
+(a 70/30 mix of 1,000 rows is 700/300), the order is a seeded shuffle, and rows of different shapes
+(instruction rows, conversations, text) mix freely.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from typing import Any, Optional
+
+SPLITS = ("train", "validation")
+
+
+@dataclass(frozen=True)
+class MixtureSource:
+    path: str
+    weight: float
+    split: str = "train"
+    max_samples: Optional[int] = None
+
+
+def parse_mixture(value: Any) -> list[MixtureSource]:
+    """Sources from a list of mappings (or its JSON text, as the command line gives it); ``ValueError`` names
+    the entry and key that cannot work."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"datasets: not a JSON list of sources ({exc.msg}); expected "
+                             '[{"path": "a.jsonl", "weight": 0.7}, {"path": "b.jsonl", "weight": 0.3}]') from None
+    if not isinstance(value, list) or not value:
+        raise ValueError("datasets: expected a non-empty list of sources like {path: a.jsonl, weight: 0.7}")
+    sources = []
+    for i, entry in enumerate(value):
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise ValueError(f"datasets[{i}]: expected a mapping with a 'path'")
+        unknown = set(entry) - {"path", "weight", "fraction", "split", "max_samples"}
+        if unknown:
+            raise ValueError(f"datasets[{i}]: unknown key(s) {sorted(unknown)}; expected path, weight or fraction, "
+                             "split, max_samples")
+        if "weight" in entry and "fraction" in entry:
+            raise ValueError(f"datasets[{i}]: give 'weight' or 'fraction', not both")
+        weight = entry.get("weight", entry.get("fraction", 1.0))
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise ValueError(f"datasets[{i}]: weight={weight!r} is invalid: expected a positive number")
+        split = entry.get("split", "train")
+        if split not in SPLITS:
+            raise ValueError(f"datasets[{i}]: split={split!r} is invalid: expected one of {SPLITS}")
+        max_samples = entry.get("max_samples")
+        if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1):
+            raise ValueError(f"datasets[{i}]: max_samples={max_samples!r} is invalid: expected a positive integer")
+        sources.append(MixtureSource(entry["path"], float(weight), split, max_samples))
+    return sources
+
+
+def mix_records(parts: list[tuple[list[dict], float]], seed: int) -> tuple[list[dict], list[int]]:
+    """Mix ``(records, weight)`` parts as the module docstring says; returns the rows and each part's count."""
+    rng = random.Random(seed)
+    total = sum(len(rows) for rows, _ in parts)
+    weights = [w for _, w in parts]
+    shares = [total * w / sum(weights) for w in weights]
+    counts = [int(s) for s in shares]
+    # largest remainders get the rows rounding left over, so the counts add up to the total exactly
+    for i in sorted(range(len(parts)), key=lambda i: shares[i] - counts[i], reverse=True)[: total - sum(counts)]:
+        counts[i] += 1
+    mixed: list[dict] = []
+    for (rows, _), count in zip(parts, counts):
+        if not rows:
+            raise ValueError("datasets: a source has no rows")
+        taken: list[dict] = []
+        while len(taken) < count:
+            order = list(range(len(rows)))
+            rng.shuffle(order)
+            taken += [rows[i] for i in order[: count - len(taken)]]
+        mixed += taken
+    rng.shuffle(mixed)
+    return mixed, counts
+
+
+def cap_rows(rows: list[dict], max_samples: Optional[int], seed: int) -> list[dict]:
+    """At most ``max_samples`` rows, chosen by a seeded shuffle (kept in their original order)."""
+    if max_samples is None or len(rows) <= max_samples:
+        return rows
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    return [rows[i] for i in sorted(order[:max_samples])]
+
+
+def load_mixture(sources: list[MixtureSource], eval_source: Any = None, *, validation_split_ratio: float = 0.1,
+                 seed: int = 42, skip_invalid: bool = False) -> tuple[dict[str, list[dict]], Any]:
+    """Load every source (each validated like a single data file), mix their training rows, and take the
+    validation rows from ``eval_source`` or else hold ``validation_split_ratio`` of the mixture out.
+    Returns the records per split and the last source's load report (skips of every source are logged)."""
+    import logging
+
+    from src.data.loading import hold_out, load_records
+
+    logger = logging.getLogger(__name__)
+    parts, report = [], None
+    for i, source in enumerate(sources):
+        records, report = load_records(source.path, validation_split_ratio=0.0, seed=seed, skip_invalid=skip_invalid,
+                                       log=False)
+        rows = records.get(source.split)
+        if not rows:
+            raise ValueError(f"datasets[{i}]: {source.path} has no {source.split!r} rows (it has {sorted(records)})")
+        parts.append((cap_rows(rows, source.max_samples, seed + i), source.weight))
+    mixed, counts = mix_records(parts, seed)
+    logger.info("Mixed %d training rows: %s", len(mixed),
+                ", ".join(f"{s.path} {n} ({n / len(mixed):.1%})" for s, n in zip(sources, counts)))
+    if eval_source is not None:
+        validation = load_records(eval_source, validation_split_ratio=0.0, seed=seed, skip_invalid=skip_invalid,
+                                  log=False)[0]
+        return {"train": mixed, "validation": validation.get("validation") or validation["train"]}, report
+    train, validation = hold_out(mixed, validation_split_ratio, seed)
+    return ({"train": train, "validation": validation} if validation else {"train": train}), report
