@@ -99,6 +99,8 @@ class BaseConfig:
     dataloader_num_workers: int = _help("DataLoader worker processes.", default=0)
     dataloader_pin_memory: bool = _help("Pin host memory for faster host-to-GPU copies.", default=True)
     bf16: bool = _help("bfloat16 mixed precision (needs hardware support; a clear error otherwise).", default=False)
+    fp16: bool = _help("float16 mixed precision with loss scaling, for GPUs without bfloat16 (V100, T4).",
+                       default=False)
 
     # --- LoRA -------------------------------------------------------------------------------------
     use_lora: bool = _help("Train LoRA adapters (peft) instead of all weights.", default=True)
@@ -106,8 +108,19 @@ class BaseConfig:
     lora_alpha: int = _help("LoRA scaling numerator (scale = lora_alpha / lora_r).", default=32)
     lora_dropout: float = _help("Dropout on the LoRA path, in [0, 1).", default=0.1)
     lora_target_modules: list[str] = _help(
-        "Module names that get adapters.", default_factory=lambda: ["q_proj", "v_proj", "k_proj", "o_proj"]
+        "Module names that get adapters, or ['all-linear'] for every linear layer but the LM head (all seven Qwen "
+        "projections).", default_factory=lambda: ["q_proj", "v_proj", "k_proj", "o_proj"]
     )
+    use_dora: bool = _help("DoRA: weight-decomposed LoRA adapters (peft).", default=False)
+    use_rslora: bool = _help("rsLoRA: scale adapters by lora_alpha / sqrt(lora_r) (peft).", default=False)
+    modules_to_save: Optional[list[str]] = _help(
+        "Modules trained in full next to the adapters and saved with them (e.g. ['lm_head', 'embed_tokens']).",
+        default=None)
+    load_in_4bit: bool = _help(
+        "QLoRA: load the frozen base in 4-bit NF4 with double quantization and bf16 compute (bitsandbytes, needs a "
+        "CUDA GPU; implies LoRA).", default=False)
+    load_in_8bit: bool = _help("Load the frozen base in 8-bit (bitsandbytes, needs a CUDA GPU; implies LoRA).",
+                               default=False)
 
     resume_from_checkpoint: Optional[str] = _help(
         "Continue an interrupted run: a checkpoint directory, or 'last' for the newest checkpoint-* in output_dir.",
@@ -190,6 +203,12 @@ class BaseConfig:
             bad("weight_decay", "a non-negative number")
         if self.dataloader_num_workers < 0:
             bad("dataloader_num_workers", "a non-negative integer")
+        if self.bf16 and self.fp16:
+            bad("fp16", "False when bf16=True (choose one mixed precision)")
+        if self.load_in_4bit and self.load_in_8bit:
+            bad("load_in_8bit", "False when load_in_4bit=True (choose one quantization)")
+        if (self.load_in_4bit or self.load_in_8bit) and not self.use_lora:
+            bad("use_lora", "True with load_in_4bit/load_in_8bit (quantized weights are frozen: only adapters train)")
         if self.use_lora:
             if (not isinstance(self.lora_target_modules, (list, tuple)) or not self.lora_target_modules
                     or not all(isinstance(m, str) and m for m in self.lora_target_modules)):

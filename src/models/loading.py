@@ -126,7 +126,8 @@ def check_bf16(bf16: bool) -> None:
 
 
 def load_causal_lm(path: str, *, trust_remote_code: bool = False, attn_implementation: str | None = None,
-                   bf16: bool = False, bf16_weights: bool = True, dtype: Any = None) -> Any:
+                   bf16: bool = False, bf16_weights: bool = True, dtype: Any = None,
+                   quantization: Any = None) -> Any:
     """Load a causal LM. With ``bf16``, weights are stored in bfloat16 only when ``bf16_weights``: a frozen
     LoRA base or inference; full fine-tuning keeps float32 master weights under bf16 autocast, since AdamW
     updates on bfloat16 weights lose most small steps. ``dtype`` (a torch dtype or "auto": the checkpoint's
@@ -142,26 +143,66 @@ def load_causal_lm(path: str, *, trust_remote_code: bool = False, attn_implement
             trust_remote_code=trust_remote_code,
             attn_implementation=pick_attn_implementation(attn_implementation),
             dtype=dtype,
+            **({"quantization_config": quantization, "device_map": {"": 0}} if quantization is not None else {}),
         )
     except Exception as exc:  # safetensors, torch and json errors of a damaged folder all land here
         raise ModelLoadError(f"could not load a causal LM from {path!r}: {type(exc).__name__}: {exc}") from exc
     return model
 
 
-def apply_lora(model: Any, r: int, alpha: int, dropout: float, target_modules: list[str], gradient_checkpointing: bool) -> Any:
-    """Wrap ``model`` with LoRA adapters (peft); with gradient checkpointing, make inputs require grads."""
-    from peft import LoraConfig, get_peft_model
+def check_quantization(load_in_4bit: bool, load_in_8bit: bool) -> None:
+    """bitsandbytes quantization needs a CUDA GPU and the package; say which is missing."""
+    import importlib.util
+
+    import torch
+
+    if not (load_in_4bit or load_in_8bit):
+        return
+    flag = "load_in_4bit" if load_in_4bit else "load_in_8bit"
+    if not torch.cuda.is_available():
+        raise ValueError(f"SFTConfig.{flag}=True needs a CUDA GPU (bitsandbytes quantization), and none was found; "
+                         "set it to False (LoRA on an unquantized base) or run on a GPU")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"SFTConfig.{flag}=True needs the bitsandbytes package: pip install -e '.[qlora]'")
+
+
+def quantization_config(load_in_4bit: bool, load_in_8bit: bool) -> Any:
+    """QLoRA's settings (NF4, double quantization, bf16 compute), or 8-bit; None when not quantizing."""
+    if not (load_in_4bit or load_in_8bit):
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def apply_lora(model: Any, r: int, alpha: int, dropout: float, target_modules: list[str], gradient_checkpointing: bool,
+               *, use_dora: bool = False, use_rslora: bool = False, modules_to_save: list[str] | None = None,
+               quantized: bool = False) -> Any:
+    """Wrap ``model`` with LoRA adapters (peft); with gradient checkpointing, make inputs require grads.
+    ``target_modules=['all-linear']`` targets every linear layer but the output head (peft's own rule);
+    a quantized base goes through ``prepare_model_for_kbit_training`` first."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [m for m in target_modules if m not in names]
+    all_linear = list(target_modules) == ["all-linear"]
+    missing = [] if all_linear else [m for m in target_modules if m not in names]
+    missing += [m for m in modules_to_save or [] if m not in names]
     if missing:
         raise ModelLoadError(
-            f"lora_target_modules {missing} are not modules of this model; available linear layers include "
-            f"{sorted(n for n in names if n.endswith('_proj'))}"
+            f"lora_target_modules/modules_to_save {missing} are not modules of this model; available linear layers "
+            f"include {sorted(n for n in names if n.endswith('_proj'))} (or use ['all-linear'])"
         )
-    if gradient_checkpointing:
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
         # With frozen embeddings, checkpointed blocks would see inputs without grad and return no grads.
         model.enable_input_require_grads()
-    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-                      task_type="CAUSAL_LM", bias="none")
+    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                      target_modules="all-linear" if all_linear else list(target_modules),
+                      task_type="CAUSAL_LM", bias="none", use_dora=use_dora, use_rslora=use_rslora,
+                      modules_to_save=list(modules_to_save) if modules_to_save else None)
     return get_peft_model(model, lora)

@@ -14,7 +14,16 @@ from abc import ABC, abstractmethod
 from typing import Any, Optional
 
 from src.config import BaseConfig
-from src.models.loading import ModelLoadError, apply_lora, check_bf16, load_causal_lm, load_tokenizer, resolve_model_path
+from src.models.loading import (
+    ModelLoadError,
+    apply_lora,
+    check_bf16,
+    check_quantization,
+    load_causal_lm,
+    load_tokenizer,
+    quantization_config,
+    resolve_model_path,
+)
 from src.training import persistence
 from src.training.guards import DivergenceCallback, InterruptCallback, TrainingDiverged, TrainingInterrupted, interrupt_signals
 from src.training.losses import SFTLoss, build_loss
@@ -114,12 +123,18 @@ class BaseTrainer(ABC):
         )
         trust = self.config.trust_remote_code
         self.tokenizer = load_tokenizer(self.config.tokenizer_name or self.base_model_path, trust_remote_code=trust)
-        model = load_causal_lm(self.base_model_path, trust_remote_code=trust,
-                               attn_implementation=self.config.attn_implementation, bf16=self.config.bf16,
-                               bf16_weights=self.config.use_lora)
-        if self.config.use_lora:
-            model = apply_lora(model, self.config.lora_r, self.config.lora_alpha, self.config.lora_dropout,
-                               self.config.lora_target_modules, self.config.gradient_checkpointing)
+        c = self.config
+        quantized = bool(getattr(c, "load_in_4bit", False) or getattr(c, "load_in_8bit", False))
+        if quantized:
+            check_quantization(c.load_in_4bit, c.load_in_8bit)
+        model = load_causal_lm(self.base_model_path, trust_remote_code=trust, attn_implementation=c.attn_implementation,
+                               bf16=c.bf16, bf16_weights=c.use_lora,
+                               quantization=quantization_config(c.load_in_4bit, c.load_in_8bit) if quantized else None)
+        if c.use_lora:
+            model = apply_lora(model, c.lora_r, c.lora_alpha, c.lora_dropout, c.lora_target_modules,
+                               c.gradient_checkpointing, use_dora=getattr(c, "use_dora", False),
+                               use_rslora=getattr(c, "use_rslora", False), modules_to_save=getattr(c, "modules_to_save", None),
+                               quantized=quantized)
         self.model = model
         self._check_tokenizer()
         return self.model, self.tokenizer

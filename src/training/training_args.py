@@ -77,6 +77,7 @@ def training_arguments_kwargs(config: Any, environment: dict[str, Any] | None = 
         dataloader_num_workers=config.dataloader_num_workers,
         dataloader_pin_memory=config.dataloader_pin_memory,
         bf16=config.bf16,
+        fp16=config.fp16,
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,
         load_best_model_at_end=config.load_best_model_at_end,

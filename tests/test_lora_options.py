@@ -1,0 +1,51 @@
+"""LoRA options (all-linear, DoRA, rsLoRA, modules_to_save), fp16, and quantization's clear errors on CPU."""
+
+import os
+
+import pytest
+import torch
+
+from src.config import SFTConfig
+from src.training.sft_trainer import SFTTrainer
+from tests.helpers import make_config
+
+PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_all_linear_dora_rslora_and_modules_to_save(tiny_model_dir, pairs_file, tmp_path):
+    config = make_config(tiny_model_dir, pairs_file, tmp_path / "o", use_lora=True, lora_r=4, lora_alpha=8,
+                         lora_target_modules=["all-linear"], use_dora=True, use_rslora=True,
+                         modules_to_save=["lm_head"], max_steps=2)
+    trainer = SFTTrainer(config)
+    trainer.train()
+    peft_config = trainer.model.peft_config["default"]
+    assert {name.rsplit(".", 1)[-1] for name in peft_config.target_modules} == PROJECTIONS  # all but the head
+    assert peft_config.use_dora and peft_config.use_rslora and "lm_head" in peft_config.modules_to_save
+    trained = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert any("lora_magnitude_vector" in n for n in trained)  # DoRA's magnitudes train
+    assert any("lm_head" in n and "modules_to_save" in n for n in trained)
+    restored = SFTTrainer(make_config(tiny_model_dir, pairs_file, tmp_path / "x"))
+    restored.load_model(str(tmp_path / "o"))
+    prompt = "ما عاصمة مصر؟"
+    assert restored.generate_response(prompt, max_length=6) == trainer.generate_response(prompt, max_length=6)
+
+
+def test_unknown_modules_to_save_is_a_clear_error(tiny_model_dir, pairs_file, tmp_path):
+    from src.models.loading import ModelLoadError
+
+    trainer = SFTTrainer(make_config(tiny_model_dir, pairs_file, tmp_path / "o", use_lora=True,
+                                     modules_to_save=["score_head"], max_steps=1))
+    with pytest.raises(ModelLoadError, match="score_head"):
+        trainer.train()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU")
+def test_quantized_loading_without_a_gpu_is_a_clear_error(tiny_model_dir, pairs_file, tmp_path):
+    trainer = SFTTrainer(make_config(tiny_model_dir, pairs_file, tmp_path / "o", use_lora=True, load_in_4bit=True))
+    with pytest.raises(ValueError, match="load_in_4bit=True needs a CUDA GPU"):
+        trainer.train()
+    assert not os.path.exists(tmp_path / "o" / "model.safetensors")
+    with pytest.raises(ValueError, match="SFTConfig.use_lora"):
+        SFTConfig(use_lora=False, load_in_8bit=True)
+    with pytest.raises(ValueError, match="SFTConfig.fp16"):
+        SFTConfig(bf16=True, fp16=True)
