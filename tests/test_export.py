@@ -81,3 +81,17 @@ def test_export_of_a_full_run_and_of_a_folder_that_is_not_a_run(tiny_model_dir, 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert train_sft.main(["export", "--model", tiny_model_dir, "--to", str(tmp_path / "nope")]) == 2
     assert "sft_metadata.json" in capsys.readouterr().err
+
+
+def test_push_to_hub_offline_is_a_clear_error_before_exporting(lora_run, tmp_path, capsys, monkeypatch):
+    _, run_dir = lora_run
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    target = tmp_path / "pushed"
+    code = train_sft.main(["export", "--model", str(run_dir), "--to", str(target), "--push_to_hub",
+                           "--hub_model_id", "someone/arabic-sft"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "someone/arabic-sft" in err[0] and "offline" in err[0]
+    assert not os.path.exists(target)  # refused before minutes of merging, not after
+    assert train_sft.main(["export", "--model", str(run_dir), "--to", str(tmp_path / "x"), "--push_to_hub"]) == 2
+    assert "--hub_model_id" in capsys.readouterr().err

@@ -76,6 +76,23 @@ def export_run(model_dir: str, target: str, *, overwrite: bool = False, dtype: s
     return target
 
 
+def push_folder(folder: str, repo_id: str, private: bool = True) -> str:
+    """Upload an exported folder to the Hugging Face Hub (``huggingface_hub``); a clear error offline."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ValueError(f"cannot push {folder} to the hub repository {repo_id!r}: HF_HUB_OFFLINE=1 is set (offline); "
+                         f"the exported folder is kept, push it later with: huggingface-cli upload {repo_id} {folder}")
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Upload model exported by arabic-qwen-sft")
+    except Exception as exc:  # network, authentication and permission errors of the hub client
+        raise ValueError(f"could not push {folder} to the hub repository {repo_id!r}: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}; the exported folder is kept") from None
+    return f"https://huggingface.co/{repo_id}"
+
+
 def parse_and_export(argv: list[str]) -> Any:
     import argparse
 
@@ -86,6 +103,17 @@ def parse_and_export(argv: list[str]) -> Any:
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help="weight precision (auto: the checkpoint's own)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing target folder")
     parser.add_argument("--trust_remote_code", action="store_true")
+    parser.add_argument("--push_to_hub", action="store_true", help="also upload the exported folder to the hub")
+    parser.add_argument("--hub_model_id", help="the hub repository ('org/name') for --push_to_hub")
+    parser.add_argument("--public", action="store_true", help="create the hub repository public (default: private)")
     args = parser.parse_args(argv)
-    return export_run(args.model, args.to, overwrite=args.overwrite, dtype=args.dtype,
-                      trust_remote_code=args.trust_remote_code)
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError("export: --push_to_hub needs --hub_model_id org/name")
+    if args.push_to_hub and os.environ.get("HF_HUB_OFFLINE") == "1":  # before minutes of merging, not after
+        raise ValueError(f"export: cannot push to the hub repository {args.hub_model_id!r}: HF_HUB_OFFLINE=1 is set "
+                         "(offline); export without --push_to_hub, then upload the folder when online")
+    target = export_run(args.model, args.to, overwrite=args.overwrite, dtype=args.dtype,
+                        trust_remote_code=args.trust_remote_code)
+    if args.push_to_hub:
+        push_folder(target, args.hub_model_id, private=not args.public)
+    return target
