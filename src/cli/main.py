@@ -27,6 +27,7 @@ COMMANDS = {
     "export": ("src.cli.export", "merge a LoRA run into its base (or re-save a full run) as a plain transformers folder"),
     "generate": ("src.cli.generate", "generate a response for every row of a JSONL file (batched, resumable)"),
     "chat": ("src.cli.chat", "chat with a trained run (streamed answers, multi-turn, /reset /system /exit)"),
+    "evaluate": ("src.cli.evaluate", "score a trained run on benchmark tasks with lm-evaluation-harness"),
 }
 DEFAULT_COMMAND = "train"
 
