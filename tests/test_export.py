@@ -38,6 +38,10 @@ def test_export_merges_the_adapter_and_plain_transformers_generates_the_same(lor
     plain = AutoModelForCausalLM.from_pretrained(str(target)).eval()  # no peft involved
     tokenizer = AutoTokenizer.from_pretrained(str(target))
     assert not hasattr(plain, "peft_config")
+    # the saved chat template builds the training prompt: serving stacks ask the model as it was taught
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": PAIRS[1]["instruction"]}], add_generation_prompt=True,
+                                         tokenize=True)["input_ids"]
+    assert chat == trainer.example_tokenizer().encode_prompt(PAIRS[1]["instruction"])
     adapter_model = trainer.model.eval()
     for pair in PAIRS[:4]:
         prompt = torch.tensor([trainer.example_tokenizer().encode_prompt(pair["instruction"])])

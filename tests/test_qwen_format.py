@@ -84,3 +84,22 @@ def test_sharegpt_equals_messages(qwen_tokenizer):
     _, first = ours(qwen_tokenizer, a)
     _, second = ours(qwen_tokenizer, {"messages": CONVERSATION})
     assert first == second
+
+
+@pytest.mark.parametrize("template,system", [("chatml", None), ("chatml", "أجب باختصار."), ("alpaca", None),
+                                             ("alpaca", "أجب باختصار.")])
+def test_saved_chat_template_renders_conversations_exactly_as_training(qwen_tokenizer, template, system):
+    """apply_chat_template with the saved template gives the training ids before each answer (real Qwen vocabulary)."""
+    import copy
+
+    from src.data.templates import chat_template
+    from src.data.tokenization import ExampleTokenizer
+
+    tokenizer = copy.deepcopy(qwen_tokenizer)
+    et = ExampleTokenizer(tokenizer, get_prompt_format(template, system_prompt=system), 1024)
+    tokenizer.chat_template = chat_template(et.fmt, tokenizer.convert_ids_to_tokens(et.end_id))
+    turns = [{"role": "user", "content": "ما عاصمة مصر؟"}, {"role": "assistant", "content": "القاهرة."},
+             {"role": "user", "content": "وما عاصمة الأردن؟ What about Jordan?"}]
+    for upto in (1, 3):
+        rendered = tokenizer.apply_chat_template(turns[:upto], add_generation_prompt=True, tokenize=True)["input_ids"]
+        assert rendered == et.encode_conversation_prompt(turns[:upto])

@@ -20,6 +20,7 @@ statement in front of every Arabic example is a choice the user should make, not
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -102,3 +103,40 @@ def get_prompt_format(
     if name == "chatml":
         return PromptFormat(name, template, rt, end_token=CHATML_END, end_suffix="\n", system_prompt=system_prompt)
     return PromptFormat(name, template, rt, end_token=None, system_prompt=system_prompt)
+
+
+def chat_template(fmt: PromptFormat, end_text: str) -> str:
+    """A Jinja chat template that renders conversations exactly as training formats them with ``fmt``.
+
+    Saved with every trained model, so serving stacks that call ``apply_chat_template`` build the prompts
+    the model saw: the system block (the conversation's own, else the run's ``system_prompt``) opens the
+    first user turn only, each assistant answer ends with ``end_text`` (the end token) and the format's
+    suffix. In these formats the assistant header (``"<|im_start|>assistant\\n"``, ``"### Response:\\n"``)
+    is part of every user turn, so ``add_generation_prompt`` changes nothing. Text normalization (Arabic
+    presets) is the caller's: the template renders text as given.
+    """
+    before, after = fmt.template.split("{instruction}", 1)
+
+    def literal(text: str) -> str:
+        return "{{ " + json.dumps(text, ensure_ascii=False) + " }}"
+
+    if fmt.name == "chatml":
+        system_block = literal("<|im_start|>system\n") + "{{ system }}" + literal("<|im_end|>\n")
+    else:
+        system_block = "{{ system }}" + literal("\n\n")
+    default_system = json.dumps(fmt.system_prompt or "", ensure_ascii=False)
+    return (
+        "{%- set ns = namespace(first=true) -%}"
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+        "{%- else -%}{%- set system = " + default_system + " -%}{%- set turns = messages -%}{%- endif -%}"
+        "{%- for message in turns -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{%- if ns.first and system -%}" + system_block + "{%- endif -%}"
+        + literal(before) + "{{ message['content'] }}" + literal(after) +
+        "{%- set ns.first = false -%}"
+        "{%- elif message['role'] == 'assistant' -%}"
+        "{{ message['content'] }}" + literal(end_text + fmt.end_suffix) +
+        "{%- endif -%}"
+        "{%- endfor -%}"
+    )

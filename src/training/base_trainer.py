@@ -76,6 +76,9 @@ class BaseTrainer(ABC):
     def write_generation_config(self, output_dir: str) -> None:
         """Subclasses write a generation_config.json that stops where their format stops."""
 
+    def before_save(self) -> None:
+        """Subclasses bring in-memory objects up to date before they are saved (the tokenizer's chat template)."""
+
     def _check_tokenizer(self) -> None:
         """Subclasses check that the tokenizer can represent their format."""
 

@@ -121,6 +121,7 @@ def save_run(owner: Any, output_dir: str) -> None:
             shutil.rmtree(staging)  # what an earlier, failed save left
 
     main_decides(check)  # all ranks raise together, or all go on
+    owner.before_save()  # e.g. the tokenizer's chat template, so it is saved with the tokenizer
     try:
         hf = owner.trainer
         if hf is not None:

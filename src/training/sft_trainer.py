@@ -18,7 +18,7 @@ import torch
 from src.config import SFTConfig
 from src.data.loading import load_records
 from src.data.packing import SFTDataCollator, flattens_packed_batches, padding_efficiency
-from src.data.templates import get_prompt_format
+from src.data.templates import chat_template, get_prompt_format
 from src.data.tokenization import ExampleTokenizer, TokenizeReport, tokenize_records
 from src.distributed import main_process_first
 from src.training import generation
@@ -325,6 +325,14 @@ class SFTTrainer(BaseTrainer):
         for switch in SWITCHES:
             if switch in normalization:
                 setattr(self.config, "arabic_" + switch, normalization[switch])
+
+    def before_save(self) -> None:
+        """Give the tokenizer a chat template that renders conversations exactly as this run formatted its
+        training examples (``src.data.templates.chat_template``), so serving stacks that call
+        ``apply_chat_template`` build the prompts the model saw; it replaces the base model's template
+        (which may, like Qwen2.5's, add a default system prompt that training never had)."""
+        et = self.example_tokenizer()
+        self.tokenizer.chat_template = chat_template(et.fmt, self.tokenizer.convert_ids_to_tokens(et.end_id))
 
     def write_generation_config(self, output_dir: str) -> None:
         """generation_config.json whose EOS ids include the template's end token (``<|im_end|>`` for ChatML),
