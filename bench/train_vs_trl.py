@@ -372,6 +372,17 @@ def reference_loss(model, batch: dict, bf16: bool, chunk: int = 1024) -> tuple[f
     return (total / max(n, 1)).item(), n
 
 
+def _timed_train(hf_trainer, torch, cuda: bool, warmup: int, collator_box: dict, bf16: bool, check_loss: bool, mem: dict):
+    """Count the batches, attach the step timer and train: the same instrumentation for ours and TRL.
+    Returns the timer and the moment training started."""
+    collator_box["c"] = hf_trainer.data_collator = _CountingCollator(hf_trainer.data_collator)
+    timer = _make_timer(torch, cuda, warmup, collator_box, bf16, check_loss, mem)
+    hf_trainer.add_callback(timer)
+    t_train = time.perf_counter()
+    hf_trainer.train()
+    return timer, t_train
+
+
 def _make_timer(torch, cuda: bool, warmup: int, collator_box: dict, bf16: bool, check_loss: bool, mem: dict):
     from transformers import TrainerCallback
 
@@ -456,11 +467,7 @@ def child_run(spec: dict) -> dict:
         config = SFTConfig(**kwargs)
         trainer = SFTTrainer(config)
         hf = trainer.prepare()
-        collator_box["c"] = hf.data_collator = _CountingCollator(hf.data_collator)
-        timer = _make_timer(torch, cuda, warmup, collator_box, bf16, spec["check_loss"], mem)
-        hf.add_callback(timer)
-        t_train = time.perf_counter()
-        hf.train()
+        timer, t_train = _timed_train(hf, torch, cuda, warmup, collator_box, bf16, spec["check_loss"], mem)
         model = trainer.model
         ds = hf.train_dataset
         dataset = {"rows": len(ds),
@@ -499,11 +506,7 @@ def child_run(spec: dict) -> dict:
                                      task_type="CAUSAL_LM", bias="none")
         trainer = trl.SFTTrainer(model=spec["model_dir"], args=args, train_dataset=dataset_in,
                                  processing_class=tokenizer, peft_config=peft_config)
-        collator_box["c"] = trainer.data_collator = _CountingCollator(trainer.data_collator)
-        timer = _make_timer(torch, cuda, warmup, collator_box, bf16, spec["check_loss"], mem)
-        trainer.add_callback(timer)
-        t_train = time.perf_counter()
-        trainer.train()
+        timer, t_train = _timed_train(trainer, torch, cuda, warmup, collator_box, bf16, spec["check_loss"], mem)
         model = trainer.model
         ds = trainer.train_dataset
         dataset = {"rows": len(ds), "examples": int(sum(len(x) for x in ds["seq_lengths"])),

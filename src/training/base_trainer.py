@@ -89,7 +89,7 @@ class BaseTrainer(ABC):
 
         from src.data.loading import load_records
 
-        if getattr(self.config, "datasets", None) is not None:
+        if self.config.datasets is not None:
             from src.data.mixing import load_mixture, parse_mixture
 
             records, report = load_mixture(parse_mixture(self.config.datasets), self.config.eval_dataset_path,
@@ -127,7 +127,7 @@ class BaseTrainer(ABC):
         trust = self.config.trust_remote_code
         self.tokenizer = load_tokenizer(self.config.tokenizer_name or self.base_model_path, trust_remote_code=trust)
         c = self.config
-        quantized = bool(getattr(c, "load_in_4bit", False) or getattr(c, "load_in_8bit", False))
+        quantized = c.load_in_4bit or c.load_in_8bit
         if quantized:
             check_quantization(c.load_in_4bit, c.load_in_8bit)
         model = load_causal_lm(self.base_model_path, trust_remote_code=trust, attn_implementation=c.attn_implementation,
@@ -135,9 +135,8 @@ class BaseTrainer(ABC):
                                quantization=quantization_config(c.load_in_4bit, c.load_in_8bit) if quantized else None)
         if c.use_lora:
             model = apply_lora(model, c.lora_r, c.lora_alpha, c.lora_dropout, c.lora_target_modules,
-                               c.gradient_checkpointing, use_dora=getattr(c, "use_dora", False),
-                               use_rslora=getattr(c, "use_rslora", False), modules_to_save=getattr(c, "modules_to_save", None),
-                               quantized=quantized)
+                               c.gradient_checkpointing, use_dora=c.use_dora, use_rslora=c.use_rslora,
+                               modules_to_save=c.modules_to_save, quantized=quantized)
         self.model = model
         self._check_tokenizer()
         return self.model, self.tokenizer
@@ -166,7 +165,7 @@ class BaseTrainer(ABC):
         """Stop cleanly on Ctrl-C/SIGTERM and before a non-finite update (``src.training.guards``); early
         stopping on eval_loss when ``early_stopping_patience`` is set."""
         callbacks = [self.interrupt, DivergenceCallback()]
-        if getattr(self.config, "early_stopping_patience", None) is not None:
+        if self.config.early_stopping_patience is not None:
             from transformers import EarlyStoppingCallback
 
             callbacks.append(EarlyStoppingCallback(self.config.early_stopping_patience, self.config.early_stopping_threshold))
@@ -201,9 +200,9 @@ class BaseTrainer(ABC):
         self.claim_output_dir(resuming=checkpoint is not None)
         try:
             trainer = self.prepare()
-            if checkpoint is not None and 0 < trainer.args.max_steps <= persistence.checkpoint_step(checkpoint):
+            step = persistence.checkpoint_step(checkpoint) if checkpoint is not None else None
+            if step is not None and 0 < trainer.args.max_steps <= step:
                 # transformers would train one step more from here; there is nothing left to train.
-                step = persistence.checkpoint_step(checkpoint)
                 if os.path.isfile(os.path.join(output_dir, persistence.metadata_filename(self._get_training_method()))):
                     logger.warning("%s is already at step %d of max_steps=%d and the run was saved: nothing to train",
                                    checkpoint, step, trainer.args.max_steps)

@@ -37,28 +37,10 @@ class ChatSession:
 
     def reply(self, user: str, out: Optional[TextIO] = None) -> str:
         """Generate the answer to ``user``, writing it to ``out`` as it is generated; remember the turn."""
-        import torch
-
-        from src.training.generation import check_prompt_lengths, generation_kwargs
-
-        trainer = self.trainer
-        ids = self.prompt_ids(user)
-        model = trainer.model
-        check_prompt_lengths(model, [ids], self.max_length)
-        stop_ids = trainer.stop_token_ids()
-        kwargs = generation_kwargs(stop_ids, trainer.tokenizer.pad_token_id, self.max_length, **self.generation_kwargs)
-        streamer = None
-        if out is not None:
-            streamer = _Streamer(trainer.tokenizer, out)
-            kwargs["streamer"] = streamer
-        device = next(model.parameters()).device
-        model.eval()
-        with torch.no_grad():
-            generated = model.generate(input_ids=torch.tensor([ids], device=device),
-                                       attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device), **kwargs)
-        new = generated[0, len(ids):].tolist()
-        cut = next((i for i, t in enumerate(new) if t in stop_ids), len(new))
-        answer = trainer.tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
+        streamer = _Streamer(self.trainer.tokenizer, out) if out is not None else None
+        extra = {"streamer": streamer} if streamer is not None else {}
+        answer = self.trainer.generate_from_prompts([self.prompt_ids(user)], max_length=self.max_length, batch_size=1,
+                                                    **extra, **self.generation_kwargs)[0]
         if streamer is not None:
             streamer.end()
         self.messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
