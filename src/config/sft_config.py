@@ -263,10 +263,16 @@ class SFTConfig(BaseConfig):
     """
 
     packing: bool = _help("Pack several examples into each row (no cross-example attention).", default=False)
-    instruction_template: str = _help("'alpaca', 'chatml' or 'custom'.", default="alpaca")
+    instruction_template: str = _help(
+        "'alpaca', 'chatml', 'custom', or 'tokenizer' (the model's own chat template: Qwen2.5 to Qwen3.8, thinking and "
+        "tool turns; src/data/chat_templates.py).", default="alpaca")
     custom_template: Optional[str] = _help("Template with '{instruction}' when instruction_template='custom'.", default=None)
     response_template: Optional[str] = _help("Response prefix; None derives it from the template.", default=None)
     system_prompt: Optional[str] = _help("Optional system prompt prepended to every prompt.", default=None)
+    chat_template_kwargs: Optional[str] = _help(
+        "With instruction_template='tokenizer': variables passed to the chat template for every row, as a mapping "
+        "(YAML/Python) or JSON text, e.g. {\"enable_thinking\": false} (Qwen3, Qwen3.5+) or {\"reasoning_effort\": "
+        "\"low\"} (Qwen3.8). Saved with the model as the template's defaults.", default=None)
     max_seq_length: int = _help("Maximum tokens per example (and per packed row).", default=512)
     overlong_policy: str = _help("'truncate', 'drop' or 'error' for examples over max_seq_length.", default="truncate")
     pad_to_multiple_of: Optional[int] = _help("Pad batch length to a multiple of this (e.g. 8 for tensor cores).", default=None)
@@ -307,6 +313,13 @@ class SFTConfig(BaseConfig):
 
         _ask("instruction_template", check_template_settings, self.instruction_template, self.custom_template,
              self.response_template)
+        if self.chat_template_kwargs is not None:
+            from src.data.chat_templates import parse_template_kwargs
+
+            _ask("chat_template_kwargs", parse_template_kwargs, self.chat_template_kwargs)
+            if self.instruction_template != "tokenizer":
+                raise ValueError("SFTConfig.chat_template_kwargs: applies to instruction_template='tokenizer' only "
+                                 f"(got instruction_template={self.instruction_template!r})")
         if isinstance(self.max_seq_length, bool) or not isinstance(self.max_seq_length, int) or self.max_seq_length < 8:
             raise ValueError(f"SFTConfig.max_seq_length={self.max_seq_length!r} is invalid: expected an integer >= 8.")
         if self.overlong_policy not in OVERLONG_POLICIES:

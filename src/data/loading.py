@@ -15,7 +15,11 @@ Accepted row shapes (first match wins), documented here because users come from 
 - optional ``system`` (a per-row system prompt);
 - ``text``: an already formatted example (see ``src.data.tokenization``);
 - conversations: ``messages`` (``[{"role": "system"|"user"|"assistant", "content": ...}]``) or
-  ShareGPT's ``conversations`` (``[{"from": "system"|"human"|"gpt", "value": ...}]``).
+  ShareGPT's ``conversations`` (``[{"from": "system"|"human"|"gpt", "value": ...}]``);
+- thinking and tools (OpenAI/transformers layout): ``reasoning_content`` on assistant turns (and on
+  instruction rows), assistant ``tool_calls``, ``role: tool`` turns and a row-level ``tools`` list of JSON
+  schemas; they need ``instruction_template="tokenizer"`` to be rendered with tool markup, except
+  reasoning, which the other formats write as ``<think>...</think>`` before the answer.
 
 Every record is checked: a missing, non-string or empty field raises :class:`DatasetError` naming the
 file, the line (or row index) and the field. With ``skip_invalid_rows`` the row is skipped instead,
@@ -488,11 +492,15 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "model": "assistant", "bot": "assistant", "system": "system"}
 
 
-def parse_conversation(turns: Any, key: str, where: str) -> list[dict[str, str]]:
+def parse_conversation(turns: Any, key: str, where: str) -> list[dict[str, Any]]:
     """Validate a ``messages`` (role/content) or ShareGPT ``conversations`` (from/value) list.
 
-    After an optional leading system message, turns must alternate user/assistant and end with an
-    assistant turn (the last thing trained).
+    After an optional leading system message the conversation starts with a user turn and ends with an
+    assistant turn (the last thing trained). A user turn is answered by an assistant turn; an assistant turn
+    with ``tool_calls`` may be followed by ``role: tool`` turns (the results), which are followed by more tool
+    turns or the next assistant turn. Assistant turns may carry ``reasoning_content`` (their thinking) and
+    may have empty ``content`` when they only call tools. Tool-call ``arguments`` given as JSON text (the
+    OpenAI layout) are parsed into objects, so every Qwen template renders them as it renders objects.
     """
     sharegpt = key == "conversations"
     role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
@@ -507,21 +515,79 @@ def parse_conversation(turns: Any, key: str, where: str) -> list[dict[str, str]]
         role = turn.get(role_key)
         if sharegpt and isinstance(role, str):
             role = SHAREGPT_ROLES.get(role, role)
-        if not isinstance(role, str) or role not in ("system", "user", "assistant"):
+        if not isinstance(role, str) or role not in ("system", "user", "assistant", "tool"):
             raise DatasetError(f"{where}, field '{field_name}.{role_key}': unknown role {turn.get(role_key)!r}; expected "
-                               f"system, user or assistant", "invalid conversation")
-        content = _check_text(turn, content_key, where, f"{field_name}.{content_key}")
-        messages.append({"role": role, "content": content})
+                               f"system, user, assistant or tool", "invalid conversation")
+        message: dict[str, Any] = {"role": role}
+        tool_calls = turn.get("tool_calls") if role == "assistant" else None
+        if tool_calls is not None:
+            message["tool_calls"] = _parse_tool_calls(tool_calls, where, f"{field_name}.tool_calls")
+        if tool_calls and turn.get(content_key) in (None, ""):
+            message["content"] = ""  # a turn that only calls tools
+        else:
+            message["content"] = _check_text(turn, content_key, where, f"{field_name}.{content_key}")
+        reasoning = turn.get("reasoning_content") if role == "assistant" else None
+        if reasoning is not None:
+            message["reasoning_content"] = _check_text(turn, "reasoning_content", where, f"{field_name}.reasoning_content")
+        if role == "tool":
+            for extra in ("name", "tool_call_id"):
+                if isinstance(turn.get(extra), str):
+                    message[extra] = turn[extra]
+        messages.append(message)
     body = messages[1:] if messages[0]["role"] == "system" else messages
+    offset = len(messages) - len(body)
+    previous = None
     for n, message in enumerate(body):
-        expected = "user" if n % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            index = n + (len(messages) - len(body))
-            raise DatasetError(f"{where}, field '{key}[{index}]': expected a {expected} turn, got {message['role']} "
-                               "(turns alternate user/assistant after an optional first system turn)", "invalid conversation")
+        expected = _turns_allowed_after(previous)
+        if message["role"] not in expected:
+            hint = ("turns alternate user/assistant after an optional first system turn; tool turns follow an "
+                    "assistant turn with tool_calls")
+            raise DatasetError(f"{where}, field '{key}[{n + offset}]': expected a {' or '.join(expected)} turn, got "
+                               f"{message['role']} ({hint})", "invalid conversation")
+        previous = message
     if not body or body[-1]["role"] != "assistant":
         raise DatasetError(f"{where}, field {key!r}: the conversation must end with an assistant turn", "invalid conversation")
     return messages
+
+
+def _turns_allowed_after(previous: dict | None) -> tuple[str, ...]:
+    if previous is None:
+        return ("user",)
+    if previous["role"] == "user":
+        return ("assistant",)
+    if previous["role"] == "tool":
+        return ("tool", "assistant")
+    return ("user", "tool") if previous.get("tool_calls") else ("user",)
+
+
+def _json_value(value: Any, where: str, name: str, kind: type) -> Any:
+    """``value``, or JSON text of it (how Parquet and CSV files hold nested data), checked to be a ``kind``."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{where}, field {name!r}: not valid JSON ({exc.msg})", "invalid tools") from None
+    if not isinstance(value, kind):
+        raise DatasetError(f"{where}, field {name!r}: expected {'a list' if kind is list else 'an object'}, got "
+                           f"{type(value).__name__}", "invalid tools")
+    return value
+
+
+def _parse_tool_calls(value: Any, where: str, name: str) -> list[dict[str, Any]]:
+    """Tool calls as ``[{"type": "function", "function": {"name", "arguments": {...}}}]`` (flat ``{name, arguments}``
+    accepted too)."""
+    calls = []
+    for n, call in enumerate(_json_value(value, where, name, list)):
+        if not isinstance(call, dict):
+            raise DatasetError(f"{where}, field '{name}[{n}]': expected an object with 'function'", "invalid tools")
+        function = call.get("function", call)
+        fname = f"{name}[{n}].function" if "function" in call else f"{name}[{n}]"
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise DatasetError(f"{where}, field '{fname}.name': expected the tool's name", "invalid tools")
+        arguments = function.get("arguments", {})
+        arguments = {} if arguments in (None, "") else _json_value(arguments, where, f"{fname}.arguments", dict)
+        calls.append({"type": "function", "function": {"name": function["name"], "arguments": arguments}})
+    return calls
 
 
 def parse_record(values: Any, where: str) -> dict[str, Any]:
@@ -545,7 +611,14 @@ def parse_record(values: Any, where: str) -> dict[str, Any]:
                     raise DatasetError(f"{where}, field 'system': the row has a system field and a system turn; keep one",
                                        "invalid conversation")
                 messages = [{"role": "system", "content": system}] + messages
-            return {"messages": messages}
+            record: dict[str, Any] = {"messages": messages}
+            if values.get("tools") is not None:
+                tools = _json_value(values["tools"], where, "tools", list)
+                for n, tool in enumerate(tools):
+                    if not isinstance(tool, dict):
+                        raise DatasetError(f"{where}, field 'tools[{n}]': expected an object (a JSON schema)", "invalid tools")
+                record["tools"] = tools
+            return record
     instruction_key = _pick(values, INSTRUCTION_KEYS)
     if instruction_key is None and "text" in values:
         return {"text": _check_text(values, "text", where)}
@@ -576,7 +649,10 @@ def parse_record(values: Any, where: str) -> dict[str, Any]:
         raise DatasetError(f"{where}, field 'system': expected a string, got {type(system).__name__}", "non-string value")
     if system:
         _check_characters(system, where, "system")
-    return {"instruction": instruction, "response": response, "system": system or None}
+    record = {"instruction": instruction, "response": response, "system": system or None}
+    if values.get("reasoning_content") is not None:
+        record["reasoning_content"] = _check_text(values, "reasoning_content", where)
+    return record
 
 
 def validate_rows(rows: Iterable[RawRow] | ParsedRows, report: LoadReport, split: str, skip_invalid: bool,

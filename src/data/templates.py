@@ -9,6 +9,10 @@ trained: a model that never sees it as a target never learns to stop.
   ``<|im_end|>`` followed by an *untrained* ``"\\n"`` so that a formatted example is byte-for-byte what
   Qwen's chat template writes for the same turn.
 - ``custom``: ``SFTConfig.custom_template`` (must contain ``{instruction}``), end token = EOS.
+- ``tokenizer``: the model's own chat template (Qwen2.5 through Qwen3.8: thinking, tool calls), rendered
+  by transformers and cut into prompt and trained pieces (:mod:`src.data.chat_templates`); end token =
+  ``<|im_end|>``, the newline after it untrained. Not the default: the specification's default is
+  ``alpaca``, and Qwen2.5's own template injects an English system prompt that the other formats do not.
 
 With a ``system_prompt`` set, ChatML prompts start with a system block written as Qwen writes it
 (``<|im_start|>system\\n...<|im_end|>\\n``); alpaca and custom prompts start with the system prompt
@@ -22,13 +26,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
 
 ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 CHATML_TEMPLATE = "<|im_start|>user\n{instruction}<|im_end|>\n<|im_start|>assistant\n"
 
 TEMPLATES = {"alpaca": ALPACA_TEMPLATE, "chatml": CHATML_TEMPLATE}
-TEMPLATE_NAMES = ("alpaca", "chatml", "custom")
-DEFAULT_RESPONSE_TEMPLATES = {"alpaca": "### Response:\n", "chatml": "<|im_start|>assistant\n"}
+TEMPLATE_NAMES = ("alpaca", "chatml", "custom", "tokenizer")
+DEFAULT_RESPONSE_TEMPLATES = {"alpaca": "### Response:\n", "chatml": "<|im_start|>assistant\n",
+                              "tokenizer": "<|im_start|>assistant\n"}
 
 CHATML_END = "<|im_end|>"
 # What Qwen2.5-Instruct's chat template inserts when a conversation has no system message. Ours inserts
@@ -52,10 +58,14 @@ class PromptFormat:
     end_token: str | None
     end_suffix: str = ""
     system_prompt: str | None = None
+    chat: Any = None  # the TokenizerChatFormat of instruction_template="tokenizer"
 
     def format_prompt(self, instruction: str, system_prompt: str | None = None) -> str:
         """The prompt text for one instruction: everything the model reads before it answers."""
         system = self.system_prompt if system_prompt is None else system_prompt
+        if self.chat is not None:
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": instruction}]
+            return self.chat.render(messages, add_generation_prompt=True)
         prompt = self.template.replace("{instruction}", instruction)
         if system:
             prompt = self.format_system(system) + prompt
@@ -95,11 +105,17 @@ def get_prompt_format(
     custom_template: str | None = None,
     response_template: str | None = None,
     system_prompt: str | None = None,
+    chat: Any = None,
 ) -> PromptFormat:
-    """Build the :class:`PromptFormat` for a template name (``alpaca``, ``chatml`` or ``custom``)."""
+    """Build the :class:`PromptFormat` for a template name (``alpaca``, ``chatml``, ``custom``, or ``tokenizer``
+    with ``chat``, the :class:`~src.data.chat_templates.TokenizerChatFormat` of the tokenizer's template)."""
     check_template_settings(name, custom_template, response_template)
-    template = custom_template if name == "custom" else TEMPLATES[name]
     rt = response_template or default_response_template(name, custom_template)
+    if name == "tokenizer":
+        if chat is None:
+            raise ValueError("instruction_template='tokenizer' needs the tokenizer's chat template (chat=...)")
+        return PromptFormat(name, "", rt, end_token=CHATML_END, end_suffix="\n", system_prompt=system_prompt, chat=chat)
+    template = custom_template if name == "custom" else TEMPLATES[name]
     if name == "chatml":
         return PromptFormat(name, template, rt, end_token=CHATML_END, end_suffix="\n", system_prompt=system_prompt)
     return PromptFormat(name, template, rt, end_token=None, system_prompt=system_prompt)
@@ -114,7 +130,12 @@ def chat_template(fmt: PromptFormat, end_text: str) -> str:
     suffix. In these formats the assistant header (``"<|im_start|>assistant\\n"``, ``"### Response:\\n"``)
     is part of every user turn, so ``add_generation_prompt`` changes nothing. Text normalization (Arabic
     presets) is the caller's: the template renders text as given.
+
+    For ``instruction_template="tokenizer"`` it is the model's own template with the run's template
+    variables and system prompt as defaults (:meth:`TokenizerChatFormat.saved_template`).
     """
+    if fmt.chat is not None:
+        return fmt.chat.saved_template(fmt.system_prompt)
     before, after = fmt.template.split("{instruction}", 1)
 
     def literal(text: str) -> str:

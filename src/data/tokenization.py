@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from src.data.chat_templates import reasoning_in_answer
 from src.data.templates import CHATML_SPECIAL_TOKENS, PromptFormat
 
 logger = logging.getLogger(__name__)
@@ -87,8 +88,8 @@ def special_prefix_ids(tokenizer: Any) -> list[int]:
 
 def end_token_id(tokenizer: Any, fmt: PromptFormat) -> int:
     """The id of the token that ends a response: ``<|im_end|>`` for ChatML, else the tokenizer's EOS."""
-    if fmt.name == "chatml":
-        check_chatml_tokens(tokenizer)
+    if fmt.name in ("chatml", "tokenizer"):
+        check_chatml_tokens(tokenizer, fmt.name)
         return tokenizer.convert_tokens_to_ids(fmt.end_token)
     if tokenizer.eos_token_id is None:
         raise TokenizerMismatchError(
@@ -98,12 +99,12 @@ def end_token_id(tokenizer: Any, fmt: PromptFormat) -> int:
     return tokenizer.eos_token_id
 
 
-def check_chatml_tokens(tokenizer: Any) -> None:
+def check_chatml_tokens(tokenizer: Any, template: str = "chatml") -> None:
     for token in CHATML_SPECIAL_TOKENS:
         ids = tokenizer(token, add_special_tokens=False)["input_ids"]
         if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
             raise TokenizerMismatchError(
-                f"instruction_template='chatml' needs {token} as a single special token, but this tokenizer "
+                f"instruction_template={template!r} needs {token} as a single special token, but this tokenizer "
                 f"splits it into {len(ids)} tokens; use a Qwen tokenizer or add the token (tokenizer.add_special_tokens)"
             )
 
@@ -124,6 +125,13 @@ def fast_backend(tokenizer: Any) -> Any | None:
         if impl is not None and getattr(impl, "__module__", "").rsplit(".", 1)[-1] not in _LIBRARY_TOKENIZER_MODULES:
             return None
     return backend
+
+
+def _with_reasoning(message: dict) -> str:
+    """An assistant answer for formats without thinking markup (alpaca, chatml, custom): the reasoning, when
+    the row has one, in Qwen's form ``<think>\\n...\\n</think>\\n\\n`` before the answer, never dropped."""
+    reasoning = message.get("reasoning_content")
+    return reasoning_in_answer(reasoning, message["content"]) if reasoning else message["content"]
 
 
 def _exclusive_cumsum(values: np.ndarray) -> np.ndarray:
@@ -254,6 +262,12 @@ class ExampleTokenizer:
         if record.get("text") is not None:
             prompt, response = self.split_text(record["text"])
             return [("prompt", prompt, False), ("response", response, True)]
+        if self.fmt.chat is not None:
+            return self._chat_segments(record)
+        if record.get("tools") or (record.get("messages") and any(
+                m["role"] == "tool" or m.get("tool_calls") for m in record["messages"])):
+            raise ValueError(f"tool definitions, tool calls and tool turns need instruction_template='tokenizer' (the "
+                             f"model's chat template writes their markup); {self.fmt.name!r} has none")
         if record.get("messages") is not None:
             messages = record["messages"]
             system = None
@@ -262,14 +276,41 @@ class ExampleTokenizer:
             n_turns = len(messages) // 2
             segments = []
             for turn in range(n_turns):
-                user, assistant = messages[2 * turn]["content"], messages[2 * turn + 1]["content"]
+                user, assistant = messages[2 * turn]["content"], _with_reasoning(messages[2 * turn + 1])
                 # The system block (own or configured) opens the first prompt only; "" means "none" later on.
                 prompt = self.prompt_text(user, system) if turn == 0 else self.fmt.format_prompt(self.normalize(user), "")
                 trained = not self.train_on_last_turn_only or turn == n_turns - 1
                 segments += [("prompt", prompt, False), ("response", self.normalize(assistant), trained)]
             return segments
         return [("prompt", self.prompt_text(record["instruction"], record.get("system")), False),
-                ("response", self.normalize(record["response"]), True)]
+                ("response", self.normalize(_with_reasoning({"content": record["response"],
+                                                             "reasoning_content": record.get("reasoning_content")})), True)]
+
+    def chat_messages(self, record: dict) -> list[dict]:
+        """A record as the messages the tokenizer's template renders: instruction rows become a user and an
+        assistant turn, the run's ``system_prompt`` opens conversations without a system message, and every
+        ``content`` and ``reasoning_content`` is normalized (tool names, arguments and definitions are not)."""
+        if record.get("messages") is not None:
+            messages = record["messages"]
+        else:
+            messages = ([{"role": "system", "content": record["system"]}] if record.get("system") else []) + [
+                {"role": "user", "content": record["instruction"]},
+                {"role": "assistant", "content": record["response"], "reasoning_content": record.get("reasoning_content")}]
+        if messages[0]["role"] != "system" and self.fmt.system_prompt:
+            messages = [{"role": "system", "content": self.fmt.system_prompt}] + list(messages)
+        out = []
+        for message in messages:
+            message = {key: value for key, value in message.items() if value is not None}
+            for key in ("content", "reasoning_content"):
+                if isinstance(message.get(key), str):
+                    message[key] = self.normalize(message[key])
+            if message["role"] == "assistant":
+                message = self.fmt.chat.with_reasoning_rendered(message)
+            out.append(message)
+        return out
+
+    def _chat_segments(self, record: dict) -> list[tuple[str, str, bool]]:
+        return self.fmt.chat.segments(self.chat_messages(record), record.get("tools"), self.train_on_last_turn_only)
 
     # -- ids -------------------------------------------------------------------------------------
     def assemble(self, segments: list[tuple[str, list[int], bool]], where: str = "") -> tuple[list[int], list[int], int]:
@@ -316,8 +357,11 @@ class ExampleTokenizer:
         """Prompt ids for the next assistant turn of a conversation (``messages``: optional system message,
         then alternating user/assistant turns, ending with a user turn): exactly the ids that precede that
         turn's response when the whole conversation is a training example."""
-        if not messages or messages[-1].get("role") != "user":
+        if not messages or messages[-1].get("role") not in ("user", "tool"):
             raise ValueError("encode_conversation_prompt: the conversation must end with a user message")
+        if self.fmt.chat is not None:
+            text = self.fmt.chat.render(self.chat_messages({"messages": list(messages)}), add_generation_prompt=True)
+            return self.prefix_ids + self._encode(text)
         segments = self.segments({"messages": list(messages) + [{"role": "assistant", "content": "-"}]})[:-1]
         ids = list(self.prefix_ids)
         for (kind, _, _), tokens in zip(segments, self.encode_texts([text for _, text, _ in segments])):
@@ -344,13 +388,17 @@ class ExampleTokenizer:
         return result
 
     # -- the vectorized path (tokenize_records) --------------------------------------------------------
-    def _plan(self, records: list[dict], start: int = 0) -> _Plan:
+    def _plan(self, records: list[dict], start: int = 0, split: str = "") -> _Plan:
         texts: list[str] = []
         is_response: list[bool] = []
         trained: list[bool] = []
         record_index: list[int] = []
         for r, record in enumerate(records):
-            for kind, text, is_trained in self.segments(record):
+            try:
+                segments = self.segments(record)
+            except ValueError as exc:
+                raise type(exc)(f"{split or 'dataset'} row {start + r}: {exc}") from None
+            for kind, text, is_trained in segments:
                 texts.append(text)
                 is_response.append(kind != "prompt")
                 trained.append(is_trained)
@@ -423,14 +471,14 @@ class ExampleTokenizer:
         try:
             if threads <= 1:
                 for start in starts:
-                    yield self._tokenize_plan(self._plan(records[start : start + batch_size], start), split)
+                    yield self._tokenize_plan(self._plan(records[start : start + batch_size], start, split), split)
                     bar.update()
                 return
             pending = []
             with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tokenize") as pool:
                 try:
                     for start in starts:
-                        plan = self._plan(records[start : start + batch_size], start)
+                        plan = self._plan(records[start : start + batch_size], start, split)
                         pending.append(pool.submit(self._tokenize_plan, plan, split))
                         while len(pending) > threads:
                             yield pending.pop(0).result()

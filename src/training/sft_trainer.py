@@ -30,8 +30,8 @@ logger = logging.getLogger(__name__)
 
 # Settings a saved run carries in sft_metadata.json and load_model puts back into the config: the one list
 # for writing and restoring. (response_template is written resolved; normalization as its switches.)
-SAVED_SETTINGS = ("instruction_template", "custom_template", "system_prompt", "max_seq_length", "packing",
-                  "train_on_last_turn_only", "overlong_policy")
+SAVED_SETTINGS = ("instruction_template", "custom_template", "system_prompt", "chat_template_kwargs", "max_seq_length",
+                  "packing", "train_on_last_turn_only", "overlong_policy")
 
 
 class SFTTrainer(BaseTrainer):
@@ -53,7 +53,7 @@ class SFTTrainer(BaseTrainer):
 
     # -- formatting ---------------------------------------------------------------------------------
     def prompt_format(self):
-        return prompt_format_for(self.config)
+        return prompt_format_for(self.config, self.tokenizer)
 
     def example_tokenizer(self) -> ExampleTokenizer:
         """The one object that formats and tokenizes, for training and for generation alike."""
@@ -267,7 +267,10 @@ class SFTTrainer(BaseTrainer):
         """Generate the response to one instruction, formatted exactly as in training.
 
         ``max_length`` is the maximum number of generated tokens. ``kwargs`` go to
-        ``model.generate`` (``do_sample``, ``temperature``, ``top_p``, ``repetition_penalty`` ...).
+        ``model.generate`` (``do_sample``, ``temperature``, ``top_p``, ``repetition_penalty`` ...), except
+        ``include_reasoning`` (default False): a thinking model's answer is returned without its reasoning
+        (the text up to ``</think>``); True returns the generated text whole, reasoning and ``</think>`` included.
+        Texts without ``</think>`` are returned as generated either way.
         """
         return self.batch_generate([instruction], max_length=max_length, batch_size=1, **kwargs)[0]
 
@@ -278,10 +281,16 @@ class SFTTrainer(BaseTrainer):
         """
         if isinstance(instructions, str) or not all(isinstance(i, str) for i in instructions):
             raise TypeError("batch_generate expects a list of instruction strings")
+        include_reasoning = kwargs.pop("include_reasoning", False)
         self._ensure_model()
         example_tokenizer = self.example_tokenizer()
-        return self.generate_from_prompts([example_tokenizer.encode_prompt(text) for text in instructions],
-                                          max_length=max_length, batch_size=batch_size, **kwargs)
+        texts = self.generate_from_prompts([example_tokenizer.encode_prompt(text) for text in instructions],
+                                           max_length=max_length, batch_size=batch_size, **kwargs)
+        if include_reasoning:
+            return texts
+        from src.data.chat_templates import split_reasoning
+
+        return [split_reasoning(text)[1] for text in texts]
 
     def generate_from_prompts(self, prompts: List[List[int]], max_length: int = 512, batch_size: int = 4,
                               **kwargs) -> List[str]:
@@ -349,17 +358,25 @@ class SFTTrainer(BaseTrainer):
         config.save_pretrained(output_dir)
 
 
-def prompt_format_for(config: SFTConfig):
-    """The :class:`~src.data.templates.PromptFormat` an SFT config describes."""
+def prompt_format_for(config: SFTConfig, tokenizer: Any = None):
+    """The :class:`~src.data.templates.PromptFormat` an SFT config describes (``instruction_template='tokenizer'``
+    reads the chat template of ``tokenizer``)."""
+    chat = None
+    if config.instruction_template == "tokenizer":
+        from src.data.chat_templates import TokenizerChatFormat, parse_template_kwargs
+
+        if tokenizer is None:
+            raise ValueError("instruction_template='tokenizer': no tokenizer yet to read the chat template from")
+        chat = TokenizerChatFormat.from_tokenizer(tokenizer, parse_template_kwargs(config.chat_template_kwargs))
     return get_prompt_format(config.instruction_template, config.custom_template, config.resolved_response_template,
-                             config.system_prompt)
+                             config.system_prompt, chat=chat)
 
 
 def example_tokenizer_for(config: SFTConfig, tokenizer: Any) -> ExampleTokenizer:
     """The formatting + tokenizing object of ``config`` over ``tokenizer``: shared by training, generation and
     the audit command, so all of them see the same token ids."""
     normalizer = config.normalizer()
-    return ExampleTokenizer(tokenizer, prompt_format_for(config), config.max_seq_length, config.overlong_policy,
+    return ExampleTokenizer(tokenizer, prompt_format_for(config, tokenizer), config.max_seq_length, config.overlong_policy,
                             normalize=None if normalizer.is_identity else normalizer,
                             train_on_last_turn_only=config.train_on_last_turn_only)
 

@@ -1,0 +1,233 @@
+"""The model's own chat template as the training format (``instruction_template="tokenizer"``).
+
+Every Qwen generation (Qwen2.5, Qwen3, Qwen3-Instruct-2507, Qwen3.5, Qwen3.6, Qwen3.8) frames turns the
+same way, ``<|im_start|>ROLE\\n ... <|im_end|>\\n``; what differs is what goes *inside* an assistant turn
+(``<think>`` blocks, tool-call markup) and the generation prompt. We render each conversation with the
+tokenizer's template (transformers' own renderer, exactly what ``apply_chat_template`` renders) and cut
+the rendered text into untrained prompt pieces and trained assistant pieces. Masks never depend on
+``{% generation %}`` markers, which the shipped Qwen templates do not have.
+
+How each assistant turn is trained (the choices, written down):
+
+- **As the template renders the whole conversation.** The conversation is rendered once, as inference
+  would render it as history. Templates that are not prefix-preserving (Qwen3 and Qwen3.5 drop the
+  reasoning of assistant turns before the last user query) therefore train earlier turns *without*
+  their reasoning and the turns after the last user query *with* it, exactly as the template writes
+  them; nothing is trained that the template does not render.
+- **What the model generates, nothing it is given.** The assistant header ``<|im_start|>assistant\\n`` is
+  prompt. So is whatever the template's *generation prompt* adds after the header, where the turn
+  starts with it: ``<think>\\n`` for Qwen3.5/3.6/3.8 (thinking on), ``<think>\\n\\n</think>\\n\\n`` with
+  ``enable_thinking=False``. Everything after that up to and including ``<|im_end|>`` is trained:
+  reasoning, ``</think>``, the answer, the tool calls, the end token. An empty thinking block that the
+  template writes into the turn (Qwen3 with thinking on, for a row without reasoning) is trained: it is
+  what the model must produce at inference under the same settings.
+- **Tool responses** (``role: tool``) render inside user turns and are never trained; the assistant's
+  tool calls are trained as the template renders them (JSON for Qwen2.5/Qwen3, XML-like parameters for
+  Qwen3.5+; tool arguments are rendered by the template's ``tojson``, which keeps Arabic unescaped).
+- The newline after each ``<|im_end|>`` belongs to the template's framing and is not trained, as with
+  ``instruction_template="chatml"``.
+
+Prompt and trained pieces are tokenized separately and their ids concatenated, like every other format
+(:mod:`src.data.tokenization`); their boundaries fall on special tokens or after newlines, where Qwen's
+pre-tokenizer always splits, so the ids equal ``apply_chat_template(..., tokenize=True)`` (tested for every
+shipped template).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+ASSISTANT_HEADER = IM_START + "assistant\n"
+TURN_END = IM_END + "\n"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+_PROBE = [{"role": "user", "content": "x"}]
+
+
+class ChatTemplateError(ValueError):
+    """The tokenizer's chat template cannot be used as a training format (or fails on a row)."""
+
+
+def parse_template_kwargs(value: Any) -> dict[str, Any]:
+    """``SFTConfig.chat_template_kwargs`` as a dict: a dict, JSON text of an object, or None (empty)."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not a JSON object ({exc.msg}); expected e.g. '{{\"enable_thinking\": false}}'") from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f"expected a mapping of template variable names to values, got {value!r}")
+    reserved = sorted({"messages", "tools", "add_generation_prompt", "documents"} & set(value))
+    if reserved:
+        raise ValueError(f"{reserved} are set by the trainer for each conversation; they cannot be run-wide settings")
+    return dict(value)
+
+
+def reasoning_in_answer(reasoning: str, answer: str) -> str:
+    """Reasoning written in front of an answer as Qwen's thinking templates write it (for formats that have no
+    place for ``reasoning_content``)."""
+    return f"{THINK_OPEN}\n{reasoning.strip()}\n{THINK_CLOSE}\n\n{answer}"
+
+
+def split_reasoning(text: str) -> tuple[str, str]:
+    """``(reasoning, answer)`` of a generated text: what precedes ``</think>`` (without ``<think>``), and
+    what follows it; ``("", text)`` when the text has no ``</think>``."""
+    if THINK_CLOSE not in text:
+        return "", text
+    reasoning, answer = text.split(THINK_CLOSE, 1)
+    reasoning = reasoning.split(THINK_OPEN, 1)[-1]
+    return reasoning.strip("\n"), answer.lstrip("\n")
+
+
+def jinja_literal(value: Any) -> str:
+    """``value`` (JSON data) as a Jinja expression."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float, str)):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(jinja_literal, value)) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))}: {jinja_literal(v)}" for k, v in value.items()) + "}"
+    raise ValueError(f"chat_template_kwargs: {value!r} is not JSON data")
+
+
+@dataclass(frozen=True)
+class TokenizerChatFormat:
+    """A tokenizer's chat template with the run's template variables (``enable_thinking``, ``reasoning_effort``...).
+
+    ``kwargs`` and ``special_tokens`` are tuples of items so the format is hashable and fingerprints
+    itself in the tokenized-data cache key (``dataclasses.asdict``).
+    """
+
+    template: str
+    kwargs: tuple = ()
+    special_tokens: tuple = ()
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: Any, template_kwargs: dict | None = None) -> "TokenizerChatFormat":
+        template = getattr(tokenizer, "chat_template", None)
+        if isinstance(template, dict):  # several named templates: the default one
+            template = template.get("default")
+        if not isinstance(template, str) or not template.strip():
+            raise ChatTemplateError(
+                "instruction_template='tokenizer' needs a tokenizer with a chat template, but this tokenizer has none; "
+                "use a model whose tokenizer_config.json has one (every Qwen2.5/Qwen3 model does) or choose "
+                "'chatml', 'alpaca' or 'custom'")
+        special = tuple(sorted((k, str(v)) for k, v in getattr(tokenizer, "special_tokens_map", {}).items()
+                               if isinstance(v, str)))
+        fmt = cls(template, tuple(sorted((template_kwargs or {}).items(), key=lambda kv: kv[0])), special)
+        fmt.check()
+        return fmt
+
+    @property
+    def template_kwargs(self) -> dict[str, Any]:
+        return dict(self.kwargs)
+
+    @property
+    def reads_reasoning(self) -> bool:
+        """Whether the template renders ``reasoning_content`` (Qwen3 and later do; Qwen2.5 and Qwen3-2507 do not)."""
+        return "reasoning_content" in self.template
+
+    def with_reasoning_rendered(self, message: dict) -> dict:
+        """An assistant message whose reasoning the template will render, never drop.
+
+        For a template that reads ``reasoning_content``, reasoning written inside the answer
+        (``<think>...</think>answer``) moves to ``reasoning_content``, as Qwen3's template does by itself (Qwen3.8's
+        does not, and would render the block twice). For a template that ignores ``reasoning_content`` (Qwen2.5,
+        Qwen3-2507), the reasoning goes in front of the answer as ``<think>\\n...\\n</think>\\n\\n``, the form the
+        thinking templates write; it is trained like the rest of the answer.
+        """
+        reasoning, content = message.get("reasoning_content"), message.get("content") or ""
+        if self.reads_reasoning:
+            if reasoning is None and THINK_CLOSE in content:
+                reasoning, content = split_reasoning(content)
+                return {**message, "content": content, "reasoning_content": reasoning}
+            return message
+        if reasoning is None:
+            return message
+        message = {k: v for k, v in message.items() if k != "reasoning_content"}
+        return {**message, "content": reasoning_in_answer(reasoning, content)}
+
+    def render(self, messages: list[dict], tools: list | None = None, add_generation_prompt: bool = False) -> str:
+        """The template's text for ``messages`` (what ``apply_chat_template(..., tokenize=False)`` returns)."""
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        try:
+            rendered, _ = render_jinja_template([messages], tools=tools or None, chat_template=self.template,
+                                                add_generation_prompt=add_generation_prompt,
+                                                **dict(self.special_tokens), **self.template_kwargs)
+        except Exception as exc:  # jinja2 errors and the template's own raise_exception
+            raise ChatTemplateError(f"the chat template failed on this conversation: {type(exc).__name__}: {exc}") from None
+        return rendered[0]
+
+    def check(self) -> None:
+        """Refuse templates whose turns are not ChatML-framed (we cut the rendered text at the framing)."""
+        rendered = self.render(_PROBE + [{"role": "assistant", "content": "y"}])
+        if ASSISTANT_HEADER not in rendered or not rendered.endswith("y" + TURN_END):
+            raise ChatTemplateError(
+                "instruction_template='tokenizer' supports ChatML-framed templates (every Qwen generation: "
+                "'<|im_start|>assistant\\n...<|im_end|>\\n'); this tokenizer's template renders a turn as "
+                f"{rendered[-80:]!r}")
+        self.generation_opening  # noqa: B018 - validates the generation prompt too
+
+    @cached_property
+    def generation_opening(self) -> str:
+        """What ``add_generation_prompt`` writes after the assistant header (``""``, ``"<think>\\n"``, ...)."""
+        without = self.render(_PROBE)
+        with_prompt = self.render(_PROBE, add_generation_prompt=True)
+        added = with_prompt[len(without):]
+        if not with_prompt.startswith(without) or not added.startswith(ASSISTANT_HEADER):
+            raise ChatTemplateError(f"the chat template's generation prompt is {added!r}, not '<|im_start|>assistant\\n...'")
+        return added[len(ASSISTANT_HEADER):]
+
+    def segments(self, messages: list[dict], tools: list | None = None,
+                 train_on_last_turn_only: bool = False) -> list[tuple[str, str, bool]]:
+        """``(kind, text, trained)`` pieces of a conversation: prompts and the responses *without* their closing
+        ``<|im_end|>\\n`` (the caller appends the end token, trained, and the newline, untrained)."""
+        full = self.render(messages, tools)
+        n_assistant = sum(1 for m in messages if m["role"] == "assistant")
+        opening = self.generation_opening
+        segments: list[tuple[str, str, bool]] = []
+        done = 0  # end of the text already cut into segments
+        for turn in range(n_assistant):
+            header = full.find(ASSISTANT_HEADER, done)
+            if header < 0:
+                raise ChatTemplateError(f"the chat template rendered {turn} assistant turns for {n_assistant} assistant "
+                                        "messages")
+            start = header + len(ASSISTANT_HEADER)
+            if opening and full.startswith(opening, start):
+                start += len(opening)
+            end = full.find(IM_END, start)
+            if end < 0 or not full.startswith(TURN_END, end):
+                raise ChatTemplateError("an assistant turn of the rendered conversation does not end with '<|im_end|>\\n'")
+            trained = not train_on_last_turn_only or turn == n_assistant - 1
+            segments += [("prompt", full[done:start], False), ("response", full[start:end], trained)]
+            done = end + len(TURN_END)
+        if full.find(ASSISTANT_HEADER, done) >= 0:
+            raise ChatTemplateError(f"the chat template rendered more assistant turns than the {n_assistant} assistant "
+                                    "messages")
+        if full[done:]:
+            segments.append(("prompt", full[done:], False))
+        return segments
+
+    def saved_template(self, system_prompt: str | None = None) -> str:
+        """The template to save with a trained model: the original, with this run's template variables and
+        system prompt as defaults, so a plain ``apply_chat_template(messages, add_generation_prompt=True)``
+        renders the prompts training rendered. A caller's explicit variable or system message still wins."""
+        lines = []
+        for name, value in self.kwargs:
+            lines.append(f"{{%- if {name} is not defined %}}{{%- set {name} = {jinja_literal(value)} %}}{{%- endif %}}")
+        if system_prompt:
+            system = jinja_literal({"role": "system", "content": system_prompt})
+            lines.append("{%- if not messages or messages[0]['role'] != 'system' %}"
+                         f"{{%- set messages = [{system}] + messages %}}{{%- endif %}}")
+        prefix = "".join(lines)
+        return self.template if self.template.startswith(prefix) else prefix + self.template
