@@ -409,3 +409,24 @@ def test_training_with_the_models_template_round_trips_to_plain_transformers(thi
     assert loaded.config.instruction_template == "tokenizer"
     assert loaded.example_tokenizer().encode_prompt(question) == list(prompt)
     assert loaded.generate_response(question, max_length=12, include_reasoning=True) == ours
+
+
+def test_chat_template_kwargs_from_the_command_line_and_yaml(tmp_path):
+    from src.cli.args import parse_config
+    from src.config import SFTConfig
+    from tests.helpers import SHIPPED_DATA
+
+    flags = parse_config(SFTConfig, ["--instruction_template", "tokenizer", "--dataset_path", SHIPPED_DATA,
+                                     "--chat_template_kwargs", '{"enable_thinking": false}'])
+    assert flags.chat_template_kwargs == {"enable_thinking": False}
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(f"instruction_template: tokenizer\ndataset_path: {SHIPPED_DATA}\nchat_template_kwargs:\n"
+                           "  enable_thinking: false\n  reasoning_effort: low\n", encoding="utf-8")
+    assert parse_config(SFTConfig, ["--config", str(config_file)]).chat_template_kwargs == \
+        {"enable_thinking": False, "reasoning_effort": "low"}
+    with pytest.raises(ValueError, match="chat_template_kwargs: applies to instruction_template='tokenizer' only"):
+        SFTConfig(chat_template_kwargs={"enable_thinking": False})
+    with pytest.raises(ValueError, match="chat_template_kwargs: not a JSON object"):
+        SFTConfig(instruction_template="tokenizer", chat_template_kwargs="{bad")
+    with pytest.raises(ValueError, match=r"\['add_generation_prompt'\] are set by the trainer"):
+        SFTConfig(instruction_template="tokenizer", chat_template_kwargs={"add_generation_prompt": True})

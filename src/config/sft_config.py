@@ -316,7 +316,8 @@ class SFTConfig(BaseConfig):
         if self.chat_template_kwargs is not None:
             from src.data.chat_templates import parse_template_kwargs
 
-            _ask("chat_template_kwargs", parse_template_kwargs, self.chat_template_kwargs)
+            # held as a mapping from here on, whether given as one or as JSON text (command line, YAML)
+            self.chat_template_kwargs = _ask("chat_template_kwargs", parse_template_kwargs, self.chat_template_kwargs)
             if self.instruction_template != "tokenizer":
                 raise ValueError("SFTConfig.chat_template_kwargs: applies to instruction_template='tokenizer' only "
                                  f"(got instruction_template={self.instruction_template!r})")

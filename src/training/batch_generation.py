@@ -1,7 +1,8 @@
 """Batch generation from a JSONL file (``train_sft.py generate``), resumable.
 
 Input rows are JSON objects with ``instruction`` (and optionally ``system`` and ``id``; without ``id`` a
-row's id is its 1-based line number). Each output line is ``{"id", "instruction", "response"}``, written
+row's id is its 1-based line number). Each output line is ``{"id", "instruction", "response"}`` (plus
+``"reasoning"`` when a thinking model wrote ``...</think>`` before its answer), written
 and flushed batch by batch in input order, so an interrupted run keeps every finished row. Running again
 with the same output skips the ids already there (a last line cut off mid-write is dropped and redone).
 Prompts are formatted exactly as in training (``ExampleTokenizer.encode_prompt``); decoding is greedy
@@ -67,6 +68,8 @@ def generate_file(trainer: Any, input_path: str, output: str, *, batch_size: int
     import torch
     from tqdm.auto import tqdm
 
+    from src.data.chat_templates import split_reasoning
+
     rows = rows if rows is not None else read_input_rows(input_path)
     done = done_ids(output)
     todo = [r for r in rows if json.dumps(r["id"]) not in done]
@@ -83,9 +86,12 @@ def generate_file(trainer: Any, input_path: str, output: str, *, batch_size: int
             prompts = [example_tokenizer.encode_prompt(r["instruction"], r["system"]) for r in chunk]
             responses = trainer.generate_from_prompts(prompts, max_length=max_length, batch_size=batch_size,
                                                       **generation_kwargs)
-            for row, response in zip(chunk, responses):
-                fh.write(json.dumps({"id": row["id"], "instruction": row["instruction"], "response": response},
-                                    ensure_ascii=False) + "\n")
+            for row, text in zip(chunk, responses):
+                reasoning, response = split_reasoning(text)  # a thinking model's reasoning is kept beside its answer
+                out = {"id": row["id"], "instruction": row["instruction"], "response": response}
+                if reasoning:
+                    out["reasoning"] = reasoning
+                fh.write(json.dumps(out, ensure_ascii=False) + "\n")
             fh.flush()
             bar.update(len(chunk))
     return {"generated": len(todo), "skipped": len(rows) - len(todo)}
