@@ -99,3 +99,16 @@ def test_push_to_hub_offline_is_a_clear_error_before_exporting(lora_run, tmp_pat
     assert not os.path.exists(target)  # refused before minutes of merging, not after
     assert train_sft.main(["export", "--model", str(run_dir), "--to", str(tmp_path / "x"), "--push_to_hub"]) == 2
     assert "--hub_model_id" in capsys.readouterr().err
+
+
+def test_training_push_to_hub_offline_is_refused_before_training(tiny_model_dir, pairs_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "run"
+    code = train_sft.main(["--model_name", tiny_model_dir, "--dataset_path", pairs_file, "--output_dir", str(out),
+                           "--use_lora", "false", "--max_steps", "1", "--push_to_hub", "--hub_model_id", "someone/arabic-sft"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "someone/arabic-sft" in err and "HF_HUB_OFFLINE=1" in err and "huggingface-cli upload" in err
+    assert not os.path.exists(out / "model.safetensors")  # refused before training, not after
+    with pytest.raises(ValueError, match="SFTConfig.hub_model_id"):
+        make_config(tiny_model_dir, pairs_file, out, push_to_hub=True)

@@ -1,5 +1,6 @@
 """LoRA options (all-linear, DoRA, rsLoRA, modules_to_save), fp16, and quantization's clear errors on CPU."""
 
+import json
 import os
 
 import pytest
@@ -49,3 +50,29 @@ def test_quantized_loading_without_a_gpu_is_a_clear_error(tiny_model_dir, pairs_
         SFTConfig(use_lora=False, load_in_8bit=True)
     with pytest.raises(ValueError, match="SFTConfig.fp16"):
         SFTConfig(bf16=True, fp16=True)
+
+
+def test_bf16_defaults_to_auto_and_records_the_precision_used(tiny_model_dir, pairs_file, tmp_path):
+    from src.cli.args import parse_config
+    from src.models.loading import bf16_supported
+    from src.training.training_args import training_arguments_kwargs
+
+    config = make_config(tiny_model_dir, pairs_file, tmp_path / "o", max_steps=1)
+    assert SFTConfig().bf16 is None and config.bf16 is None  # auto
+    assert config.resolved_bf16 == bf16_supported()  # on exactly where the GPU supports it
+    assert SFTConfig(fp16=True).resolved_bf16 is False  # auto yields to an explicit fp16
+    assert SFTConfig(bf16="auto").bf16 is None
+    with pytest.raises(ValueError, match=r"SFTConfig.bf16='yes' is invalid"):
+        SFTConfig(bf16="yes")
+    for argv, expected in ((["--bf16", "auto"], None), (["--bf16"], True), (["--bf16", "false"], False)):
+        assert parse_config(SFTConfig, ["--dataset_path", pairs_file] + argv).bf16 is expected
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text(f"dataset_path: {pairs_file}\nbf16: auto\n", encoding="utf-8")
+    assert parse_config(SFTConfig, ["--config", str(yaml_file)]).bf16 is None
+    trainer = SFTTrainer(config)
+    trainer.train()
+    assert trainer.trainer.args.bf16 == bf16_supported()
+    assert training_arguments_kwargs(config, trainer.environment())["bf16"] == bf16_supported()
+    trainer.save_model()
+    metadata = json.loads((tmp_path / "o" / "sft_metadata.json").read_text(encoding="utf-8"))
+    assert metadata["mixed_precision"] == ("bf16" if bf16_supported() else "no")

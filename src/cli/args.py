@@ -61,7 +61,9 @@ def parse_config(cls: type, argv: list[str] | None = None) -> Any:
         if unknown:
             raise ValueError(f"{known.config}: unknown field(s) {unknown}.")
         for name, value in values.items():
-            if name in str_fields and isinstance(value, bool):
+            if name in AUTO_MEANS_NONE and value == "auto":
+                values[name] = None
+            elif name in str_fields and isinstance(value, bool):
                 # YAML 1.1 reads a bare no/off/false as False: meaningful only where "no"/"none" is a value.
                 if value is False and name in YAML_FALSE_MEANS:
                     values[name] = YAML_FALSE_MEANS[name]
@@ -95,10 +97,12 @@ def load_config(cls: type, path: str) -> Any:
 
 
 YAML_FALSE_MEANS = {"evaluation_strategy": "no", "report_to": "none"}
+# Optional fields whose None means "decide automatically": "auto" is accepted as its spelling.
+AUTO_MEANS_NONE = {"bf16"}
 
 
 def _preprocess_flags(argv: list[str], optional: set[str], optional_bool: set[str]) -> tuple[list[str], set[str]]:
-    """Take ``--field None`` / ``--field=None`` out of argv (returned as names to set to None), and give
+    """Take ``--field None`` / ``--field=None`` (``--bf16 auto`` too) out of argv (returned as names to set to None), and give
     bare optional-bool flags ``true``. Dashes in flag names count as underscores, as in HfArgumentParser."""
     out: list[str] = []
     set_to_none: set[str] = set()
@@ -110,7 +114,8 @@ def _preprocess_flags(argv: list[str], optional: set[str], optional_bool: set[st
             flag, has_value, value = token[2:].partition("=")
             name, inline = flag.replace("-", "_"), (value if has_value else None)
         following = argv[i + 1] if i + 1 < len(argv) else None
-        if name in optional and (inline == "None" or (inline is None and following == "None")):
+        none_words = ("None", "auto") if name in AUTO_MEANS_NONE else ("None",)
+        if name in optional and (inline in none_words or (inline is None and following in none_words)):
             set_to_none.add(name)
             i += 1 if inline is not None else 2
             continue

@@ -98,7 +98,9 @@ class BaseConfig:
     )
     dataloader_num_workers: int = _help("DataLoader worker processes.", default=0)
     dataloader_pin_memory: bool = _help("Pin host memory for faster host-to-GPU copies.", default=True)
-    bf16: bool = _help("bfloat16 mixed precision (needs hardware support; a clear error otherwise).", default=False)
+    bf16: Optional[bool] = _help(
+        "bfloat16 mixed precision: None or 'auto' (default) turns it on where a CUDA GPU supports bfloat16 and fp16 is "
+        "off; True insists (a clear error without such a GPU); False turns it off.", default=None)
     fp16: bool = _help("float16 mixed precision with loss scaling, for GPUs without bfloat16 (V100, T4).",
                        default=False)
 
@@ -144,6 +146,12 @@ class BaseConfig:
     logging_steps: int = _help("Steps between training-loss log lines.", default=10)
     report_to: str = _help("'none', 'wandb', 'tensorboard', ... (comma-separated for several).", default="none")
     run_name: Optional[str] = _help("Run name for trackers.", default=None)
+    push_to_hub: bool = _help(
+        "After training, upload the saved run (output_dir) to hub_model_id (huggingface_hub; once, from the main "
+        "process; checkpoints are not uploaded). Offline (HF_HUB_OFFLINE=1) is a clear error before training.",
+        default=False)
+    hub_model_id: Optional[str] = _help("The hub repository ('org/name') for push_to_hub.", default=None)
+    hub_private_repo: bool = _help("Create the hub repository as private (when it does not exist yet).", default=True)
 
     # --- distributed ------------------------------------------------------------------------------
     ddp_find_unused_parameters: Optional[bool] = _help("Passed to DistributedDataParallel.", default=None)
@@ -203,8 +211,14 @@ class BaseConfig:
             bad("weight_decay", "a non-negative number")
         if self.dataloader_num_workers < 0:
             bad("dataloader_num_workers", "a non-negative integer")
-        if self.bf16 and self.fp16:
+        if self.bf16 == "auto":
+            self.bf16 = None  # one spelling of "auto" from here on
+        if self.bf16 not in (None, True, False):
+            bad("bf16", "True, False, or None/'auto' (on where the GPU supports bfloat16)")
+        if self.bf16 is True and self.fp16:
             bad("fp16", "False when bf16=True (choose one mixed precision)")
+        if self.push_to_hub and not (isinstance(self.hub_model_id, str) and self.hub_model_id.strip()):
+            bad("hub_model_id", "the hub repository ('org/name') to push to when push_to_hub=True")
         if self.load_in_4bit and self.load_in_8bit:
             bad("load_in_8bit", "False when load_in_4bit=True (choose one quantization)")
         if (self.load_in_4bit or self.load_in_8bit) and not self.use_lora:
@@ -239,6 +253,21 @@ class BaseConfig:
         _ask("loss_type", check_loss_settings, self.loss_type, self.loss_chunk_size)
         if self.deepspeed is not None and not os.path.isfile(self.deepspeed):
             raise ValueError(f"SFTConfig.deepspeed: config file {self.deepspeed!r} does not exist.")
+
+    @property
+    def resolved_bf16(self) -> bool:
+        """Whether this run uses bfloat16: ``bf16`` when set, else (auto) whether a CUDA GPU here supports it and
+        ``fp16`` is off."""
+        if self.bf16 is not None and self.bf16 != "auto":
+            return bool(self.bf16)
+        from src.models.loading import bf16_supported
+
+        return not self.fp16 and bf16_supported()
+
+    @property
+    def mixed_precision(self) -> str:
+        """'bf16', 'fp16' or 'no': what this run uses, with bf16='auto' resolved."""
+        return "bf16" if self.resolved_bf16 else ("fp16" if self.fp16 else "no")
 
     # -- (de)serialisation -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -111,6 +111,13 @@ def pick_attn_implementation(requested: str | None) -> str:
     return "sdpa"
 
 
+def bf16_supported() -> bool:
+    """Whether a CUDA GPU with bfloat16 support is present (compute capability >= 8.0)."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
 def check_bf16(bf16: bool) -> None:
     """bf16 needs a GPU with bfloat16 support; say so plainly instead of transformers' generic error."""
     import torch

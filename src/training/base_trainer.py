@@ -131,7 +131,7 @@ class BaseTrainer(ABC):
         if quantized:
             check_quantization(c.load_in_4bit, c.load_in_8bit)
         model = load_causal_lm(self.base_model_path, trust_remote_code=trust, attn_implementation=c.attn_implementation,
-                               bf16=c.bf16, bf16_weights=c.use_lora,
+                               bf16=c.resolved_bf16, bf16_weights=c.use_lora,
                                quantization=quantization_config(c.load_in_4bit, c.load_in_8bit) if quantized else None)
         if c.use_lora:
             model = apply_lora(model, c.lora_r, c.lora_alpha, c.lora_dropout, c.lora_target_modules,
@@ -179,7 +179,7 @@ class BaseTrainer(ABC):
         self.config.validate()
         _check_reporters(self.config.report_to)
         if self.model is None:
-            check_bf16(self.config.bf16)  # before loading any data
+            check_bf16(self.config.resolved_bf16)  # before loading any data
         dataset = self.dataset if self.dataset is not None else self.load_dataset()
         if self.model is None:
             self.setup_model()
@@ -196,6 +196,10 @@ class BaseTrainer(ABC):
         saved then, the last checkpoint stays the last good one).
         """
         output_dir = self.config.output_dir
+        if self.config.push_to_hub:
+            from src.training.export import check_hub_reachable
+
+            check_hub_reachable(self.config.hub_model_id, output_dir)  # before hours of training, not after
         checkpoint = self._resume_checkpoint()
         self.claim_output_dir(resuming=checkpoint is not None)
         try:
@@ -241,9 +245,24 @@ class BaseTrainer(ABC):
             self.save_model()
             if failure is not None:
                 raise failure
+            if self.config.push_to_hub:
+                self.push_to_hub()
             return self.train_result
         finally:
             persistence.release_output_dir(output_dir)
+
+    def push_to_hub(self, output_dir: Optional[str] = None) -> None:
+        """Upload the saved run to ``config.hub_model_id`` (main process; every rank raises the same error)."""
+        from src.distributed import main_decides
+        from src.training.export import push_folder
+
+        folder = output_dir or self.config.output_dir
+
+        def push() -> None:
+            url = push_folder(folder, self.config.hub_model_id, private=self.config.hub_private_repo)
+            logger.info("pushed %s to %s", folder, url)
+
+        main_decides(push)
 
     def evaluate_model(self, eval_dataset: Any = None) -> dict[str, float]:
         """Evaluation metrics of the current model (subclasses add method-specific ones)."""
@@ -328,7 +347,7 @@ class BaseTrainer(ABC):
         bfloat16 with ``bf16``)."""
         metadata = self.read_metadata(path)
         self.restore_from_metadata(metadata)
-        check_bf16(self.config.bf16)
+        check_bf16(self.config.resolved_bf16)
         trust = self.config.trust_remote_code
         self.tokenizer = load_tokenizer(path, trust_remote_code=trust)
         # The metadata says what the run saved; files left beside it (an older adapter) must not decide.
@@ -346,12 +365,12 @@ class BaseTrainer(ABC):
             if not base:
                 raise ModelLoadError(f"load_model: {path!r} holds a LoRA adapter but its metadata names no base model")
             base_model = load_causal_lm(base, trust_remote_code=trust, attn_implementation=self.config.attn_implementation,
-                                        bf16=self.config.bf16, dtype=dtype)
+                                        bf16=self.config.resolved_bf16, dtype=dtype)
             self.model = PeftModel.from_pretrained(base_model, path)
             self.base_model_path = base
         else:
             self.model = load_causal_lm(path, trust_remote_code=trust, attn_implementation=self.config.attn_implementation,
-                                        bf16=self.config.bf16, dtype=dtype)
+                                        bf16=self.config.resolved_bf16, dtype=dtype)
             self.base_model_path = path
         self.model.eval()
         self.trainer = None

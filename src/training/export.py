@@ -76,17 +76,22 @@ def export_run(model_dir: str, target: str, *, overwrite: bool = False, dtype: s
     return target
 
 
-def push_folder(folder: str, repo_id: str, private: bool = True) -> str:
-    """Upload an exported folder to the Hugging Face Hub (``huggingface_hub``); a clear error offline."""
+def check_hub_reachable(repo_id: str, folder: str) -> None:
+    """Refuse a push that cannot happen (offline), before the work whose result it would upload."""
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise ValueError(f"cannot push {folder} to the hub repository {repo_id!r}: HF_HUB_OFFLINE=1 is set (offline); "
-                         f"the exported folder is kept, push it later with: huggingface-cli upload {repo_id} {folder}")
+                         f"run without pushing, then upload the folder when online: huggingface-cli upload {repo_id} {folder}")
+
+
+def push_folder(folder: str, repo_id: str, private: bool = True) -> str:
+    """Upload a saved or exported folder to the Hugging Face Hub (``huggingface_hub``); a clear error offline."""
+    check_hub_reachable(repo_id, folder)
     from huggingface_hub import HfApi
 
     api = HfApi()
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Upload model exported by arabic-qwen-sft")
+        api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Upload model saved by arabic-qwen-sft")
     except Exception as exc:  # network, authentication and permission errors of the hub client
         raise ValueError(f"could not push {folder} to the hub repository {repo_id!r}: {type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}; the exported folder is kept") from None
@@ -109,9 +114,8 @@ def parse_and_export(argv: list[str]) -> Any:
     args = parser.parse_args(argv)
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("export: --push_to_hub needs --hub_model_id org/name")
-    if args.push_to_hub and os.environ.get("HF_HUB_OFFLINE") == "1":  # before minutes of merging, not after
-        raise ValueError(f"export: cannot push to the hub repository {args.hub_model_id!r}: HF_HUB_OFFLINE=1 is set "
-                         "(offline); export without --push_to_hub, then upload the folder when online")
+    if args.push_to_hub:  # before minutes of merging, not after
+        check_hub_reachable(args.hub_model_id, args.to)
     target = export_run(args.model, args.to, overwrite=args.overwrite, dtype=args.dtype,
                         trust_remote_code=args.trust_remote_code)
     if args.push_to_hub:

@@ -202,6 +202,7 @@ def _write_own_files(owner: Any, output_dir: str, method: str) -> None:
         "saved_at": utc_now(),
         "final_metrics": owner.final_metrics,
         "world_size": world_size(),
+        "mixed_precision": config.mixed_precision,
         "config": config.to_dict(),
         "versions": library_versions(),
     }
