@@ -2,6 +2,6 @@
 # Set up, then run the test suite (offline, CPU, tiny models).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+WITH_DEEPSPEED=1 bash scripts/setup.sh
 . .venv/bin/activate
 python -m pytest "$@"

@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from src.config import SFTConfig  # noqa: E402
+from src.distributed import shutdown  # noqa: E402
 from src.training.sft_trainer import SFTTrainer  # noqa: E402
 
 
@@ -33,12 +34,14 @@ def main() -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             with open(os.path.join(out, "eval.json"), "w") as fh:
                 json.dump(metrics, fh)
+        shutdown()
         return
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.trainer.train()
     if int(os.environ.get("RANK", "0")) == 0:
         update = {n: (p.detach() - before[n]) for n, p in trainer.model.named_parameters()}
         torch.save(update, os.path.join(out, "update.pt"))
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -82,11 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         argv = argv[1:]
     configure_logging()
     command = importlib.import_module(COMMANDS[name][0])
-    from src.distributed import is_main_process
+    from src.distributed import is_main_process, shutdown
     from src.training.guards import TrainingDiverged, TrainingInterrupted
 
     try:
-        return command.run(argv)
+        code = command.run(argv)
+        shutdown()
+        return code
     except SystemExit:
         raise
     except TrainingInterrupted as exc:

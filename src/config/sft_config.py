@@ -156,7 +156,13 @@ class BaseConfig:
     # --- distributed ------------------------------------------------------------------------------
     ddp_find_unused_parameters: Optional[bool] = _help("Passed to DistributedDataParallel.", default=None)
     ddp_backend: Optional[str] = _help("'nccl', 'gloo', ... (None lets torch choose).", default=None)
-    deepspeed: Optional[str] = _help("Path to a DeepSpeed JSON config (e.g. configs/deepspeed_zero2.json).", default=None)
+    deepspeed: Optional[str] = _help(
+        "Path to a DeepSpeed JSON config: configs/deepspeed_zero2.json (optimizer states and gradients sharded) or "
+        "configs/deepspeed_zero3.json (parameters too; the full model is gathered when saving).", default=None)
+    fsdp_config: Optional[str] = _help(
+        "Path to an FSDP JSON config (transformers' fsdp_config; configs/fsdp2.json: FSDP2 fully_shard of each "
+        "Qwen2 decoder layer, full state dict on save); setting it turns FSDP on. Needs GPUs: accelerate selects "
+        "FSDP on accelerator devices only, and a CPU run is refused rather than silently unsharded.", default=None)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -253,6 +259,10 @@ class BaseConfig:
         _ask("loss_type", check_loss_settings, self.loss_type, self.loss_chunk_size)
         if self.deepspeed is not None and not os.path.isfile(self.deepspeed):
             raise ValueError(f"SFTConfig.deepspeed: config file {self.deepspeed!r} does not exist.")
+        if self.fsdp_config is not None and not os.path.isfile(self.fsdp_config):
+            raise ValueError(f"SFTConfig.fsdp_config: config file {self.fsdp_config!r} does not exist.")
+        if self.fsdp_config is not None and self.deepspeed is not None:
+            raise ValueError("SFTConfig.fsdp_config: None when deepspeed is set (choose one sharding engine).")
 
     @property
     def resolved_bf16(self) -> bool:

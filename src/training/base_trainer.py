@@ -32,6 +32,20 @@ from src.training.training_args import training_arguments_kwargs
 logger = logging.getLogger(__name__)
 
 
+FSDP_NEEDS_ACCELERATOR = (
+    "accelerate selects FSDP for accelerator devices only (CUDA, XPU, NPU, ...); on CPUs it runs plain DDP instead, "
+    "every rank holding the whole model, which is not what fsdp_config asks for. On CPUs use deepspeed "
+    "(configs/deepspeed_zero2.json or configs/deepspeed_zero3.json, which run there) or drop fsdp_config")
+
+
+def check_fsdp_possible(fsdp_config: Optional[str]) -> None:
+    """Refuse FSDP where accelerate would silently run unsharded (no accelerator), before any data is loaded."""
+    import torch
+
+    if fsdp_config and not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())):
+        raise ValueError(f"SFTConfig.fsdp_config={fsdp_config!r}: no GPU here. {FSDP_NEEDS_ACCELERATOR}")
+
+
 class BaseTrainer(ABC):
     """Shared pipeline: ``load_dataset`` -> ``setup_model`` -> ``create_trainer`` -> train -> ``save_model``."""
 
@@ -180,10 +194,14 @@ class BaseTrainer(ABC):
         _check_reporters(self.config.report_to)
         if self.model is None:
             check_bf16(self.config.resolved_bf16)  # before loading any data
+        check_fsdp_possible(self.config.fsdp_config)
         dataset = self.dataset if self.dataset is not None else self.load_dataset()
         if self.model is None:
             self.setup_model()
         self.trainer = self.create_trainer(dataset, self.get_training_arguments(), self.get_callbacks())
+        if self.config.fsdp_config and not self.trainer.is_fsdp_enabled:
+            raise ValueError(f"SFTConfig.fsdp_config={self.config.fsdp_config!r}: accelerate did not select FSDP on this "
+                             "machine, so the model would not be sharded; refusing to train unsharded")
         return self.trainer
 
     def train(self) -> Any:

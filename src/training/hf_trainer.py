@@ -41,7 +41,7 @@ class SFTHFTrainer(Trainer):
         super().__init__(*args, compute_loss_func=_HookSignature(sft_loss), **kwargs)
         self.owner = owner
         self.sft_loss = sft_loss
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+        if self.shards_parameters:
             sft_loss.sharded = True  # the trained-tokens head falls back to full logits there (losses.py)
         # Our losses always predict labels[i + 1] from position i: count trained tokens that way (the
         # Trainer decides from the model's loss_type otherwise). Loud if transformers renames the switch.
@@ -49,6 +49,32 @@ class SFTHFTrainer(Trainer):
             raise RuntimeError("this transformers version has no Trainer._loss_shifts_labels; the trained-token count "
                                "for gradient accumulation needs review (src/training/hf_trainer.py)")
         self._loss_shifts_labels = True
+
+    @property
+    def engine(self) -> str:
+        """The data-parallel engine this run uses: 'fsdp2' (or 'fsdp1'), 'deepspeed-zero<stage>', 'ddp' or 'single'."""
+        if self.is_fsdp_enabled:
+            return f"fsdp{getattr(self.accelerator.state.fsdp_plugin, 'fsdp_version', 1)}"
+        if self.is_deepspeed_enabled:
+            return f"deepspeed-zero{self.accelerator.state.deepspeed_plugin.zero_stage}"
+        return "ddp" if self.accelerator.num_processes > 1 else "single"
+
+    @property
+    def shards_parameters(self) -> bool:
+        """Whether the engine shards the parameters themselves (FSDP, ZeRO-3), gathering them around each
+        module's forward; ZeRO-1/2 shard only optimizer states and gradients."""
+        return self.is_fsdp_enabled or self.engine == "deepspeed-zero3"
+
+    def _save(self, output_dir=None, state_dict=None):
+        """The stock save, minus tied copies: a state dict gathered by DeepSpeed holds the tied LM head as a
+        separate tensor (equal to the input embeddings), which ``save_pretrained`` cannot recognise as tied and
+        would write twice. Dropping it writes the same files as a single-process run."""
+        base = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if state_dict is not None and not hasattr(base, "peft_config"):  # an adapter's state dict holds no tied copies
+            for target, source in (getattr(base, "all_tied_weights_keys", None) or {}).items():
+                if target in state_dict and source in state_dict and torch.equal(state_dict[target], state_dict[source]):
+                    state_dict = {k: v for k, v in state_dict.items() if k != target}
+        return super()._save(output_dir, state_dict)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         with self.sft_loss.accumulated_tokens(num_items_in_batch, self.data_parallel_scale()) as step:
@@ -75,26 +101,42 @@ class SFTHFTrainer(Trainer):
             self.args.dataloader_drop_last = drop_last
 
     def _eval_loader_and_model(self, dataset):
-        """The evaluation batches of this process and the model to run them through.
+        """The evaluation batches of this process (``(batch, is_filler)``) and the model to run them through.
 
-        With plain data parallelism (or none), each process takes every world_size-th row and runs its
-        replica's unwrapped module, so no row is counted twice (accelerate's even_batches would repeat
-        rows to even out the last batch) and no collective runs until the final sum. Sharded setups
-        (DeepSpeed, FSDP) and single-process multi-GPU (DataParallel) need their wrapped model and use
-        the stock, prepared dataloader.
+        Each process takes every world_size-th row, so no row is counted twice (accelerate's even_batches
+        would repeat rows to even out the last batch). With plain data parallelism (or none) each process
+        runs its replica's unwrapped module and no collective runs until the final sum. Engines that shard
+        parameters (DeepSpeed, FSDP) gather them inside every forward, so every process must run the same
+        number of forwards: processes with fewer rows run filler batches whose labels are all ignored (no
+        loss, no tokens, no samples). Single-process multi-GPU (DataParallel) uses the stock loader.
         """
         from torch.utils.data import DataLoader
 
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled or self.args.n_gpu > 1:
-            model = self._wrap_model(self.model, training=False)
-            if len(self.accelerator._models) == 0 and model is self.model and not self.is_deepspeed_enabled:
-                model = self.accelerator.prepare_model(model, evaluation_mode=True)
-            return self.get_eval_dataloader(dataset), model
+        if self.args.n_gpu > 1 and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            return ((batch, False) for batch in self.get_eval_dataloader(dataset)), self._wrap_model(self.model, training=False)
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         shard = dataset.select(range(rank, len(dataset), world)) if world > 1 else dataset
         loader = DataLoader(shard, batch_size=self.args.eval_batch_size, shuffle=False, collate_fn=self.data_collator,
                             num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
-        return loader, self.model.to(self.args.device)
+        if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            return ((batch, False) for batch in loader), self.model.to(self.args.device)
+        model = self._wrap_model(self.model, training=False)
+        if len(self.accelerator._models) == 0 and model is self.model and not self.is_deepspeed_enabled:
+            model = self.accelerator.prepare_model(model, evaluation_mode=True)
+        most_rows = -(-len(dataset) // world)
+        batches = -(-most_rows // self.args.eval_batch_size)
+
+        def with_fillers():
+            n = 0
+            for batch in loader:
+                n += 1
+                yield batch, False
+            filler = self.data_collator([dataset[0]])
+            filler["labels"] = torch.full_like(filler["labels"], -100)
+            for _ in range(batches - n):
+                yield filler, True
+
+        return with_fillers(), model
 
     def data_parallel_scale(self) -> float:
         """Factor that undoes DDP's gradient averaging when the loss is divided by a global token count."""
@@ -115,15 +157,16 @@ class SFTHFTrainer(Trainer):
         tokens = torch.zeros((), dtype=torch.long, device=self.args.device)
         samples = 0
         steps = 0
-        for batch in dataloader:
+        for batch, filler in dataloader:
             batch = self._prepare_inputs(batch)
             # accelerate.autocast: the bare module is not wrapped in mixed precision until training starts.
             with self.compute_loss_context_manager(), self.accelerator.autocast():
                 batch_sum, batch_tokens, _ = self.sft_loss.sums(model, batch)
             loss_sum += batch_sum.double()
             tokens += batch_tokens
-            samples += int(batch["labels"].shape[0])
-            steps += 1
+            if not filler:
+                samples += int(batch["labels"].shape[0])
+                steps += 1
         loss_sum = self.accelerator.reduce(loss_sum, "sum")
         tokens = self.accelerator.reduce(tokens, "sum")
         loss = (loss_sum / tokens.clamp(min=1)).item()

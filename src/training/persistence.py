@@ -202,6 +202,8 @@ def _write_own_files(owner: Any, output_dir: str, method: str) -> None:
         "saved_at": utc_now(),
         "final_metrics": owner.final_metrics,
         "world_size": world_size(),
+        # the data-parallel engine that trained (None: the model was loaded, not trained, in this process)
+        "engine": getattr(owner.trainer, "engine", None),
         "mixed_precision": config.mixed_precision,
         "config": config.to_dict(),
         "versions": library_versions(),

@@ -87,6 +87,8 @@ def training_arguments_kwargs(config: Any, environment: dict[str, Any] | None = 
         ddp_find_unused_parameters=config.ddp_find_unused_parameters,
         ddp_backend=config.ddp_backend,
         deepspeed=config.deepspeed,
+        fsdp=True if config.fsdp_config else None,
+        fsdp_config=config.fsdp_config,
         label_names=["labels"],
         remove_unused_columns=True,
     )

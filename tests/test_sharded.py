@@ -1,0 +1,216 @@
+"""Sharded and multi-node training run by the engines users run, proven by running (CPU, gloo).
+
+Each engine trains the tiny model for three AdamW steps with 2 ranks x batch 2 and is compared with one
+process x batch 4 (same global batch): the per-step losses, the evaluation (every validation row counted
+once), the saved files and the saved weights must be the same. DeepSpeed ZeRO-2 and ZeRO-3 run on CPUs
+(DeepSpeed's CPU accelerator, gloo); FSDP does not (accelerate selects FSDP for accelerator devices only),
+so an FSDP run on CPUs is refused with the reason, and ``tests/sharded_run.py fsdp2`` runs the same
+comparison on GPUs (see README, "Training at scale").
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.helpers import PAIRS, ROOT, make_config, write_jsonl
+from tests.test_distributed import free_port
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                       reason="torch.distributed with the gloo backend is not available"),
+]
+
+SCRIPT = os.path.join(ROOT, "tests", "sharded_run.py")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def deepspeed_missing() -> bool:
+    try:
+        import deepspeed  # noqa: F401
+    except Exception:  # not installed, or installed without what it needs to import
+        return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sharded_data")
+    # different lengths: the two ranks hold different numbers of trained tokens
+    rows = [{"instruction": p["instruction"], "response": p["response"] * (1 + 2 * (i % 3))} for i, p in enumerate(PAIRS)]
+    return write_jsonl(folder / "train.jsonl", rows), write_jsonl(folder / "eval.jsonl", rows[:5])
+
+
+def launch(cmd, out, engine, model_dir, data, batch):
+    train, evaluation = data
+    result = subprocess.run(cmd + [SCRIPT, engine, model_dir, train, evaluation, str(out), str(batch)], env=ENV,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    with open(os.path.join(out, "result.json")) as fh:
+        return json.load(fh), result
+
+
+def torchrun(nproc=2):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
+
+
+@pytest.fixture(scope="module")
+def single(tiny_model_dir, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    result, _ = launch([sys.executable], out, "single", tiny_model_dir, data, 4)
+    return out, result
+
+
+def assert_same_run(reference, run):
+    (ref_dir, ref), (out, got) = reference, run
+    from safetensors.torch import load_file
+
+    assert len(got["losses"]) == len(ref["losses"]) == 3
+    assert got["losses"] == pytest.approx(ref["losses"], rel=1e-5)
+    assert got["eval"]["eval_tokens"] == ref["eval"]["eval_tokens"]  # every validation row once
+    assert got["eval"]["eval_loss"] == pytest.approx(ref["eval"]["eval_loss"], rel=1e-5)
+    assert sorted(os.listdir(out)) == sorted(os.listdir(ref_dir))
+    a, b = load_file(os.path.join(ref_dir, "model.safetensors")), load_file(os.path.join(out, "model.safetensors"))
+    assert sorted(a) == sorted(b)  # no tied copy of the embeddings written beside them
+    worst = max(((a[k] - b[k]).abs().max() / a[k].abs().max().clamp(min=1e-12)).item() for k in a)
+    assert worst < 1e-4
+    metadata = json.loads(open(os.path.join(out, "sft_metadata.json"), encoding="utf-8").read())
+    return metadata
+
+
+@pytest.mark.parametrize("engine", ["zero2", "zero3"])
+def test_deepspeed_on_two_cpu_ranks_trains_and_saves_what_one_process_does(engine, tiny_model_dir, data, single, tmp_path):
+    if deepspeed_missing():
+        pytest.skip("deepspeed is not installed (scripts/test.sh installs it; pip install --no-build-isolation deepspeed)")
+    out = tmp_path / engine
+    result, _ = launch(torchrun(), out, engine, tiny_model_dir, data, 2)
+    assert result["engine"] == f"deepspeed-{engine}"
+    metadata = assert_same_run(single, (out, result))
+    assert metadata["world_size"] == 2 and metadata["engine"] == f"deepspeed-{engine}"
+    # the saved folder loads with plain transformers, like a single-process run's
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(str(out)).config.tie_word_embeddings
+
+
+def test_two_nodes_over_loopback_train_what_one_process_does(tiny_model_dir, data, single, tmp_path):
+    """torchrun --nnodes=2 --nproc_per_node=1: two node agents meeting at a c10d rendezvous on 127.0.0.1."""
+    port = free_port()
+    out = tmp_path / "two_nodes"
+    train, evaluation = data
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "sft-test",
+            SCRIPT, "ddp", tiny_model_dir, train, evaluation, str(out), "2"]
+    agents = [subprocess.Popen(node, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [agent.communicate(timeout=600) for agent in agents]
+    for agent, (_, err) in zip(agents, outputs):
+        assert agent.returncode == 0, err[-4000:]
+    with open(out / "result.json") as fh:
+        result = json.load(fh)
+    metadata = assert_same_run(single, (out, result))
+    assert metadata["world_size"] == 2 and metadata["engine"] == "ddp"
+
+
+def test_fsdp_on_cpus_is_refused_with_the_reason_before_loading_data(tiny_model_dir, tmp_path):
+    from src.training.sft_trainer import SFTTrainer
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU refusal; on GPUs tests/sharded_run.py fsdp2 runs FSDP2")
+    broken = write_jsonl(tmp_path / "broken.jsonl", [{"instruction": "س"}])  # reading it would fail: no response
+    config = make_config(tiny_model_dir, broken, tmp_path / "o", max_steps=1,
+                         fsdp_config=os.path.join(ROOT, "configs", "fsdp2.json"))
+    with pytest.raises(ValueError, match="accelerate selects FSDP for accelerator devices only"):
+        SFTTrainer(config).train()  # refused before the data is read
+    assert not os.path.exists(tmp_path / "o" / "model.safetensors")
+    with pytest.raises(ValueError, match="SFTConfig.fsdp_config: None when deepspeed is set"):
+        make_config(tiny_model_dir, None, tmp_path / "o", fsdp_config=os.path.join(ROOT, "configs", "fsdp2.json"),
+                    deepspeed=os.path.join(ROOT, "configs", "deepspeed_zero2.json"))
+
+
+def test_fsdp2_config_reaches_accelerate_as_fsdp2_of_qwen2_decoder_layers(tiny_model_dir, tmp_path):
+    """Everything up to the device: the config file becomes accelerate's FSDP2 plugin settings."""
+    from src.training.training_args import training_arguments_kwargs
+
+    config = make_config(tiny_model_dir, None, tmp_path / "o", fsdp_config=os.path.join(ROOT, "configs", "fsdp2.json"))
+    kwargs = training_arguments_kwargs(config, {})
+    assert kwargs["fsdp"] is True and kwargs["fsdp_config"].endswith("fsdp2.json")
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(**kwargs)
+    assert args.fsdp_config["version"] == 2
+    assert args.fsdp_config["transformer_layer_cls_to_wrap"] == ["Qwen2DecoderLayer"]
+    assert args.fsdp_config["state_dict_type"] == "FULL_STATE_DICT"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP runs on GPUs only (accelerate selects it for accelerator "
+                                                          "devices); this is the GPU half of the comparison")
+def test_fsdp2_on_gpus_trains_what_one_process_does(tiny_model_dir, data, single, tmp_path):
+    """The one command on a GPU machine: pytest tests/test_sharded.py -k fsdp2_on_gpus (2 GPUs shard, 1 still runs FSDP2)."""
+    nproc = 2 if torch.cuda.device_count() >= 2 else 1
+    out = tmp_path / "fsdp2"
+    train, evaluation = data
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
+           SCRIPT, "fsdp2", tiny_model_dir, train, evaluation, str(out), str(4 // nproc)]
+    result = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    with open(out / "result.json") as fh:
+        got = json.load(fh)
+    assert got["engine"] == "fsdp2"
+    metadata = assert_same_run(single, (out, got))
+    assert metadata["world_size"] == nproc and metadata["engine"] == "fsdp2"
+
+
+def test_zero2_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result(tiny_model_dir, data, tmp_path):
+    """SIGKILL to torchrun and its ranks after checkpoint 2 of 16, then --resume_from_checkpoint last."""
+    import signal
+    import time
+
+    import psutil
+    from safetensors.torch import load_file
+
+    from src.training import persistence
+
+    if deepspeed_missing():
+        pytest.skip("deepspeed is not installed (scripts/test.sh installs it; pip install --no-build-isolation deepspeed)")
+    train, _ = data
+
+    def command(out, *extra):
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                os.path.join(ROOT, "train_sft.py"), "--model_name", tiny_model_dir, "--dataset_path", train,
+                "--output_dir", str(out), "--use_lora", "false", "--max_steps", "16", "--save_steps", "1",
+                "--save_total_limit", "None", "--per_device_train_batch_size", "2", "--evaluation_strategy", "no",
+                "--validation_split_ratio", "0", "--dataloader_pin_memory", "false", "--gradient_checkpointing", "false",
+                "--logging_steps", "1", "--learning_rate", "1e-3", "--deepspeed",
+                os.path.join(ROOT, "configs", "deepspeed_zero2.json"), *extra]
+
+    whole = subprocess.run(command(tmp_path / "whole"), env=ENV, capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(command(out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while persistence.checkpoint_problem(str(out / "checkpoint-2")) is not None and time.time() < deadline:
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    # the agent and both ranks (torchrun starts each rank in its own session): no handler runs anywhere
+    agent = psutil.Process(proc.pid)
+    for process in agent.children(recursive=True) + [agent]:
+        process.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(out / "model.safetensors")  # it really died before the end
+    resumed = subprocess.run(command(out, "--resume_from_checkpoint", "last"), env=ENV, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+    def losses(run):
+        with open(run / "checkpoint-16" / "trainer_state.json", encoding="utf-8") as fh:
+            return [entry["loss"] for entry in json.load(fh)["log_history"] if "loss" in entry]
+
+    assert losses(out) == pytest.approx(losses(tmp_path / "whole"), rel=1e-6)
