@@ -430,3 +430,24 @@ def test_chat_template_kwargs_from_the_command_line_and_yaml(tmp_path):
         SFTConfig(instruction_template="tokenizer", chat_template_kwargs="{bad")
     with pytest.raises(ValueError, match=r"\['add_generation_prompt'\] are set by the trainer"):
         SFTConfig(instruction_template="tokenizer", chat_template_kwargs={"add_generation_prompt": True})
+
+
+def test_tool_rows_survive_the_trainers_arrow_round_trip_unchanged(tiny_model_dir, tmp_path):
+    """Arrow would merge the argument objects of all rows into one struct and give each row the others' keys
+    as nulls, which templates render ("None"): tool data goes through the trainer's dataset as JSON text."""
+    from src.training.sft_trainer import SFTTrainer
+    from tests.helpers import make_config
+
+    other_tool = {"type": "function", "function": {"name": "search", "parameters": {"type": "object", "properties": {
+        "query": {"type": "string"}, "limit": {"type": "integer"}}}}}
+    rows = [{"messages": CONVERSATIONS["tools"], "tools": TOOLS},
+            {"messages": [{"role": "user", "content": "ابحث عن الخوارزمي"},
+                          {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+                              "name": "search", "arguments": {"query": "الخوارزمي", "limit": 3}}}]},
+                          {"role": "tool", "content": "عالم رياضيات"}, {"role": "assistant", "content": "عالم رياضيات."}],
+             "tools": [other_tool]}]
+    path = write_jsonl(tmp_path / "tools.jsonl", rows)
+    direct, _ = load_records(path, validation_split_ratio=0.0)
+    trainer = SFTTrainer(make_config(tiny_model_dir, path, tmp_path / "o", instruction_template="tokenizer"))
+    through_arrow, _ = load_records(trainer.load_dataset(), validation_split_ratio=0.0)
+    assert through_arrow["train"] == direct["train"]

@@ -8,6 +8,7 @@ translation to ``TrainingArguments`` through :mod:`src.training.training_args`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from abc import ABC, abstractmethod
@@ -30,6 +31,19 @@ from src.training.losses import SFTLoss, build_loss
 from src.training.training_args import training_arguments_kwargs
 
 logger = logging.getLogger(__name__)
+
+
+def _json_text_for_arrow(record: dict) -> dict:
+    """``record`` with its tool definitions and tool calls as JSON text (the loader parses them back)."""
+    if "tools" not in record and "messages" not in record:
+        return record
+    record = dict(record)
+    if record.get("tools") is not None:
+        record["tools"] = json.dumps(record["tools"], ensure_ascii=False)
+    if record.get("messages") is not None:
+        record["messages"] = [{**m, "tool_calls": json.dumps(m["tool_calls"], ensure_ascii=False)} if m.get("tool_calls")
+                              else m for m in record["messages"]]
+    return record
 
 
 FSDP_NEEDS_ACCELERATOR = (
@@ -122,8 +136,11 @@ class BaseTrainer(ABC):
             )
         self.load_report = report
         # Columns of every row shape (Dataset.from_list would keep only the first row's keys); a row's absent
-        # fields are nulls, which the loader reads as absent again.
+        # fields are nulls, which the loader reads as absent again. Free-form JSON (tool definitions, tool-call
+        # arguments) travels as JSON text: Arrow would merge the objects of all rows into one struct type and
+        # hand every row the other rows' keys as nulls, which chat templates would render.
         def to_dataset(rows: list[dict]) -> Any:
+            rows = [_json_text_for_arrow(row) for row in rows]
             keys = list(dict.fromkeys(k for row in rows for k in row))
             return Dataset.from_dict({k: [row.get(k) for row in rows] for k in keys})
 
