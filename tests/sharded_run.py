@@ -8,6 +8,7 @@ override SFTConfig fields (JSON values), e.g. bf16=true use_lora=true.
 """
 
 import json
+import logging
 import os
 import sys
 
@@ -25,6 +26,7 @@ ENGINES = {"single": {}, "ddp": {},
 
 
 def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="rank %(process)d %(name)s: %(message)s")
     engine, model_dir, train, evaluation, out, batch = sys.argv[1:7]
     overrides = {key: json.loads(value) for key, value in (arg.split("=", 1) for arg in sys.argv[7:])}
     config = SFTConfig(model_name=model_dir, dataset_path=train, eval_dataset_path=evaluation, output_dir=out,

@@ -45,10 +45,10 @@ def data(tmp_path_factory):
     return write_jsonl(folder / "train.jsonl", rows), write_jsonl(folder / "eval.jsonl", rows[:5])
 
 
-def launch(cmd, out, engine, model_dir, data, batch):
+def launch(cmd, out, engine, model_dir, data, batch, *overrides):
     train, evaluation = data
-    result = subprocess.run(cmd + [SCRIPT, engine, model_dir, train, evaluation, str(out), str(batch)], env=ENV,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd + [SCRIPT, engine, model_dir, train, evaluation, str(out), str(batch), *overrides],
+                            env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     with open(os.path.join(out, "result.json")) as fh:
         return json.load(fh), result
@@ -95,6 +95,18 @@ def test_deepspeed_on_two_cpu_ranks_trains_and_saves_what_one_process_does(engin
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(str(out)).config.tie_word_embeddings
+
+
+def test_streamed_data_on_two_ranks_is_tokenized_once_and_trains_what_one_process_does(tiny_model_dir, data, single,
+                                                                                      tmp_path):
+    cache = tmp_path / "cache"
+    out = tmp_path / "streamed"
+    result, run = launch(torchrun(), out, "ddp", tiny_model_dir, data, 2, "stream_data=true",
+                         f"dataset_cache_dir={json.dumps(str(cache))}")
+    assert_same_run(single, (out, result))
+    entries = [name for name in os.listdir(cache) if not name.startswith(".")]
+    assert len(entries) == 2  # train and validation, built by the main process and read by the other rank
+    assert (run.stdout + run.stderr).count("streaming and tokenizing") == 1
 
 
 def test_two_nodes_over_loopback_train_what_one_process_does(tiny_model_dir, data, single, tmp_path):

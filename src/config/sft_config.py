@@ -341,6 +341,10 @@ class SFTConfig(BaseConfig):
     eval_generation_max_length: int = _help("Maximum new tokens per answer in generation-based evaluation.", default=128)
 
     # --- preprocessing ---
+    stream_data: bool = _help(
+        "Data larger than memory: read the JSONL dataset_path (and eval_dataset_path) in a stream and tokenize it "
+        "into the dataset cache on disk, packing planned from lengths alone (src/data/streaming.py); needs "
+        "dataset_cache_dir. Generation-based evaluation is not available then.", default=False)
     dataset_cache_dir: Optional[str] = _help(
         "Where tokenized (and packed) splits are cached and reused when the records, tokenizer and settings are "
         "unchanged (src/data/cache.py). 'auto': $ARABIC_QWEN_SFT_CACHE, else $XDG_CACHE_HOME or ~/.cache, under "
@@ -365,6 +369,17 @@ class SFTConfig(BaseConfig):
         if self.overlong_policy not in OVERLONG_POLICIES:
             raise ValueError(f"SFTConfig.overlong_policy={self.overlong_policy!r} is invalid: expected one of {OVERLONG_POLICIES}.")
         _ask("normalization", self.normalizer)
+        if self.stream_data:
+            if self.datasets is not None or not (isinstance(self.dataset_path, str) and self.dataset_path.lower().endswith(".jsonl")):
+                raise ValueError("SFTConfig.stream_data: needs dataset_path to be a .jsonl file (and no datasets mixture); "
+                                 f"got dataset_path={self.dataset_path!r}")
+            if self.eval_dataset_path is not None and not self.eval_dataset_path.lower().endswith(".jsonl"):
+                raise ValueError(f"SFTConfig.stream_data: needs eval_dataset_path to be a .jsonl file, got {self.eval_dataset_path!r}")
+            if self.dataset_cache_dir is None:
+                raise ValueError("SFTConfig.stream_data: needs dataset_cache_dir (the tokenized rows live there), got None")
+            if self.eval_generation_samples:
+                raise ValueError("SFTConfig.eval_generation_samples: 0 with stream_data=True (the validation rows are "
+                                 "only on disk, tokenized)")
         if self.eval_generation_samples < 0 or self.eval_generation_max_length < 1:
             raise ValueError("SFTConfig.eval_generation_samples must be >= 0 and eval_generation_max_length >= 1.")
         if self.pad_to_multiple_of is not None and (

@@ -97,8 +97,10 @@ def normalization_description(normalize: Any) -> dict | None:
     return {"type": f"{type(normalize).__module__}.{type(normalize).__qualname__}", **to_dict()}
 
 
-def cache_settings(records: list[dict], example_tokenizer: Any, packing: bool) -> tuple[dict | None, str]:
-    """The key's inputs as a dict, or (None, why the cache cannot be used)."""
+def cache_settings(records: list[dict], example_tokenizer: Any, packing: bool,
+                   source: dict | None = None) -> tuple[dict | None, str]:
+    """The key's inputs as a dict, or (None, why the cache cannot be used). ``source`` describes records that are
+    read while tokenizing (a streamed file: its fingerprint and how it is split) instead of ``records``."""
     import tokenizers
     import transformers
 
@@ -112,8 +114,8 @@ def cache_settings(records: list[dict], example_tokenizer: Any, packing: bool) -
         return None, f"the normalize function {et.normalize_spec!r} cannot be fingerprinted (it has no to_dict)"
     return {
         "cache_version": CACHE_VERSION,
-        "records": records_fingerprint(records),
-        "n_records": len(records),
+        "records": records_fingerprint(records) if source is None else source,
+        "n_records": len(records) if source is None else None,
         "tokenizer": tokenizer,
         "template_ids": {"prefix": list(et.prefix_ids), "end": et.end_id, "suffix": list(et.suffix_ids)},
         "format": dataclasses.asdict(et.fmt),
@@ -267,9 +269,7 @@ def tokenize_cached(records: list[dict], example_tokenizer: Any, split: str, rep
         return dataset
 
     logger.info("%s: dataset cache miss, tokenizing %d records into %s", split, len(records), entry)
-    os.makedirs(cache_dir, exist_ok=True)
-    _remove_stale_tmp(cache_dir)
-    tmp = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{key[:16]}-", dir=cache_dir)
+    tmp = new_entry_dir(cache_dir, key)
     try:
         sink = ArrowSink(os.path.join(tmp, DATA_FILE), packed=packing)
         try:
@@ -278,28 +278,44 @@ def tokenize_cached(records: list[dict], example_tokenizer: Any, split: str, rep
         finally:
             sink.close()
         apply_counts(report, split, counts, example_tokenizer, len(records))  # raises on an empty split: nothing kept
-        meta = {
-            "cache_version": CACHE_VERSION,
-            "key": key,
-            "split": split,
-            "num_rows": sink.num_rows,
-            "counts": {k: int(counts[k]) for k in COUNT_KEYS},
-            "data_bytes": os.path.getsize(os.path.join(tmp, DATA_FILE)),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "tokenizer_name": getattr(example_tokenizer.tokenizer, "name_or_path", None),
-            "settings": settings,
-        }
-        with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as fh:
-            json.dump(meta, fh, ensure_ascii=False, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        _commit(tmp, entry, key, packing)
+        return commit_entry(tmp, entry, key, packing, split=split, num_rows=sink.num_rows, counts=counts,
+                            settings=settings, tokenizer=example_tokenizer.tokenizer)[0]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already when it was renamed into place
+
+
+def new_entry_dir(cache_dir: str, key: str) -> str:
+    """A fresh temporary folder in ``cache_dir`` to build the entry of ``key`` in (see :func:`commit_entry`)."""
+    os.makedirs(cache_dir, exist_ok=True)
+    _remove_stale_tmp(cache_dir)
+    return tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{key[:16]}-", dir=cache_dir)
+
+
+def commit_entry(tmp: str, entry: str, key: str, packing: bool, *, split: str, num_rows: int, counts: dict,
+                 settings: dict, tokenizer: Any, extra: dict | None = None) -> tuple[Any, dict]:
+    """Write the metadata of the finished entry in ``tmp``, rename it into place and read it back (memory-mapped).
+    ``extra`` adds fields to the metadata (what a streamed source's loading counted)."""
+    meta = {
+        "cache_version": CACHE_VERSION,
+        "key": key,
+        "split": split,
+        "num_rows": num_rows,
+        "counts": {k: int(counts[k]) for k in COUNT_KEYS},
+        "data_bytes": os.path.getsize(os.path.join(tmp, DATA_FILE)),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "tokenizer_name": getattr(tokenizer, "name_or_path", None),
+        "settings": settings,
+        **(extra or {}),
+    }
+    with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as fh:
+        json.dump(meta, fh, ensure_ascii=False, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    _commit(tmp, entry, key, packing)
     found = load_entry(entry, key, packing)
     if found is None:  # pragma: no cover - only if the entry is damaged between writing and reading it
         raise RuntimeError(f"dataset cache entry {entry} could not be read back right after writing it")
-    return found[0]
+    return found
 
 
 def _commit(tmp: str, entry: str, key: str, packing: bool) -> None:

@@ -45,7 +45,7 @@ import random
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -308,13 +308,22 @@ def _utf8_error(where: str, values: Any) -> str:
 
 
 def _read_jsonl(path: str, report: LoadReport, skip: bool) -> ParsedRows:
-    """Read and validate a JSONL file line by line (see :class:`ParsedRows`).
+    """Read and validate a JSONL file line by line (see :class:`ParsedRows` and :func:`iter_jsonl`)."""
+    parsed = ParsedRows()
+    for values, where, _ in iter_jsonl(path, report, skip):
+        parsed.add(values, where)
+    return parsed
+
+
+def iter_jsonl(path: str, report: LoadReport, skip: bool, sizes: bool = False) -> Iterator[tuple]:
+    """The JSON value of every non-blank line of a JSONL file, with its location (``"FILE, line N"``) and line
+    number N (and, with ``sizes``, the line's length in characters), one at a time.
 
     Lines are split at ``b"\n"`` only (``str.splitlines()`` also breaks at U+2028/U+2029/U+0085, which
     JSON strings may hold) and decoded one by one: a UTF-8 multi-byte sequence never contains the newline
     byte, so this finds exactly the lines with invalid bytes, as a whole-file decode would (see ``_decode``).
+    Lines that are not JSON (or not UTF-8) raise :class:`DatasetError`, or are skipped and counted with ``skip``.
     """
-    parsed = ParsedRows()
     any_text = False
     with open(path, "rb") as fh:
         _check_utf8_file(path, fh.read(4))
@@ -352,10 +361,9 @@ def _read_jsonl(path: str, report: LoadReport, skip: bool) -> ParsedRows:
                     report.skip("invalid UTF-8", where)
                     continue
                 raise DatasetError(_utf8_error(where, values))
-            parsed.add(values, where)
+            yield (values, where, number, len(line)) if sizes else (values, where, number)
     if not any_text:
         raise DatasetError(f"{path}: the file is empty; expected instruction/response rows")
-    return parsed
 
 
 def _read_csv(path: str, text: str, bad_lines: set[int], report: LoadReport, skip: bool) -> list[RawRow]:

@@ -30,13 +30,19 @@ import torch
 from src.data.tokenization import IGNORE_INDEX
 
 
+def decreasing_order(lengths: Sequence[int]) -> list[int]:
+    """Example indices, longest first, ties by index: ``sorted(range(n), key=lambda i: (-lengths[i], i))`` without
+    a key tuple per example (a stable numpy sort; a tenth of the memory for large datasets)."""
+    return np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable").tolist()
+
+
 def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Group example indices into bins of total length <= ``capacity`` (best-fit decreasing).
 
     Deterministic: ties are broken by example index. Returns bins ordered by first placement, each
     listing its examples in placement order. O(n log n) lookups over a sorted list of free space.
     """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    order = decreasing_order(lengths)
     bins: list[list[int]] = []
     free: list[tuple[int, int]] = []  # sorted (remaining capacity, bin index)
     for i in order:
@@ -68,7 +74,7 @@ def balanced_bins(lengths: Sequence[int], n_bins: int, max_rounds: int | None = 
     heap = [(0, b) for b in range(n_bins)]
     bins: list[list[int]] = [[] for _ in range(n_bins)]
     loads = [0] * n_bins
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+    for i in decreasing_order(lengths):
         load, b = heapq.heappop(heap)
         bins[b].append(i)
         loads[b] = load + lengths[i]
@@ -114,11 +120,12 @@ def pack_examples(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     where best-fit alone leaves full rows next to a few part-filled ones. The balanced layout is used
     only when every row still fits ``capacity``; otherwise the best-fit rows are kept.
     """
-    bins = best_fit_decreasing(lengths, capacity)
-    balanced = balanced_bins(lengths, len(bins))
-    if len(balanced) == len(bins) and all(sum(lengths[i] for i in b) <= capacity for b in balanced):
+    n_bins = len(best_fit_decreasing(lengths, capacity))  # only the count is kept: half the peak memory
+    balanced = balanced_bins(lengths, n_bins)
+    if len(balanced) == n_bins and all(sum(lengths[i] for i in b) <= capacity for b in balanced):
         return balanced
-    return bins
+    del balanced
+    return best_fit_decreasing(lengths, capacity)
 
 
 # Column types exactly as ``Dataset.from_dict`` infers them from Python lists (``input_ids`` is narrowed

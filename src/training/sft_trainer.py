@@ -18,6 +18,7 @@ import torch
 from src.config import SFTConfig
 from src.data.loading import load_records
 from src.data.packing import SFTDataCollator, flattens_packed_batches, padding_efficiency
+from src.data.streaming import StreamedData
 from src.data.templates import chat_template, get_prompt_format
 from src.data.tokenization import ExampleTokenizer, TokenizeReport, tokenize_records
 from src.distributed import main_process_first
@@ -77,6 +78,26 @@ class SFTTrainer(BaseTrainer):
         return super().get_training_arguments()
 
     # -- datasets -----------------------------------------------------------------------------------
+    def load_dataset(self) -> Any:
+        """The records of ``dataset_path`` (see ``BaseTrainer.load_dataset``); with ``stream_data``, the tokenized
+        splits instead, streamed from the JSONL file into the dataset cache (:mod:`src.data.streaming`), built by
+        the main process first and read by the others. Streaming needs the tokenizer, so the model loads first."""
+        if not self.config.stream_data:
+            return super().load_dataset()
+        from src.data.streaming import stream_splits
+
+        if self.model is None:
+            self.setup_model()
+        self.tokenize_report = TokenizeReport()
+        c = self.config
+        with main_process_first():
+            self.dataset = stream_splits(c.dataset_path, self.example_tokenizer(), c.resolved_dataset_cache_dir,
+                                         packing=c.packing, validation_split_ratio=c.validation_split_ratio, seed=c.seed,
+                                         skip_invalid=c.skip_invalid_rows, eval_path=c.eval_dataset_path,
+                                         report=self.tokenize_report)
+        self.load_report = self.dataset.load_report
+        return self.dataset
+
     def tokenize_split(self, records: List[dict], split: str) -> Any:
         """Records -> tokenized (and, with packing, packed) ``datasets.Dataset``.
 
@@ -100,12 +121,15 @@ class SFTTrainer(BaseTrainer):
         """
         if self.model is None:
             self.setup_model()
-        records, report = load_records(dataset, validation_split_ratio=0.0, seed=self.config.seed,
-                                       skip_invalid=self.config.skip_invalid_rows,
-                                       log=dataset is not self.dataset)  # load_dataset logged these rows already
-        self.tokenize_report = TokenizeReport()
-        train_dataset = self.tokenize_split(records["train"], "train")
-        eval_dataset = self.tokenize_split(records["validation"], "validation") if records.get("validation") else None
+        if isinstance(dataset, StreamedData):  # tokenized already, on disk
+            train_dataset, eval_dataset = dataset["train"], dataset.get("validation")
+        else:
+            records, report = load_records(dataset, validation_split_ratio=0.0, seed=self.config.seed,
+                                           skip_invalid=self.config.skip_invalid_rows,
+                                           log=dataset is not self.dataset)  # load_dataset logged these rows already
+            self.tokenize_report = TokenizeReport()
+            train_dataset = self.tokenize_split(records["train"], "train")
+            eval_dataset = self.tokenize_split(records["validation"], "validation") if records.get("validation") else None
         logger.info("Tokenized: %s", self.tokenize_report.summary())
         self._check_batches(train_dataset, training_args)
         if eval_dataset is None and (training_args.eval_strategy != "no" or training_args.load_best_model_at_end):
@@ -198,7 +222,7 @@ class SFTTrainer(BaseTrainer):
                 dataset = self.tokenize_split(records["train"], "eval")
         metrics = {k: float(v) for k, v in self.trainer.evaluate(dataset).items()}
         if self.config.eval_generation_samples > 0 and eval_dataset is None and self.dataset is not None \
-                and "validation" in self.dataset:
+                and not isinstance(self.dataset, StreamedData) and "validation" in self.dataset:
             if "instruction" in self.dataset["validation"].column_names:
                 metrics.update(self.evaluate_generation(list(self.dataset["validation"]),
                                                         max_samples=self.config.eval_generation_samples))
