@@ -247,3 +247,31 @@ def test_zero2_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result
             return [entry["loss"] for entry in json.load(fh)["log_history"] if "loss" in entry]
 
     assert losses(out) == pytest.approx(losses(tmp_path / "whole"), rel=1e-6)
+
+
+def test_the_command_line_run_under_zero3_evaluates_trains_and_shows_samples_like_one_process(tiny_model_dir, data,
+                                                                                             tmp_path):
+    """The CLI evaluates before and after training and generates samples: under ZeRO-3 every forward gathers the
+    parameters from all ranks, so the ranks generate in step (the main process alone would wait forever)."""
+    import re
+
+    if deepspeed_missing():
+        pytest.skip("deepspeed is not installed (scripts/test.sh installs it; pip install --no-build-isolation deepspeed)")
+    train, evaluation = data
+
+    def cli(launcher, out, batch, *extra):
+        result = subprocess.run(launcher + [os.path.join(ROOT, "train_sft.py"), "--model_name", tiny_model_dir,
+                                            "--dataset_path", train, "--eval_dataset_path", evaluation, "--output_dir",
+                                            str(out), "--use_lora", "false", "--max_steps", "2",
+                                            "--per_device_train_batch_size", str(batch), "--dataloader_pin_memory",
+                                            "false", "--gradient_checkpointing", "false", "--group_by_length", "false",
+                                            *extra],
+                                env=ENV, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses = [float(x) for x in re.search(r"Validation loss\s*: ([\d.]+) -> ([\d.]+)", result.stdout).groups()]
+        return losses, result.stdout.count("\nQ: ")
+
+    one = cli([sys.executable], tmp_path / "one", 4)
+    zero3 = cli(torchrun(), tmp_path / "zero3", 2, "--deepspeed", os.path.join(ROOT, "configs", "deepspeed_zero3.json"))
+    assert zero3[0] == pytest.approx(one[0], abs=2e-4)
+    assert zero3[1] == one[1] == 3
