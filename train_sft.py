@@ -12,6 +12,9 @@ bad data, missing model) exit with status 2 and one line on stderr; ``--debug`` 
 import sys
 
 from src.cli.main import main
+from src.distributed import exit_rank
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    exit_rank(code)  # under torchrun: exit without the C++ teardown that can abort a finished rank
+    sys.exit(code)

@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from src.config import SFTConfig  # noqa: E402
-from src.distributed import shutdown  # noqa: E402
+from src.distributed import exit_rank, shutdown  # noqa: E402
 from src.training.sft_trainer import SFTTrainer  # noqa: E402
 
 
@@ -35,6 +35,7 @@ def main() -> None:
             with open(os.path.join(out, "eval.json"), "w") as fh:
                 json.dump(metrics, fh)
         shutdown()
+        exit_rank(0)
         return
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.trainer.train()
@@ -42,6 +43,7 @@ def main() -> None:
         update = {n: (p.detach() - before[n]) for n, p in trainer.model.named_parameters()}
         torch.save(update, os.path.join(out, "update.pt"))
     shutdown()
+    exit_rank(0)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from src.config import SFTConfig  # noqa: E402
-from src.distributed import shutdown  # noqa: E402
+from src.distributed import exit_rank, shutdown  # noqa: E402
 from src.training.sft_trainer import SFTTrainer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,6 +79,7 @@ def main() -> None:
         with open(os.path.join(out, "result.json"), "w") as fh:
             json.dump({"losses": losses, "eval": metrics, "engine": trainer.trainer.engine}, fh)
     shutdown()
+    exit_rank(0)
 
 
 if __name__ == "__main__":

@@ -112,3 +112,20 @@ def test_repeated_torchrun_runs_save_one_complete_run(tmp_path):
         assert metadata["world_size"] == 2
         assert result.stdout.count("Model saved to") == 1
         assert sorted(os.listdir(out / "base_model")) == sorted(os.listdir(tmp_path / "single" / "base_model"))
+
+
+def test_exit_rank_runs_pythons_exit_work_and_keeps_the_exit_code(tmp_path):
+    marker = tmp_path / "flushed.txt"
+    code = ("import atexit, sys; sys.path.insert(0, %r)\n"
+            "from src.distributed import exit_rank\n"
+            "atexit.register(lambda: open(%r, 'w').write('done'))\n"
+            "print('before exit', flush=False)\n"
+            "exit_rank(3)\n"
+            "raise SystemExit('not reached')\n") % (ROOT, str(marker))
+    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "WORLD_SIZE": "2"}, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 3 and "before exit" in result.stdout and "not reached" not in result.stderr
+    assert marker.read_text() == "done"
+    single = subprocess.run([sys.executable, "-c", code], env={**os.environ, "WORLD_SIZE": "1"}, capture_output=True,
+                            text=True, timeout=60)
+    assert single.returncode == 1 and "not reached" in single.stderr  # one process: a no-op
