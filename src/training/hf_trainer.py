@@ -41,8 +41,6 @@ class SFTHFTrainer(Trainer):
         super().__init__(*args, compute_loss_func=_HookSignature(sft_loss), **kwargs)
         self.owner = owner
         self.sft_loss = sft_loss
-        if self.shards_parameters:
-            sft_loss.sharded = True  # the trained-tokens head falls back to full logits there (losses.py)
         # Our losses always predict labels[i + 1] from position i: count trained tokens that way (the
         # Trainer decides from the model's loss_type otherwise). Loud if transformers renames the switch.
         if not hasattr(self, "_loss_shifts_labels"):

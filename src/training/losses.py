@@ -164,8 +164,10 @@ class _TrainedPositionsHead:
     """Installed once as the output-embedding module's ``forward``; a pass-through unless a loss is pending.
 
     While ``pending`` holds shift labels, it gathers the hidden states of trained positions, runs the
-    original head on them chunk by chunk, stores the summed float32 cross-entropy in ``result`` and
-    returns empty logits that depend on that loss (so DDP's unused-parameter search, which walks the
+    original head on them chunk by chunk, stores the summed loss and the trained-token count in ``result``
+    and returns, as the
+    logits, one float32 value per position equal to the summed cross-entropy (the loss is read there, so
+    backward enters the head through its output; and DDP's unused-parameter search, which walks the
     graph from the outputs, finds every parameter). It is persistent rather than patched per call so
     that ``torch.compile`` guards see the same function each step.
     """
@@ -207,7 +209,10 @@ class _TrainedPositionsHead:
                 part = self._chunk_loss(*args_)
             loss_sum = part if loss_sum is None else loss_sum + part
         self.result = (loss_sum, torch.tensor(n, device=loss_sum.device))
-        return hidden_states.new_zeros(*hidden_states.shape[:-1], 0) + loss_sum.to(hidden_states.dtype)
+        # The loss leaves through the head's (and the model's) output, one float32 value per position: the
+        # caller reads it there, so backward enters the head through its output, where the hooks of engines
+        # that shard parameters (ZeRO-3, FSDP) gather the head's weight again before it is needed.
+        return torch.zeros(*hidden_states.shape[:-1], 1, dtype=loss_sum.dtype, device=loss_sum.device) + loss_sum
 
     def _chunk_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self.original_forward(hidden)
@@ -220,9 +225,10 @@ class TrainedTokensLoss(SFTLoss):
     Falls back to :class:`FullLogitsLoss` (with one warning) where the head's output is not the logits
     the loss must see or cannot be reached safely: models without an output-embedding module, models that
     change the logits after the head (``final_logit_softcapping``, ``logit_scale``, ``logits_scaling``),
-    single-process multi-GPU ``DataParallel`` (its per-call replicas would not carry the installed head),
-    and sharded engines (``sharded=True``: DeepSpeed, FSDP), whose hooks gather the head's weight around
-    the head's *output*, which this loss does not flow through.
+    and single-process multi-GPU ``DataParallel`` (its per-call replicas would not carry the installed
+    head). Engines that shard parameters (ZeRO-3, FSDP2) need no fallback: the loss leaves through the
+    head's output, where their hooks gather the weight for backward (tests/test_sharded.py compares them
+    with one process).
     """
 
     # Config attributes of models that transform the head's output before returning logits.
@@ -234,15 +240,12 @@ class TrainedTokensLoss(SFTLoss):
         super().__init__()
         self.chunk_size = chunk_size
         self.row_multiple = row_multiple
-        self.sharded = False  # set by the Trainer under DeepSpeed/FSDP
         self._warned = False
 
     def head(self, model: Any) -> Optional[_TrainedPositionsHead]:
         """The installed head of ``model`` (installed on first use), or None where it cannot be used."""
         if isinstance(model, torch.nn.DataParallel):
             return self._fallback("single-process multi-GPU DataParallel")
-        if self.sharded:
-            return self._fallback("a sharded engine (DeepSpeed/FSDP)")
         base = unwrap_to_pretrained(model)
         config = getattr(base, "config", None)
         changed = [a for a in self.LOGIT_POSTPROCESSING if getattr(config, a, None) not in (None, 0, 1, 1.0)]
@@ -276,9 +279,9 @@ class TrainedTokensLoss(SFTLoss):
         if head.result is None:
             raise RuntimeError("trained-tokens loss: the model's forward never called its output-embedding module; "
                                "use loss_type='full_logits' for this model")
-        loss_sum, num_tokens = head.result
+        num_tokens = head.result[1]
         head.result = None
-        return loss_sum, num_tokens, outputs
+        return outputs.logits.reshape(-1)[0], num_tokens, outputs
 
 
 def check_loss_settings(loss_type: str, chunk_size: int = 4096) -> None:
