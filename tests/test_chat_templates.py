@@ -451,3 +451,47 @@ def test_tool_rows_survive_the_trainers_arrow_round_trip_unchanged(tiny_model_di
     trainer = SFTTrainer(make_config(tiny_model_dir, path, tmp_path / "o", instruction_template="tokenizer"))
     through_arrow, _ = load_records(trainer.load_dataset(), validation_split_ratio=0.0)
     assert through_arrow["train"] == direct["train"]
+
+
+def test_review_fixes_for_tool_and_reasoning_rows(tmp_path):
+    """Arrow-filled null keys are dropped, Llama-3.1 'parameters' are arguments, empty reasoning is no reasoning."""
+    from datasets import Dataset
+
+    rows = [{"messages": [{"role": "user", "content": "س"},
+                          {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+                              "name": "get_weather", "arguments": {"city": "القاهرة"}}}]},
+                          {"role": "tool", "content": "30"}, {"role": "assistant", "content": "٣٠", "reasoning_content": ""}]},
+            {"messages": [{"role": "user", "content": "ابحث"},
+                          {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+                              "name": "search", "arguments": {"query": "الخوارزمي", "limit": 3}}}]},
+                          {"role": "tool", "content": "عالم"}, {"role": "assistant", "content": "عالم."}]}]
+    records, _ = load_records(Dataset.from_list(rows), validation_split_ratio=0.0)  # Arrow structs: merged keys
+    first, second = records["train"]
+    assert first["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"city": "القاهرة"}
+    assert second["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"query": "الخوارزمي", "limit": 3}
+    assert "reasoning_content" not in first["messages"][3]
+    llama = [{"messages": [{"role": "user", "content": "س"},
+                           {"role": "assistant", "tool_calls": [{"name": "get_weather", "parameters": {"city": "عمّان"}}]},
+                           {"role": "tool", "content": "25"}, {"role": "assistant", "content": "٢٥"}]},
+             {"instruction": "س", "response": "ج", "reasoning_content": ""}]
+    records, _ = load_records(write_jsonl(tmp_path / "llama.jsonl", llama), validation_split_ratio=0.0)
+    assert records["train"][0]["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"city": "عمّان"}
+    assert "reasoning_content" not in records["train"][1]
+    with pytest.raises(ValueError, match=r"\['enable-thinking'\] cannot be template variable names"):
+        from src.config import SFTConfig
+
+        SFTConfig(instruction_template="tokenizer", chat_template_kwargs={"enable-thinking": False})
+
+
+def test_the_run_system_prompt_is_the_same_in_training_generation_and_the_saved_template():
+    from src.data.normalization import build_normalizer
+
+    system = "أنت مساعد مـفيد"  # a tatweel, which the default 'light' normalization removes from row text
+    et = et_for("qwen3", system_prompt=system, normalize=build_normalizer("light"))
+    ids, labels, _ = et.tokenize_batch([{"instruction": "ما عاصمة مصر؟", "response": "القاهرة.", "system": None}])[0]
+    prompt = et.encode_prompt("ما عاصمة مصر؟")
+    assert ids[:len(prompt)] == prompt and all(label == IGNORE_INDEX for label in labels[:len(prompt)])
+    saved = list(et.tokenizer.apply_chat_template([{"role": "user", "content": "ما عاصمة مصر؟"}], tokenize=True,
+                                                  return_dict=False, add_generation_prompt=True,
+                                                  chat_template=et.fmt.chat.saved_template(system)))
+    assert saved == prompt

@@ -112,3 +112,32 @@ def test_training_push_to_hub_offline_is_refused_before_training(tiny_model_dir,
     assert not os.path.exists(out / "model.safetensors")  # refused before training, not after
     with pytest.raises(ValueError, match="SFTConfig.hub_model_id"):
         make_config(tiny_model_dir, pairs_file, out, push_to_hub=True)
+
+
+def test_push_uploads_the_model_not_checkpoints_or_run_files(tiny_model_dir, pairs_file, tmp_path, monkeypatch):
+    """The upload itself is huggingface_hub's (offline here): the folder it is given and what it is told to leave out
+    decide what reaches the hub, so that is what is checked, with the hub client's own pattern filter."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    calls = []
+
+    class Recorder:
+        def create_repo(self, *args, **kwargs):
+            pass
+
+        def upload_folder(self, **kwargs):
+            calls.append(kwargs)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "HfApi", Recorder)
+    out = tmp_path / "run"
+    trainer = SFTTrainer(make_config(tiny_model_dir, pairs_file, out, max_steps=2, save_steps=1, push_to_hub=True,
+                                     hub_model_id="someone/arabic-sft"))
+    trainer.train()
+    assert len(calls) == 1 and calls[0]["repo_id"] == "someone/arabic-sft" and calls[0]["folder_path"] == str(out)
+    files = [os.path.relpath(os.path.join(d, f), out) for d, _, names in os.walk(out) for f in names]
+    assert any(f.startswith("checkpoint-") for f in files)  # the folder holds checkpoints ...
+    uploaded = set(filter_repo_objects(files, ignore_patterns=calls[0]["ignore_patterns"]))
+    assert not any(f.startswith(("checkpoint-", ".sft_run", ".saving")) for f in uploaded)  # ... that are not uploaded
+    assert {"model.safetensors", "config.json", "tokenizer.json", "sft_metadata.json"} <= uploaded

@@ -356,3 +356,22 @@ def test_bad_resume_path_fails_before_loading_anything(tmp_path, pairs_file):
                                              resume_from_checkpoint=str(tmp_path / "nope")))
     with pytest.raises(ValueError, match="not a checkpoint directory"):
         trainer.train()  # the model path is bad too, but the checkpoint is checked first
+
+
+def test_generation_eval_scores_the_answer_and_keeps_a_thinking_models_reasoning_beside_it(tiny_model_dir, tmp_path):
+    """A thinking model writes '<think>...</think>' before its answer (not special tokens: decoding keeps them). The
+    real generations run; their text is then given a thinking block in front, as such a model writes it."""
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS[:4])
+    trainer = create_sft_trainer(make_config(tiny_model_dir, data, tmp_path / "o", eval_dataset_path=data))
+    trainer.prepare()
+    generate = trainer.generate_from_prompts
+    plain = generate([trainer.example_tokenizer().encode_prompt(p["instruction"]) for p in PAIRS[:4]], max_length=4)
+    trainer.generate_from_prompts = lambda prompts, **kw: [f"<think>\nفكرة {i}\n</think>\n\n{text}"
+                                                           for i, text in enumerate(generate(prompts, **kw))]
+    out = tmp_path / "gen.jsonl"
+    with_thinking = trainer.evaluate_generation(PAIRS[:4], max_length=4, output_file=str(out))
+    trainer.generate_from_prompts = generate
+    without = trainer.evaluate_generation(PAIRS[:4], max_length=4, output_file=str(tmp_path / "plain.jsonl"))
+    assert with_thinking == without  # scored on the answers alone
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["prediction"] for r in rows] == plain and [r["reasoning"] for r in rows] == [f"فكرة {i}" for i in range(4)]

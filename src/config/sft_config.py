@@ -164,7 +164,8 @@ class BaseConfig:
         "configs/deepspeed_zero3.json (parameters too; the full model is gathered when saving).", default=None)
     fsdp_config: Optional[str] = _help(
         "Path to an FSDP JSON config (transformers' fsdp_config; configs/fsdp2.json: FSDP2 fully_shard of each "
-        "Qwen2 decoder layer, full state dict on save); setting it turns FSDP on. Needs GPUs: accelerate selects "
+        "decoder layer, the model's own _no_split_modules (Qwen2DecoderLayer, Qwen3DecoderLayer ...), full state dict "
+        "on save); setting it turns FSDP on. Needs GPUs: accelerate selects "
         "FSDP on accelerator devices only, and a CPU run is refused rather than silently unsharded.", default=None)
 
     def __post_init__(self) -> None:

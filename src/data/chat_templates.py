@@ -62,6 +62,12 @@ def parse_template_kwargs(value: Any) -> dict[str, Any]:
             raise ValueError(f"not a JSON object ({exc.msg}); expected e.g. '{{\"enable_thinking\": false}}'") from None
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise ValueError(f"expected a mapping of template variable names to values, got {value!r}")
+    import keyword
+
+    bad = sorted(k for k in value if not k.isidentifier() or keyword.iskeyword(k)
+                 or k in ("true", "false", "none", "True", "False", "None"))
+    if bad:
+        raise ValueError(f"{bad} cannot be template variable names (letters, digits and '_', not starting with a digit)")
     reserved = sorted({"messages", "tools", "add_generation_prompt", "documents"} & set(value))
     if reserved:
         raise ValueError(f"{reserved} are set by the trainer for each conversation; they cannot be run-wide settings")

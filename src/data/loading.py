@@ -535,7 +535,7 @@ def parse_conversation(turns: Any, key: str, where: str) -> list[dict[str, Any]]
         else:
             message["content"] = _check_text(turn, content_key, where, f"{field_name}.{content_key}")
         reasoning = turn.get("reasoning_content") if role == "assistant" else None
-        if reasoning is not None:
+        if reasoning is not None and reasoning != "":  # "" (no thinking, as exports write it) is no reasoning
             message["reasoning_content"] = _check_text(turn, "reasoning_content", where, f"{field_name}.reasoning_content")
         if role == "tool":
             for extra in ("name", "tool_call_id"):
@@ -581,6 +581,17 @@ def _json_value(value: Any, where: str, name: str, kind: type) -> Any:
     return value
 
 
+def _without_nulls(value: Any) -> Any:
+    """``value`` without null-valued object keys, at any depth. Arrow (Parquet files, ``datasets`` objects) stores
+    the objects of all rows as one struct type and gives each row the other rows' keys as nulls, which chat
+    templates would render; a key whose value is null carries nothing a template should write."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
 def _parse_tool_calls(value: Any, where: str, name: str) -> list[dict[str, Any]]:
     """Tool calls as ``[{"type": "function", "function": {"name", "arguments": {...}}}]`` (flat ``{name, arguments}``
     accepted too)."""
@@ -592,9 +603,10 @@ def _parse_tool_calls(value: Any, where: str, name: str) -> list[dict[str, Any]]
         fname = f"{name}[{n}].function" if "function" in call else f"{name}[{n}]"
         if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
             raise DatasetError(f"{where}, field '{fname}.name': expected the tool's name", "invalid tools")
-        arguments = function.get("arguments", {})
-        arguments = {} if arguments in (None, "") else _json_value(arguments, where, f"{fname}.arguments", dict)
-        calls.append({"type": "function", "function": {"name": function["name"], "arguments": arguments}})
+        key = "arguments" if "arguments" in function or "parameters" not in function else "parameters"  # Llama-3.1 style
+        arguments = function.get(key, {})
+        arguments = {} if arguments in (None, "") else _json_value(arguments, where, f"{fname}.{key}", dict)
+        calls.append({"type": "function", "function": {"name": function["name"], "arguments": _without_nulls(arguments)}})
     return calls
 
 
@@ -625,7 +637,7 @@ def parse_record(values: Any, where: str) -> dict[str, Any]:
                 for n, tool in enumerate(tools):
                     if not isinstance(tool, dict):
                         raise DatasetError(f"{where}, field 'tools[{n}]': expected an object (a JSON schema)", "invalid tools")
-                record["tools"] = tools
+                record["tools"] = _without_nulls(tools)
             return record
     instruction_key = _pick(values, INSTRUCTION_KEYS)
     if instruction_key is None and "text" in values:
@@ -658,7 +670,7 @@ def parse_record(values: Any, where: str) -> dict[str, Any]:
     if system:
         _check_characters(system, where, "system")
     record = {"instruction": instruction, "response": response, "system": system or None}
-    if values.get("reasoning_content") is not None:
+    if values.get("reasoning_content") not in (None, ""):  # "" (no thinking, as exports write it) is no reasoning
         record["reasoning_content"] = _check_text(values, "reasoning_content", where)
     return record
 

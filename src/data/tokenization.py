@@ -288,16 +288,15 @@ class ExampleTokenizer:
 
     def chat_messages(self, record: dict) -> list[dict]:
         """A record as the messages the tokenizer's template renders: instruction rows become a user and an
-        assistant turn, the run's ``system_prompt`` opens conversations without a system message, and every
-        ``content`` and ``reasoning_content`` is normalized (tool names, arguments and definitions are not)."""
+        assistant turn, the run's ``system_prompt`` (as given) opens conversations without a system message, and
+        every row's ``content`` and ``reasoning_content`` is normalized (tool names, arguments and definitions are
+        not)."""
         if record.get("messages") is not None:
             messages = record["messages"]
         else:
             messages = ([{"role": "system", "content": record["system"]}] if record.get("system") else []) + [
                 {"role": "user", "content": record["instruction"]},
                 {"role": "assistant", "content": record["response"], "reasoning_content": record.get("reasoning_content")}]
-        if messages[0]["role"] != "system" and self.fmt.system_prompt:
-            messages = [{"role": "system", "content": self.fmt.system_prompt}] + list(messages)
         out = []
         for message in messages:
             message = {key: value for key, value in message.items() if value is not None}
@@ -307,6 +306,9 @@ class ExampleTokenizer:
             if message["role"] == "assistant":
                 message = self.fmt.chat.with_reasoning_rendered(message)
             out.append(message)
+        if out[0]["role"] != "system" and self.fmt.system_prompt:
+            # as given, like every format writes the run's system prompt (and the saved template and generation do)
+            out.insert(0, {"role": "system", "content": self.fmt.system_prompt})
         return out
 
     def _chat_segments(self, record: dict) -> list[tuple[str, str, bool]]:

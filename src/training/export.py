@@ -76,6 +76,12 @@ def export_run(model_dir: str, target: str, *, overwrite: bool = False, dtype: s
     return target
 
 
+# What a run folder holds besides the model: checkpoints (optimizer states, RNG), the run's lock and marker, an
+# unfinished save, tracker logs and generated evaluation answers. The hub gets the model only.
+NOT_UPLOADED = ("checkpoint-*", "checkpoint-*/**", ".sft_run*", ".saving*", ".saving*/**", "runs/**",
+                "eval_generations.jsonl", "*.lock")
+
+
 def check_hub_reachable(repo_id: str, folder: str) -> None:
     """Refuse a push that cannot happen (offline), before the work whose result it would upload."""
     if os.environ.get("HF_HUB_OFFLINE") == "1":
@@ -91,7 +97,8 @@ def push_folder(folder: str, repo_id: str, private: bool = True) -> str:
     api = HfApi()
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Upload model saved by arabic-qwen-sft")
+        api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Upload model saved by arabic-qwen-sft",
+                          ignore_patterns=list(NOT_UPLOADED))
     except Exception as exc:  # network, authentication and permission errors of the hub client
         raise ValueError(f"could not push {folder} to the hub repository {repo_id!r}: {type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}; the exported folder is kept") from None

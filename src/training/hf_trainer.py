@@ -119,8 +119,13 @@ class SFTHFTrainer(Trainer):
         if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
             return ((batch, False) for batch in loader), self.model.to(self.args.device)
         model = self._wrap_model(self.model, training=False)
-        if len(self.accelerator._models) == 0 and model is self.model and not self.is_deepspeed_enabled:
-            model = self.accelerator.prepare_model(model, evaluation_mode=True)
+        if len(self.accelerator._models) == 0 and model is self.model:
+            if self.is_deepspeed_enabled:
+                # Evaluation before training: DeepSpeed has not taken the model yet (transformers leaves it where
+                # it was loaded until deepspeed.initialize), and it holds the whole model: run it on this device.
+                model = model.to(self.args.device)
+            else:
+                model = self.accelerator.prepare_model(model, evaluation_mode=True)
         most_rows = -(-len(dataset) // world)
         batches = -(-most_rows // self.args.eval_batch_size)
 

@@ -249,10 +249,15 @@ class SFTTrainer(BaseTrainer):
             [example_tokenizer.encode_prompt(r["instruction"], r.get("system")) for r in chosen],
             max_length=max_length or self.config.eval_generation_max_length,
             batch_size=self.config.per_device_eval_batch_size)
-        metrics, exact = generation.generation_metrics(predictions, [r["response"] for r in chosen], self.config.normalizer())
+        from src.data.chat_templates import split_reasoning
+
+        reasoning, predictions = zip(*map(split_reasoning, predictions)) if predictions else ((), ())  # score answers
+        metrics, exact = generation.generation_metrics(list(predictions), [r["response"] for r in chosen],
+                                                       self.config.normalizer())
         output_file = output_file or os.path.join(self.config.output_dir, "eval_generations.jsonl")
         write_jsonl(output_file, ({"instruction": r["instruction"], "reference": r["response"], "prediction": p,
-                                   "exact_match": hit} for r, p, hit in zip(chosen, predictions, exact)))
+                                   "exact_match": hit, **({"reasoning": t} if t else {})}
+                                  for r, p, t, hit in zip(chosen, predictions, reasoning, exact)))
         logger.info("generation eval on %d rows: chrF %.2f, BLEU %.2f, exact match %.1f%% (generations in %s)",
                     len(chosen), metrics["eval_gen_chrf"], metrics["eval_gen_bleu"], 100 * metrics["eval_gen_exact_match"],
                     output_file)
