@@ -76,3 +76,31 @@ def test_bf16_defaults_to_auto_and_records_the_precision_used(tiny_model_dir, pa
     trainer.save_model()
     metadata = json.loads((tmp_path / "o" / "sft_metadata.json").read_text(encoding="utf-8"))
     assert metadata["mixed_precision"] == ("bf16" if bf16_supported() else "no")
+
+
+def _bitsandbytes_missing() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or _bitsandbytes_missing(),
+                    reason="QLoRA needs a CUDA GPU and bitsandbytes (pip install -e '.[qlora]'); this machine has no GPU "
+                           "or no bitsandbytes")
+def test_qlora_trains_adapters_on_a_4bit_base_and_saves_only_them(tiny_model_dir, pairs_file, tmp_path):
+    """The GPU half of QLoRA: NF4 base (double quantization, bf16 compute), adapters trained and saved."""
+    out = tmp_path / "qlora"
+    trainer = SFTTrainer(make_config(tiny_model_dir, pairs_file, out, use_lora=True, load_in_4bit=True, max_steps=3,
+                                     lora_target_modules=["all-linear"], lora_r=4, lora_alpha=8, logging_steps=1))
+    trainer.train()
+    base = trainer.unwrapped_model().get_base_model()
+    quantized = [name for name, module in base.named_modules() if type(module).__name__ == "Linear4bit"]
+    assert quantized and all(name.split(".")[-2] in PROJECTIONS or name.split(".")[-1] in PROJECTIONS
+                             for name in quantized)
+    assert os.path.isfile(out / "adapter_model.safetensors") and not os.path.exists(out / "model.safetensors")
+    losses = [entry["loss"] for entry in trainer.trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 3 and all(0 < loss < 100 for loss in losses)
+    restored = SFTTrainer(make_config(tiny_model_dir, pairs_file, tmp_path / "unused"))
+    restored.load_model(str(out))  # the saved adapter on its base, reloaded in 4 bits
+    question = "ما عاصمة مصر؟"
+    assert restored.generate_response(question, max_length=4) == trainer.generate_response(question, max_length=4)
