@@ -41,7 +41,7 @@ from src.data.cache import (
     new_entry_dir,
 )
 from src.data.loading import DatasetError, LoadReport, iter_jsonl, parse_record
-from src.data.tokenization import IGNORE_INDEX, TokenizeReport, apply_counts
+from src.data.tokenization import IGNORE_INDEX, TokenizeReport, apply_counts, empty_counts
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class _SplitWriter:
     def __init__(self, tmp: str, packing: bool):
         self.tmp, self.packing = tmp, packing
         self.sink = ArrowSink(os.path.join(tmp, DATA_FILE), packed=packing)
-        self.counts = {"examples": 0, "truncated": 0, "dropped": 0, "trained_tokens": 0, "total_tokens": 0}
+        self.counts = empty_counts()
         self.records = 0
         self.buffer: list[dict] = []
         self.buffered_chars = 0
@@ -104,10 +104,7 @@ class _SplitWriter:
     def add(self, chunk: Any) -> None:
         from src.data.packing import unpacked_batch
 
-        for name in ("truncated", "dropped", "trained_tokens"):
-            self.counts[name] += getattr(chunk, name)
-        self.counts["examples"] += len(chunk.lengths)
-        self.counts["total_tokens"] += int(chunk.lengths.sum())
+        chunk.count_into(self.counts)
         if not len(chunk.lengths):
             return
         if self.packing:

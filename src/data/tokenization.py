@@ -164,6 +164,19 @@ class _Chunk:
     dropped: int
     trained_tokens: int
 
+    def count_into(self, counts: dict[str, int]) -> None:
+        """Add this chunk to the report counts of its split (see :func:`empty_counts`)."""
+        counts["examples"] += len(self.lengths)
+        counts["truncated"] += self.truncated
+        counts["dropped"] += self.dropped
+        counts["trained_tokens"] += self.trained_tokens
+        counts["total_tokens"] += int(self.lengths.sum())
+
+
+def empty_counts() -> dict[str, int]:
+    """The report counts of a split before any chunk (what ``TokenizeReport`` and cache entries record)."""
+    return {"examples": 0, "truncated": 0, "dropped": 0, "trained_tokens": 0, "total_tokens": 0}
+
 
 class ExampleTokenizer:
     """Turns records into ``input_ids``/``labels`` for one tokenizer and prompt format.
@@ -533,14 +546,10 @@ def write_tokenized(records: list[dict], example_tokenizer: ExampleTokenizer, sp
     """Tokenize ``records`` into ``sink`` (packed or not); return the report counts of this split."""
     from src.data.packing import packed_batches, unpacked_batch
 
-    counts = {"examples": 0, "truncated": 0, "dropped": 0, "trained_tokens": 0, "total_tokens": 0}
+    counts = empty_counts()
     pending = _PackingBuffer(len(records)) if packing else None
     for chunk in example_tokenizer.tokenize_chunks(records, split, batch_size, num_threads, progress=len(records) > 5000):
-        counts["examples"] += len(chunk.lengths)
-        counts["truncated"] += chunk.truncated
-        counts["dropped"] += chunk.dropped
-        counts["trained_tokens"] += chunk.trained_tokens
-        counts["total_tokens"] += int(chunk.lengths.sum())
+        chunk.count_into(counts)
         if not len(chunk.lengths):
             continue
         if pending is not None:
