@@ -110,13 +110,14 @@ class SFTHFTrainer(Trainer):
         """
         from torch.utils.data import DataLoader
 
-        if self.args.n_gpu > 1 and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+        sharding_engine = self.is_deepspeed_enabled or self.is_fsdp_enabled
+        if self.args.n_gpu > 1 and not sharding_engine:
             return ((batch, False) for batch in self.get_eval_dataloader(dataset)), self._wrap_model(self.model, training=False)
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         shard = dataset.select(range(rank, len(dataset), world)) if world > 1 else dataset
         loader = DataLoader(shard, batch_size=self.args.eval_batch_size, shuffle=False, collate_fn=self.data_collator,
                             num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
-        if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+        if not sharding_engine:
             return ((batch, False) for batch in loader), self.model.to(self.args.device)
         model = self._wrap_model(self.model, training=False)
         if len(self.accelerator._models) == 0 and model is self.model:
