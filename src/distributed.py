@@ -70,6 +70,20 @@ def main_decides(step: Callable[[], None]) -> None:
         raise error
 
 
+def from_main(value):
+    """The main process's ``value`` on every rank (a pickled broadcast; ``value`` itself in one process).
+
+    For choices each rank could make differently (a timing), which all ranks must share."""
+    if world_size() <= 1:
+        return value
+    import torch.distributed as dist
+
+    _state()
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 @contextlib.contextmanager
 def main_process_first() -> Iterator[None]:
     """Run the block on the main process first, then on the others (which then find what it wrote)."""

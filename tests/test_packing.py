@@ -60,7 +60,7 @@ def _model(tiny_model_dir, attn):
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn, dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", pytest.param("flex_attention", marks=pytest.mark.slow)])
 def test_packed_examples_see_only_themselves(tiny_model_dir, attn):
     model = _model(tiny_model_dir, attn)
     ds = _packed_dataset(n=8, vocab=model.config.vocab_size)

@@ -60,7 +60,9 @@ class BaseConfig:
     )
     trust_remote_code: bool = _help("Run model/tokenizer code from the hub. Off unless you trust the repo.", default=False)
     attn_implementation: Optional[str] = _help(
-        "'sdpa', 'eager' or 'flash_attention_2'; None picks flash_attention_2 when installed on CUDA, else sdpa.",
+        "'sdpa', 'eager', 'flash_attention_2', 'flex_attention' (CUDA only), or None/'auto': on a GPU with packing, "
+        "the fastest exact one measured at start on the run's own packed layout (src/training/attention.py); "
+        "elsewhere flash_attention_2 when installed on CUDA, else sdpa.",
         default=None,
     )
     validation_split_ratio: float = _help(
@@ -256,8 +258,8 @@ class BaseConfig:
             bad("early_stopping_threshold", "a non-negative number")
         if self.neftune_noise_alpha is not None and not self.neftune_noise_alpha > 0:
             bad("neftune_noise_alpha", "None or a positive number")
-        if self.attn_implementation not in (None, "sdpa", "eager", "flash_attention_2"):
-            bad("attn_implementation", "None, 'sdpa', 'eager' or 'flash_attention_2'")
+        if self.attn_implementation not in (None, "auto", "sdpa", "eager", "flash_attention_2", "flex_attention"):
+            bad("attn_implementation", "None/'auto', 'sdpa', 'eager', 'flash_attention_2' or 'flex_attention'")
         from src.training.losses import check_loss_settings
 
         _ask("loss_type", check_loss_settings, self.loss_type, self.loss_chunk_size)

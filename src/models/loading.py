@@ -104,7 +104,7 @@ def pick_attn_implementation(requested: str | None) -> str:
 
     import torch
 
-    if requested:
+    if requested and requested != "auto":
         return requested
     if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"

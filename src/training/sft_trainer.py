@@ -48,6 +48,7 @@ class SFTTrainer(BaseTrainer):
         super().__init__(config)
         self.tokenize_report: Optional[TokenizeReport] = None
         self.padding_efficiency: Optional[float] = None
+        self.attention = None  # the AttentionChoice of the last create_trainer (src.training.attention)
 
     def _get_training_method(self) -> str:
         return "sft"
@@ -141,6 +142,7 @@ class SFTTrainer(BaseTrainer):
             from transformers import EarlyStoppingCallback
 
             callbacks = [c for c in (callbacks or []) if not isinstance(c, EarlyStoppingCallback)]
+        self.attention = self.choose_attention(train_dataset, training_args)
         collator = self.data_collator()
         trainer = SFTHFTrainer(
             model=self.model,
@@ -157,6 +159,32 @@ class SFTTrainer(BaseTrainer):
         self.padding_efficiency = self.measure_padding_efficiency(trainer)
         logger.info("Padding efficiency (real tokens / tokens computed, first epoch): %.4f", self.padding_efficiency)
         return trainer
+
+    def choose_attention(self, train_dataset, training_args) -> Any:
+        """The attention implementation for training (see :mod:`src.training.attention`).
+
+        An explicit ``attn_implementation`` is checked (flex needs a CUDA GPU) and kept. Left unset
+        (``None``/``"auto"``) with packing on a GPU, the exact candidates are timed on the first batch's layout
+        and the model switches to the fastest; every rank takes the main process's choice.
+        """
+        from src.distributed import from_main
+        from src.training.attention import AUTO, AttentionChoice, check_trainable, choose_for_packed_rows
+        from src.training.losses import unwrap_to_pretrained
+
+        requested = self.config.attn_implementation
+        device = training_args.device
+        check_trainable(requested, device)
+        if requested not in (None, AUTO) or not self.config.packing or device.type != "cuda":
+            return AttentionChoice(implementation=self.attn_implementation())
+        rows = train_dataset.select(range(min(len(train_dataset), training_args.per_device_train_batch_size)))
+        collate = SFTDataCollator(self.tokenizer.pad_token_id, self.config.pad_to_multiple_of, flatten_packed=False)
+        batch = collate([{k: row[k] for k in ("input_ids", "labels", "position_ids")} for row in rows])
+        dtype = torch.bfloat16 if self.config.resolved_bf16 else torch.float16 if self.config.fp16 else torch.float32
+        choice = from_main(choose_for_packed_rows(self.model, batch["position_ids"], device, dtype))
+        base = unwrap_to_pretrained(self.model)
+        if base.config._attn_implementation != choice.implementation:
+            base.set_attn_implementation(choice.implementation)
+        return choice
 
     def attn_implementation(self) -> str:
         model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
@@ -338,6 +366,8 @@ class SFTTrainer(BaseTrainer):
             "end_token": self.tokenizer.convert_ids_to_tokens(self.example_tokenizer().end_id),
             "padding_efficiency": self.padding_efficiency,
             "loss_type": c.loss_type,
+            "attention": (self.attention.as_metadata() if self.attention is not None
+                          else {"implementation": self.attn_implementation(), "measured": False}),
         })
         if self.tokenize_report is not None:
             meta["examples"] = dict(self.tokenize_report.examples)
