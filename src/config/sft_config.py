@@ -145,6 +145,10 @@ class BaseConfig:
         "needs evaluation_strategy 'steps' or 'epoch' and keeps the best checkpoint (load_best_model_at_end).",
         default=None)
     early_stopping_threshold: float = _help("Smallest eval_loss decrease that counts as an improvement.", default=0.0)
+    use_liger_kernel: bool = _help(
+        "Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (pip install -e '.[liger]'; CUDA GPUs only), applied by "
+        "transformers when training starts. Liger's fused cross-entropy is left off: the loss stays ours "
+        "(loss_type), which already computes the LM head on trained positions only.", default=False)
     neftune_noise_alpha: Optional[float] = _help(
         "NEFTune: uniform noise of this scale on the input embeddings, in training steps only (never in evaluation "
         "or generation); typical values 5-15.", default=None)

@@ -213,3 +213,18 @@ def apply_lora(model: Any, r: int, alpha: int, dropout: float, target_modules: l
                       task_type="CAUSAL_LM", bias="none", use_dora=use_dora, use_rslora=use_rslora,
                       modules_to_save=list(modules_to_save) if modules_to_save else None)
     return get_peft_model(model, lora)
+
+
+def check_liger(use_liger_kernel: bool) -> None:
+    """Liger's kernels are Triton kernels: they need a CUDA GPU and the liger-kernel package; say which is missing."""
+    import torch
+
+    if not use_liger_kernel:
+        return
+    if not torch.cuda.is_available():
+        raise ValueError("SFTConfig.use_liger_kernel=True needs a CUDA GPU (Liger's kernels are Triton kernels), and "
+                         "none was found; set it to False on this machine")
+    from transformers.utils import is_liger_kernel_available
+
+    if not is_liger_kernel_available():
+        raise ValueError("SFTConfig.use_liger_kernel=True needs the liger-kernel package: pip install -e '.[liger]'")

@@ -19,6 +19,7 @@ from src.models.loading import (
     ModelLoadError,
     apply_lora,
     check_bf16,
+    check_liger,
     check_quantization,
     load_causal_lm,
     load_tokenizer,
@@ -161,6 +162,7 @@ class BaseTrainer(ABC):
         quantized = c.load_in_4bit or c.load_in_8bit
         if quantized:
             check_quantization(c.load_in_4bit, c.load_in_8bit)
+        check_liger(c.use_liger_kernel)
         model = load_causal_lm(self.base_model_path, trust_remote_code=trust, attn_implementation=c.attn_implementation,
                                bf16=c.resolved_bf16, bf16_weights=c.use_lora,
                                quantization=quantization_config(c.load_in_4bit, c.load_in_8bit) if quantized else None)

@@ -126,9 +126,10 @@ class SFTLoss:
 
 
 def _model_inputs(inputs: dict) -> dict:
-    # No labels (the model would compute its own loss on full logits) and no KV cache (packed rows are
-    # isolated only when no cache is built).
-    return {**{k: v for k, v in inputs.items() if k != "labels"}, "use_cache": False}
+    # No labels (the model would compute its own loss on full logits), no KV cache (packed rows are
+    # isolated only when no cache is built), and not the "skip_logits" that transformers' evaluation adds
+    # under use_liger_kernel for liger's fused loss, which we leave off.
+    return {**{k: v for k, v in inputs.items() if k not in ("labels", "skip_logits")}, "use_cache": False}
 
 
 def full_logits_sums(model: Any, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, Any]:

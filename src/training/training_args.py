@@ -52,6 +52,12 @@ def installed_name(ours: str, accepted: set[str]) -> str:
     )
 
 
+# The Liger kernels SFTConfig.use_liger_kernel applies (liger's _apply_liger_kernel_to_instance keywords): the
+# elementwise ones. Its cross-entropy kernels would replace the loss; ours (src.training.losses) stays.
+LIGER_KERNELS = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
+                 "fused_linear_cross_entropy": False}
+
+
 def training_arguments_kwargs(config: Any, environment: dict[str, Any] | None = None) -> dict[str, Any]:
     """Keyword arguments for the installed ``TrainingArguments`` from an ``SFTConfig``.
 
@@ -95,6 +101,8 @@ def training_arguments_kwargs(config: Any, environment: dict[str, Any] | None = 
     eval_strategy = config.evaluation_strategy
     if config.neftune_noise_alpha is not None:
         kwargs["neftune_noise_alpha"] = config.neftune_noise_alpha
+    if config.use_liger_kernel:
+        kwargs.update(use_liger_kernel=True, liger_kernel_config=dict(LIGER_KERNELS))
     if config.load_best_model_at_end or config.early_stopping_patience is not None:
         # Early stopping keeps the best checkpoint: transformers' EarlyStoppingCallback works through it.
         kwargs["load_best_model_at_end"] = True
