@@ -66,6 +66,9 @@ SETUPS = {
     # Qwen2.5-1.5B's shape.
     "1.5b-lora": dict(dims=dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                                 intermediate_size=8960), lora=True),
+    # Qwen2.5-7B's shape (untied head, padded vocabulary): for QLoRA, --ours-extra load_in_4bit=true.
+    "7b-lora": dict(dims=dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                              intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False), lora=True),
     # Small enough for CPUs, with the real vocabulary (so the LM head and loss weigh as they do on real models).
     "cpu-small-lora": dict(dims=dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                                      intermediate_size=688), lora=True),
@@ -278,9 +281,10 @@ def child_build(spec: dict) -> None:
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
-    config = Qwen2Config(vocab_size=QWEN_VOCAB, max_position_embeddings=32768, rope_theta=1_000_000.0,
-                         rms_norm_eps=1e-6, tie_word_embeddings=True, use_sliding_window=False, hidden_act="silu",
-                         bos_token_id=151643, eos_token_id=151643, attention_dropout=0.0, **spec["dims"])
+    config = Qwen2Config(**{**dict(vocab_size=QWEN_VOCAB, max_position_embeddings=32768, rope_theta=1_000_000.0,
+                                   rms_norm_eps=1e-6, tie_word_embeddings=True, use_sliding_window=False,
+                                   hidden_act="silu", bos_token_id=151643, eos_token_id=151643, attention_dropout=0.0),
+                            **spec["dims"]})
     device = "cuda" if spec["cuda"] else "cpu"
     torch.manual_seed(spec["seed"])
     start = time.perf_counter()
@@ -386,6 +390,10 @@ def _timed_train(hf_trainer, torch, cuda: bool, warmup: int, collator_box: dict,
 def _make_timer(torch, cuda: bool, warmup: int, collator_box: dict, bf16: bool, check_loss: bool, mem: dict):
     from transformers import TrainerCallback
 
+    # PROFILE_STEPS="6,7": a torch.profiler trace of those steps, written to PROFILE_DIR (default: not written).
+    profile_steps = {int(x) for x in os.environ.get("PROFILE_STEPS", "").split(",") if x.strip()}
+    profile_dir = os.environ.get("PROFILE_DIR")
+
     def sync():
         if cuda:
             torch.cuda.synchronize()
@@ -397,9 +405,28 @@ def _make_timer(torch, cuda: bool, warmup: int, collator_box: dict, bf16: bool, 
             self.losses: dict[int, float] = {}
             self.ref = None
             self.ref_seconds = 0.0  # the reference loss is not the trainer's work: taken out of the first step's time
+            self.counts_before: dict[int, dict] = {}
+            self.allocator: dict[int, dict] = {}  # per step: cudaMalloc/cudaFree calls, allocator retries, syncs
+            self.profiler = None
+            self.trace = None
+            self.top_ops = None
+
+        allocator_keys = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+
+        def allocator_counts(self) -> dict:
+            stats = torch.cuda.memory_stats() if cuda else {}
+            return {k: int(stats.get(k, 0)) for k in self.allocator_keys}
 
         def on_step_begin(self, args, state, control, model=None, **kwargs):
             step = state.global_step + 1
+            if cuda:
+                self.counts_before[step] = self.allocator_counts()
+            if step in profile_steps and self.profiler is None:
+                # A trace of the steps in PROFILE_STEPS (e.g. the slow ones), to read in chrome://tracing or Perfetto.
+                self.profiler = torch.profiler.profile(
+                    activities=[torch.profiler.ProfilerActivity.CPU]
+                    + ([torch.profiler.ProfilerActivity.CUDA] if cuda else []), record_shapes=True)
+                self.profiler.__enter__()
             if step == 1 and check_loss and collator_box["c"].first is not None:
                 sync()
                 start = time.perf_counter()
@@ -414,6 +441,18 @@ def _make_timer(torch, cuda: bool, warmup: int, collator_box: dict, bf16: bool, 
             now = time.perf_counter()
             step = state.global_step
             self.end[step] = now
+            if cuda and step in self.counts_before:
+                after = self.allocator_counts()
+                self.allocator[step] = {k: after[k] - self.counts_before[step][k] for k in self.allocator_keys}
+            if self.profiler is not None and step == max(profile_steps):
+                self.profiler.__exit__(None, None, None)
+                if profile_dir:
+                    path = os.path.join(profile_dir, f"trace_{os.getpid()}_steps_{'_'.join(map(str, sorted(profile_steps)))}.json")
+                    self.profiler.export_chrome_trace(path)
+                    self.trace = path
+                self.top_ops = self.profiler.key_averages().table(
+                    sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=25)
+                self.profiler = None
             if step == warmup:
                 # Peak up to here (model load, preprocessing, warm-up steps), then a fresh peak for the timed steps.
                 if cuda:
@@ -559,6 +598,8 @@ def child_run(spec: dict) -> dict:
         "ref_loss_step1": timer.ref[0] if timer.ref else None, "ref_trained_tokens_step1": timer.ref[1] if timer.ref else None,
         "batch_shapes": [b["shape"] for b in batches[:3]],
         "per_step": batches,
+        "allocator_per_step": {str(k): v for k, v in sorted(timer.allocator.items())},
+        "profile_trace": timer.trace, "profile_top_ops": timer.top_ops,
         "dataset": dataset,
         "attn_implementation": getattr(base.config, "_attn_implementation", None),
         "param_dtypes": sorted({str(p.dtype) for p in params}),
