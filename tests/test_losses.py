@@ -35,11 +35,12 @@ def _loss_and_grads(model, loss, batch, parameters_of=None):
 @pytest.mark.parametrize("packing", [False, True])
 @pytest.mark.parametrize("lora", [False, True])
 @pytest.mark.parametrize("chunk_size", [4096, 7])
-def test_trained_tokens_loss_equals_full_logits(tiny_model_dir, packing, lora, chunk_size):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "checkpointed-chunks"])
+def test_trained_tokens_loss_equals_full_logits(tiny_model_dir, packing, lora, chunk_size, fused):
     model, tokenizer = load_tiny(tiny_model_dir, lora=lora)
     batch = _batch(tokenizer, packing)
     full, full_grads = _loss_and_grads(model, FullLogitsLoss(), batch)
-    trained, trained_grads = _loss_and_grads(model, TrainedTokensLoss(chunk_size), batch)
+    trained, trained_grads = _loss_and_grads(model, TrainedTokensLoss(chunk_size, fused=fused), batch)
     assert int(trained.num_tokens) == int(full.num_tokens) > 20
     assert trained.loss.item() == pytest.approx(full.loss.item(), rel=1e-6)
     assert set(trained_grads) == set(full_grads) and full_grads
@@ -47,6 +48,50 @@ def test_trained_tokens_loss_equals_full_logits(tiny_model_dir, packing, lora, c
     # the full logits were never built: one float32 value per position, carrying the summed loss
     assert trained.outputs.logits.shape == (*batch["input_ids"].shape, 1)
     assert trained.outputs.logits.reshape(-1)[0].item() == pytest.approx(full.loss.item() * int(full.num_tokens), rel=1e-6)
+
+
+def test_a_head_that_is_not_a_plain_linear_layer_takes_the_checkpointed_chunks(tiny_model_dir):
+    """An adapter-wrapped head (peft modules_to_save) is run through its own forward, chunk by chunk."""
+    from peft import LoraConfig, get_peft_model
+
+    from src.training.losses import _LinearCrossEntropy, _plain_linear, unwrap_to_pretrained
+
+    model, tokenizer = load_tiny(tiny_model_dir)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"],
+                                             init_lora_weights=False))
+    head = unwrap_to_pretrained(model).get_output_embeddings()
+    assert not _plain_linear(head)
+    batch = _batch(tokenizer, True)
+    calls = []
+    original = _LinearCrossEntropy.apply
+    _LinearCrossEntropy.apply = lambda *args: calls.append(1) or original(*args)
+    try:
+        full, full_grads = _loss_and_grads(model, FullLogitsLoss(), batch)
+        trained, trained_grads = _loss_and_grads(model, TrainedTokensLoss(7), batch)
+    finally:
+        _LinearCrossEntropy.apply = original
+    assert not calls
+    assert any("modules_to_save" in name for name in full_grads)
+    assert trained.loss.item() == pytest.approx(full.loss.item(), rel=1e-6)
+    assert set(trained_grads) == set(full_grads) and max_rel_diff(trained_grads, full_grads) < 1e-5
+
+
+def test_fused_loss_under_bfloat16_autocast_is_as_exact_as_the_models_own_head(tiny_model_dir):
+    """Under autocast the fused head computes logits in bfloat16, as the model's head does, and the loss in float32.
+
+    Its gradients round in another order than autograd's (the 1/tokens scale comes after the bfloat16 cast), so
+    they are compared with the float32 gradients: no further from them than the full-logits loss under the same
+    autocast."""
+    model, tokenizer = load_tiny(tiny_model_dir)
+    batch = _batch(tokenizer, True)
+    _, exact = _loss_and_grads(model, FullLogitsLoss(), batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full, full_grads = _loss_and_grads(model, FullLogitsLoss(), batch)
+        fused, fused_grads = _loss_and_grads(model, TrainedTokensLoss(16), batch)
+    assert fused.loss.dtype == torch.float32
+    assert fused.loss.item() == pytest.approx(full.loss.item(), rel=1e-6)  # the same bfloat16 logits
+    assert set(fused_grads) == set(full_grads) == set(exact)
+    assert 0 < max_rel_diff(fused_grads, exact) <= 1.25 * max_rel_diff(full_grads, exact)
 
 
 def test_trained_tokens_loss_with_gradient_checkpointing(tiny_model_dir):

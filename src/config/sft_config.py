@@ -93,7 +93,9 @@ class BaseConfig:
         "'trained_tokens' (default): the LM head and float32 cross-entropy run only on trained positions, in chunks, "
         "so the full [tokens, vocab] logits never exist; 'full_logits': the specification's computation on "
         "outputs.logits. Same loss and gradients (src/training/losses.py).", default="trained_tokens")
-    loss_chunk_size: int = _help("Trained positions per LM-head chunk of the trained_tokens loss.", default=4096)
+    loss_chunk_size: int = _help(
+        "Trained positions per LM-head chunk of the trained_tokens loss: only one chunk's [rows, vocabulary] logits "
+        "exist at a time (about 8 bytes x rows x vocabulary at the peak).", default=256)
     seed: int = _help("Seed for model init, shuffling and the validation hold-out.", default=42)
     gradient_checkpointing: bool = _help("Recompute activations in backward to save memory.", default=True)
     group_by_length: bool = _help("Batch rows of similar length together (examples, or packed rows when packing).",

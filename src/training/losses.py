@@ -6,11 +6,13 @@ object that :func:`build_loss` makes from ``SFTConfig.loss_type``:
 - ``"trained_tokens"`` (default, :class:`TrainedTokensLoss`): the LM head runs only on the final hidden
   states of trained positions (those whose shifted label is not -100), in chunks of ``chunk_size``
   rows, each chunk's logits upcast to float32 for the cross-entropy. Neither the full
-  ``[tokens, vocab]`` logits nor their float32 copy ever exist. When a batch has more than one chunk,
-  each chunk is recomputed in backward (activation checkpointing) so only one chunk's logits are alive
-  at a time. The head is the model's own output-embedding module, called from inside the model's
-  forward, so it runs under the same autocast, through peft, DDP and accelerate wrappers, and tied
-  embeddings stay tied.
+  ``[tokens, vocab]`` logits nor their float32 copy ever exist. A plain linear head (every Qwen model)
+  goes through :class:`_LinearCrossEntropy`, which computes each chunk's loss and gradients in one pass
+  in one float32 buffer, so the head runs once and no logits are kept for backward; any other head
+  (an adapter or quantized layer) runs its own forward per chunk, recomputed in backward (activation
+  checkpointing) when there is more than one chunk. The head is the model's own output-embedding module,
+  called from inside the model's forward, so it runs under the same autocast, through peft, DDP and
+  accelerate wrappers, and tied embeddings stay tied.
 - ``"full_logits"`` (:class:`FullLogitsLoss`): the specification's computation on ``outputs.logits``.
 
 Both give the same loss and gradients (tests/test_losses.py). A caller that asks for the model outputs
@@ -161,6 +163,77 @@ def unwrap_to_pretrained(model: Any) -> Any:
     return model
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed float32 cross-entropy of ``hidden @ weight.T (+ bias)`` against ``targets``, chunk by chunk, with the
+    gradients computed in the forward pass (as Liger's fused linear cross-entropy does).
+
+    Per chunk of rows: logits in the compute dtype (the autocast dtype when autocast is on, as the model's own head
+    would give them), upcast to float32, log-sum-exp and target logit for the loss, then turned in place into
+    ``softmax - onehot`` (rows with target -100 zeroed): one float32 ``[rows, vocabulary]`` buffer and no temporary
+    of its size (about 8 bytes x rows x vocabulary at the peak under bf16 autocast, 4 in float32). It is then cast
+    back to the compute dtype and multiplied out into
+    the hidden-state gradient and the weight (and bias) gradient, accumulated in float32. Only one chunk's logits
+    exist at a time, nothing of them is kept for backward, and the head is never run twice; backward only scales
+    the stored gradients by the incoming one. The weight gradient buffer exists only when the weight is trained.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, compute_dtype, grad_enabled):
+        need_hidden, need_weight = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
+        need_bias = grad_enabled and bias is not None and ctx.needs_input_grad[2]
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(compute_dtype)
+            b = bias.to(compute_dtype) if bias is not None else None
+            for start in range(0, hidden.shape[0], chunk_size):
+                h = hidden[start:start + chunk_size].to(compute_dtype)
+                t = targets[start:start + chunk_size]
+                valid = t.ne(IGNORE_INDEX)
+                index = t.clamp(min=0).unsqueeze(1)
+                # Everything in place on the one float32 [rows, vocabulary] buffer: no temporary of its size.
+                logits = F.linear(h, w, b).float()
+                shifted = logits.sub_(logits.amax(dim=-1, keepdim=True))
+                target = shifted.gather(1, index).squeeze(1)
+                sum_exp = shifted.exp_().sum(dim=-1)
+                loss_sum += ((sum_exp.log() - target) * valid).sum()
+                if not (need_hidden or need_weight or need_bias):
+                    continue
+                grad = shifted.div_(sum_exp.unsqueeze(1))  # softmax
+                grad.scatter_add_(1, index, torch.full_like(index, -1, dtype=grad.dtype))
+                grad.mul_(valid.unsqueeze(1).to(grad.dtype))
+                grad = grad.to(compute_dtype)
+                if need_hidden:
+                    grad_hidden[start:start + chunk_size] = (grad @ w).to(hidden.dtype)
+                if need_weight:
+                    grad_weight.add_(grad.t() @ h)
+                if need_bias:
+                    grad_bias.add_(grad.sum(0))
+                del logits, shifted, grad
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        return loss_sum
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        return (None if grad_hidden is None else grad_hidden * grad_output.to(grad_hidden.dtype),
+                None if grad_weight is None else (grad_weight.mul_(grad_output)).to(ctx.weight_dtype),
+                None if grad_bias is None else (grad_bias * grad_output).to(ctx.bias_dtype),
+                None, None, None, None)
+
+
+def _plain_linear(module: Any) -> bool:
+    """A head whose output is exactly ``F.linear(x, weight, bias)``: ``nn.Linear`` (engines' dynamic subclasses
+    included) with a floating-point weight and the class's own forward (not a quantized or adapter layer)."""
+    forward = getattr(type(module), "forward", None)
+    return (isinstance(module, torch.nn.Linear) and forward is torch.nn.Linear.forward
+            and module.weight.dtype.is_floating_point)
+
+
 class _TrainedPositionsHead:
     """Installed once as the output-embedding module's ``forward``; a pass-through unless a loss is pending.
 
@@ -174,6 +247,7 @@ class _TrainedPositionsHead:
     """
 
     row_multiple = 1  # see TrainedTokensLoss.row_multiple
+    fused = True  # see TrainedTokensLoss.fused
 
     def __init__(self, original_forward: Any):
         self.original_forward = original_forward
@@ -200,6 +274,13 @@ class _TrainedPositionsHead:
         targets = flat_labels.index_select(0, positions)
         if positions.numel() > n:
             targets[n:] = IGNORE_INDEX
+        module = getattr(self.original_forward, "__self__", None)
+        if self.fused and _plain_linear(module):
+            device = hidden.device.type
+            compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+            loss_sum = _LinearCrossEntropy.apply(hidden, module.weight, module.bias, targets, chunk_size, compute_dtype,
+                                                 torch.is_grad_enabled())
+            return self._leave(hidden_states, loss_sum, n)
         chunks = range(0, max(targets.numel(), 1), chunk_size)  # one (empty) chunk when nothing is trained: every parameter gets a grad
         loss_sum = None
         for start in chunks:
@@ -209,6 +290,9 @@ class _TrainedPositionsHead:
             else:
                 part = self._chunk_loss(*args_)
             loss_sum = part if loss_sum is None else loss_sum + part
+        return self._leave(hidden_states, loss_sum, n)
+
+    def _leave(self, hidden_states: torch.Tensor, loss_sum: torch.Tensor, n: int) -> torch.Tensor:
         self.result = (loss_sum, torch.tensor(n, device=loss_sum.device))
         # The loss leaves through the head's (and the model's) output, one float32 value per position: the
         # caller reads it there, so backward enters the head through its output, where the hooks of engines
@@ -237,10 +321,13 @@ class TrainedTokensLoss(SFTLoss):
 
     name = "trained_tokens"
 
-    def __init__(self, chunk_size: int = 4096, row_multiple: int = 1):
+    def __init__(self, chunk_size: int = 256, row_multiple: int = 1, fused: bool = True):
         super().__init__()
         self.chunk_size = chunk_size
         self.row_multiple = row_multiple
+        # fused: a plain linear head gets _LinearCrossEntropy (gradients in the forward pass, no recomputation);
+        # False, or any other head (adapter, quantized), gets chunks of the head's own forward, checkpointed.
+        self.fused = fused
         self._warned = False
 
     def head(self, model: Any) -> Optional[_TrainedPositionsHead]:
@@ -273,6 +360,7 @@ class TrainedTokensLoss(SFTLoss):
             return full_logits_sums(model, inputs)
         head.pending, head.result = (shift_labels(inputs["labels"]), self.chunk_size), None
         head.row_multiple = self.row_multiple
+        head.fused = self.fused
         try:
             outputs = model(**_model_inputs(inputs))
         finally:
@@ -285,7 +373,7 @@ class TrainedTokensLoss(SFTLoss):
         return outputs.logits.reshape(-1)[0], num_tokens, outputs
 
 
-def check_loss_settings(loss_type: str, chunk_size: int = 4096) -> None:
+def check_loss_settings(loss_type: str, chunk_size: int = 256) -> None:
     """Raise ``ValueError`` naming the setting when ``loss_type``/``loss_chunk_size`` cannot work."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r} is invalid: expected one of {LOSS_TYPES}.")
@@ -293,7 +381,7 @@ def check_loss_settings(loss_type: str, chunk_size: int = 4096) -> None:
         raise ValueError(f"loss_chunk_size={chunk_size!r} is invalid: expected a positive integer.")
 
 
-def build_loss(loss_type: str = "trained_tokens", chunk_size: int = 4096) -> SFTLoss:
+def build_loss(loss_type: str = "trained_tokens", chunk_size: int = 256) -> SFTLoss:
     """The loss object for ``SFTConfig.loss_type`` and ``loss_chunk_size``."""
     check_loss_settings(loss_type, chunk_size)
     return TrainedTokensLoss(chunk_size) if loss_type == "trained_tokens" else FullLogitsLoss()
