@@ -347,7 +347,7 @@ class _CountingCollator:
         return getattr(self.inner, name)
 
 
-def reference_loss(model, batch: dict, bf16: bool, chunk: int = 1024) -> tuple[float, int]:
+def reference_loss(model, batch: dict, bf16: bool, chunk: int = 128) -> tuple[float, int]:
     """Mean next-token cross-entropy over trained tokens of ``batch``, from the backbone and the LM head in chunks."""
     import torch
     import torch.nn.functional as F

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from src.config import SFTConfig
 from src.data.packing import SFTDataCollator, pack_dataset
@@ -48,6 +49,45 @@ def test_trained_tokens_loss_equals_full_logits(tiny_model_dir, packing, lora, c
     # the full logits were never built: one float32 value per position, carrying the summed loss
     assert trained.outputs.logits.shape == (*batch["input_ids"].shape, 1)
     assert trained.outputs.logits.reshape(-1)[0].item() == pytest.approx(full.loss.item() * int(full.num_tokens), rel=1e-6)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 64])
+def test_fused_linear_cross_entropy_with_bias_and_ignored_rows(chunk_size):
+    """The fused step on its own: loss and gradients of hidden, weight and bias equal autograd's, -100 rows ignored."""
+    from src.training.losses import _LinearCrossEntropy
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(23, 16, generator=generator, dtype=torch.float64)
+    weight = torch.randn(50, 16, generator=generator, dtype=torch.float64)
+    bias = torch.randn(50, generator=generator, dtype=torch.float64)
+    targets = torch.randint(0, 50, (23,), generator=generator)
+    targets[[0, 7, 8, 22]] = -100
+    upstream = torch.tensor(0.37, dtype=torch.float64)  # what the normalisation multiplies the summed loss by
+
+    def grads(fn):
+        leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+        loss = fn(*leaves)
+        (loss * upstream).backward()
+        return loss.detach(), [leaf.grad for leaf in leaves]
+
+    expected, expected_grads = grads(lambda h, w, b: F.cross_entropy(F.linear(h, w, b), targets, reduction="sum"))
+    fused, fused_grads = grads(lambda h, w, b: _LinearCrossEntropy.apply(h, w, b, targets, chunk_size, torch.float64, True))
+    # float64 inputs, so the only rounding is the fused step's float32 loss and weight/bias gradient accumulators
+    assert fused.item() == pytest.approx(expected.item(), rel=1e-6)
+    for got, want in zip(fused_grads, expected_grads):
+        assert got.dtype == want.dtype and torch.allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_rounded_up_row_counts_give_the_same_loss_and_gradients(tiny_model_dir):
+    """row_multiple pads the trained rows with ignored ones (fewer distinct shapes): nothing changes."""
+    model, tokenizer = load_tiny(tiny_model_dir)
+    batch = _batch(tokenizer, True)
+    full, full_grads = _loss_and_grads(model, FullLogitsLoss(), batch)
+    for fused in (True, False):
+        padded, padded_grads = _loss_and_grads(model, TrainedTokensLoss(7, row_multiple=64, fused=fused), batch)
+        assert int(padded.num_tokens) == int(full.num_tokens) and int(full.num_tokens) % 64
+        assert padded.loss.item() == pytest.approx(full.loss.item(), rel=1e-6)
+        assert max_rel_diff(padded_grads, full_grads) < 1e-5
 
 
 def test_a_head_that_is_not_a_plain_linear_layer_takes_the_checkpointed_chunks(tiny_model_dir):

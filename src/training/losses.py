@@ -203,14 +203,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     continue
                 grad = shifted.div_(sum_exp.unsqueeze(1))  # softmax
                 grad.scatter_add_(1, index, torch.full_like(index, -1, dtype=grad.dtype))
-                grad.mul_(valid.unsqueeze(1).to(grad.dtype))
                 grad = grad.to(compute_dtype)
+                # Rows with an ignored target get no gradient: masked on the [rows, hidden] side, not the big one.
+                keep = valid.unsqueeze(1).to(compute_dtype)
                 if need_hidden:
-                    grad_hidden[start:start + chunk_size] = (grad @ w).to(hidden.dtype)
+                    grad_hidden[start:start + chunk_size] = ((grad @ w) * keep).to(hidden.dtype)
                 if need_weight:
-                    grad_weight.add_(grad.t() @ h)
+                    grad_weight.add_(grad.t() @ (h * keep))
                 if need_bias:
-                    grad_bias.add_(grad.sum(0))
+                    grad_bias.add_((keep.t() @ grad).squeeze(0))
                 del logits, shifted, grad
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
