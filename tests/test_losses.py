@@ -78,6 +78,18 @@ def test_fused_linear_cross_entropy_with_bias_and_ignored_rows(chunk_size):
         assert got.dtype == want.dtype and torch.allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
+def test_a_second_backward_through_the_fused_step_is_a_clear_error():
+    from src.training.losses import _LinearCrossEntropy
+
+    hidden, weight = torch.randn(4, 8, requires_grad=True), torch.randn(10, 8, requires_grad=True)
+    loss = _LinearCrossEntropy.apply(hidden, weight, None, torch.tensor([1, 2, -100, 3]), 2, torch.float32, True)
+    loss.backward(retain_graph=True)
+    first = weight.grad.clone()
+    with pytest.raises(RuntimeError, match="backward ran twice through the fused trained-tokens loss"):
+        loss.backward()
+    assert torch.equal(weight.grad, first)  # nothing half-applied
+
+
 def test_rounded_up_row_counts_give_the_same_loss_and_gradients(tiny_model_dir):
     """row_multiple pads the trained rows with ignored ones (fewer distinct shapes): nothing changes."""
     model, tokenizer = load_tiny(tiny_model_dir)

@@ -124,7 +124,7 @@ def measure_packed_attention(config: Any, attention_class: type, position_ids: t
     grad = torch.randn(batch, tokens, config.hidden_size, generator=generator).to(device=device, dtype=dtype)
     position_ids = position_ids.to(device)
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
-    reference: Optional[torch.Tensor] = None
+    reference: Optional[tuple[torch.Tensor, torch.Tensor]] = None
     choice = AttentionChoice(implementation=candidates[0], measured=True)
     torch.manual_seed(seed)
     layer_config = copy.deepcopy(config)
@@ -147,6 +147,7 @@ def measure_packed_attention(config: Any, attention_class: type, position_ids: t
                                       position_ids=pos)
 
         def run(mask):
+            x.grad = None
             out = layer(x, position_embeddings=(cos, sin), attention_mask=mask, position_ids=pos)[0]
             out.backward(g)
             return out
@@ -172,13 +173,15 @@ def measure_packed_attention(config: Any, attention_class: type, position_ids: t
             layer.zero_grad(set_to_none=True)
             continue
         layer.zero_grad(set_to_none=True)
-        out = out.detach().reshape(batch, tokens, -1).float()
+        # Forward output and the gradient it sends back to the hidden states, both compared with the reference's.
+        result = (out.detach().reshape(batch, tokens, -1).float(), x.grad.reshape(batch, tokens, -1).float())
         if reference is None:
-            reference = out
+            reference = result
         else:
-            error = (out - reference).abs().max().item() / max(reference.abs().max().item(), 1e-6)
+            error = max((a - b).abs().max().item() / max(b.abs().max().item(), 1e-6) for a, b in zip(result, reference))
             if not error <= tolerance:
-                choice.excluded[impl] = f"output differs from {candidates[0]}'s by {error:.2e} (relative), not exact"
+                choice.excluded[impl] = (f"output or gradient differs from {candidates[0]}'s by {error:.2e} (relative), "
+                                         "not exact")
                 logger.warning("attention %s left out: %s", impl, choice.excluded[impl])
                 continue
         choice.step_ms[impl] = 1000 * (statistics.median(mask_times) + layers * statistics.median(layer_times))

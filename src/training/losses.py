@@ -169,9 +169,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     Per chunk of rows: logits in the compute dtype (the autocast dtype when autocast is on, as the model's own head
     would give them), upcast to float32, log-sum-exp and target logit for the loss, then turned in place into
-    ``softmax - onehot`` (rows with target -100 zeroed): one float32 ``[rows, vocabulary]`` buffer and no temporary
-    of its size (about 8 bytes x rows x vocabulary at the peak under bf16 autocast, 4 in float32). It is then cast
-    back to the compute dtype and multiplied out into
+    ``softmax - onehot`` (rows with target -100 zeroed) in one float32 ``[rows, vocabulary]`` buffer, besides which
+    only the compute-dtype logits before the upcast and the gradient after the downcast exist (about 6 bytes x
+    rows x vocabulary at the peak under bf16 autocast, 4 in float32). It is then multiplied out into
     the hidden-state gradient and the weight (and bias) gradient, accumulated in float32. Only one chunk's logits
     exist at a time, nothing of them is kept for backward, and the head is never run twice; backward only scales
     the stored gradients by the incoming one. The weight gradient buffer exists only when the weight is trained.
@@ -181,7 +181,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, chunk_size, compute_dtype, grad_enabled):
         need_hidden, need_weight = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
         need_bias = grad_enabled and bias is not None and ctx.needs_input_grad[2]
-        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        # float32 buffers: the step's scale (1/trained tokens) is applied in backward before any rounding
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -207,23 +208,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 # Rows with an ignored target get no gradient: masked on the [rows, hidden] side, not the big one.
                 keep = valid.unsqueeze(1).to(compute_dtype)
                 if need_hidden:
-                    grad_hidden[start:start + chunk_size] = ((grad @ w) * keep).to(hidden.dtype)
-                if need_weight:
+                    grad_hidden[start:start + chunk_size] = (grad @ w) * keep
+                if need_weight and compute_dtype == torch.float32:
+                    grad_weight.addmm_(grad.t(), h * keep)
+                elif need_weight:  # a [vocabulary, hidden] product in the compute dtype, added up in float32
                     grad_weight.add_(grad.t() @ (h * keep))
                 if need_bias:
                     grad_bias.add_((keep.t() @ grad).squeeze(0))
                 del logits, shifted, grad
-        ctx.weight_dtype = weight.dtype
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        # Kept on ctx rather than saved for backward: they are results, not inputs, and backward scales them in
+        # place (no second [vocabulary, hidden] buffer), so it may run only once.
+        ctx.grads = (grad_hidden, grad_weight, grad_bias)
         return loss_sum
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        return (None if grad_hidden is None else grad_hidden * grad_output.to(grad_hidden.dtype),
-                None if grad_weight is None else (grad_weight.mul_(grad_output)).to(ctx.weight_dtype),
-                None if grad_bias is None else (grad_bias * grad_output).to(ctx.bias_dtype),
+        if ctx.grads is None:
+            raise RuntimeError("backward ran twice through the fused trained-tokens loss (retain_graph); it keeps no "
+                               "graph to run again: use loss_type='full_logits' for that")
+        grads, ctx.grads = ctx.grads, None
+        scale = grad_output.to(torch.float32)
+        return (*(None if g is None else g.mul_(scale).to(dtype) for g, dtype in zip(grads, ctx.dtypes)),
                 None, None, None, None)
 
 

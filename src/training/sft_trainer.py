@@ -180,7 +180,13 @@ class SFTTrainer(BaseTrainer):
         collate = SFTDataCollator(self.tokenizer.pad_token_id, self.config.pad_to_multiple_of, flatten_packed=False)
         batch = collate([{k: row[k] for k in ("input_ids", "labels", "position_ids")} for row in rows])
         dtype = torch.bfloat16 if self.config.resolved_bf16 else torch.float16 if self.config.fp16 else torch.float32
-        choice = from_main(choose_for_packed_rows(self.model, batch["position_ids"], device, dtype))
+        try:  # every rank must reach the broadcast below, whatever happens here
+            choice = choose_for_packed_rows(self.model, batch["position_ids"], device, dtype)
+        except Exception as exc:
+            logger.warning("could not measure the attention implementations (%s: %s); keeping %s",
+                           type(exc).__name__, exc, self.attn_implementation())
+            choice = AttentionChoice(implementation=self.attn_implementation(), excluded={"*": f"{type(exc).__name__}: {exc}"})
+        choice = from_main(choice)
         base = unwrap_to_pretrained(self.model)
         if base.config._attn_implementation != choice.implementation:
             base.set_attn_implementation(choice.implementation)
