@@ -4,7 +4,8 @@
 #   bash bench/device_pending.sh       # carry .whl/ (datasets, dill, multiprocess, fsspec, trl 1.16.0, transformers
 #                                      # 5.24.0, pytest, liger-kernel, bitsandbytes wheels) and .devshared/qwen2.5-tokenizer
 #
-# 1. bench/attention_packed.py: sdpa / flex_attention / flash_attention_2 on packed rows (what "auto" picks).
+# 1. bench/attention_packed.py: sdpa / flex_attention / flash_attention_2 on packed rows (what "auto" picks);
+#    bench/loss_gpu_steps.py: the loss alone, prompt-heavy and response-heavy trained shares.
 # 2. Ours against TRL, defaults against defaults (fused AdamW both), 0.5B full, prompt-heavy, with per-step
 #    allocator counters (allocator_per_step in the JSON) to find the slow steps' cause; then one profiled rerun
 #    of ours over the timed steps (profile_top_ops in its JSON).
@@ -31,10 +32,12 @@ else
 fi
 run() { echo "== $*"; timeout "${STEP_TIMEOUT_S:-240}" "$@" 2>&1 | tail -40; }
 # PARTS picks and orders the parts (the whole list takes about 10 minutes on an H100: split it over two calls).
-PARTS="${PARTS:-attention defaults qlora tests liger profiled}"
+PARTS="${PARTS:-attention loss defaults qlora tests liger profiled}"
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 
 want attention && run $PY bench/attention_packed.py "${SHAPE[@]}" --json "$OUT/attention.json"
+# the loss alone (0.5B shape, bf16, AdamW): fused step against full logits and the previous checkpointed chunks
+want loss && [ "${DRY:-0}" != 1 ] && { run $PY bench/loss_gpu_steps.py; run $PY bench/loss_gpu_steps.py --trained 7400; }
 want defaults && run $PY bench/train_vs_trl.py --combos "$FULL:prompt-heavy" --ours-loss-types trained_tokens "${STEPS[@]}" \
   --ours-extra 'optim="adamw_torch_fused"' --trl-extra 'optim="adamw_torch_fused"' --out-dir "$OUT/defaults" --budget-s 150
 want profiled && PROFILE_STEPS=$(seq -s, 4 13) run $PY bench/train_vs_trl.py --combos "$FULL:prompt-heavy" --frameworks ours \

@@ -4,8 +4,8 @@
     python bench/loss_gpu_steps.py [--trained 150] [--steps 10] [--profile]
 
 Random token ids in [4, 2048] rows, a varying number of trained positions per step (about --trained),
-the same batches for every variant: full_logits, trained_tokens, trained_tokens with the gathered rows
-rounded up to a multiple of 256. Prints each step's CUDA-synchronized time, the median, and the peak memory.
+the same batches for every variant: full_logits, trained_tokens (fused step, 256-row chunks), the same with
+the gathered rows rounded up to a multiple of 256, and the previous checkpointed 4,096-row chunks. Prints each step's CUDA-synchronized time, the median, and the peak memory.
 """
 
 import argparse
@@ -46,7 +46,9 @@ def main():
         labels.view(-1)[flat] = ids.view(-1)[flat]
         batches.append({"input_ids": ids.cuda(), "labels": labels.cuda()})
     variants = [("full_logits", FullLogitsLoss()), ("trained_tokens", TrainedTokensLoss()),
-                ("trained_tokens_rows256", TrainedTokensLoss(row_multiple=256))]
+                ("trained_tokens_rows256", TrainedTokensLoss(row_multiple=256)),
+                # the previous implementation: the head's own forward per 4,096-row chunk, recomputed in backward
+                ("trained_tokens_checkpointed_4096", TrainedTokensLoss(4096, fused=False))]
     for name, loss in variants:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
