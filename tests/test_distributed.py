@@ -129,3 +129,29 @@ def test_exit_rank_runs_pythons_exit_work_and_keeps_the_exit_code(tmp_path):
     single = subprocess.run([sys.executable, "-c", code], env={**os.environ, "WORLD_SIZE": "1"}, capture_output=True,
                             text=True, timeout=60)
     assert single.returncode == 1 and "not reached" in single.stderr  # one process: a no-op
+
+
+FROM_MAIN = """
+import json, os, sys
+sys.path.insert(0, {root!r})
+from src.distributed import exit_rank, from_main, rank
+from src.training.attention import AttentionChoice
+# Each rank measures its own (different) timings; every rank must train with the main process's choice.
+mine = AttentionChoice(implementation=["sdpa", "flex_attention"][rank()], step_ms={{"sdpa": 1.0 + rank()}}, measured=True)
+shared = from_main(mine)
+with open(os.path.join({out!r}, f"rank{{rank()}}.json"), "w") as fh:
+    json.dump(shared.as_metadata(), fh)
+exit_rank(0)
+"""
+
+
+def test_every_rank_takes_the_main_process_choice(tmp_path):
+    script = tmp_path / "from_main.py"
+    script.write_text(FROM_MAIN.format(root=ROOT, out=str(tmp_path)), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             str(free_port()), str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    choices = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert choices[0] == choices[1]
+    assert choices[1]["implementation"] == "sdpa" and choices[1]["estimated_attention_ms_per_step"] == {"sdpa": 1.0}
