@@ -71,16 +71,17 @@ def main(argv=None) -> int:
             position_ids = packed_position_ids(args.batch, args.tokens, DOCUMENTS[data], seed=0)
             documents = int((position_ids == 0).sum())
             choice = measure_packed_attention(config, Qwen2Attention, position_ids, device, dtype, candidates,
-                                              repeats=args.repeats, warmup=2)
+                                              repeats=args.repeats)
             for impl in candidates:
                 results[f"{shape} {data} {impl}"] = {
                     "ms": choice.step_ms.get(impl, float("nan")),
+                    "setup_ms": choice.setup_ms.get(impl, float("nan")),
                     "x_sdpa": choice.step_ms.get("sdpa", float("nan")) / choice.step_ms.get(impl, float("nan")),
                     "documents": documents, "chosen": "yes" if impl == choice.implementation else "",
                     "excluded": choice.excluded.get(impl, "")[:60],
                 }
     report(f"Estimated attention ms per step ({device}, {dtype}, {args.batch} x {args.tokens} packed tokens)",
-           "shape data implementation", [("ms/step", "ms", ".1f"), ("sdpa/this", "x_sdpa", ".2f"),
+           "shape data implementation", [("ms/step", "ms", ".1f"), ("setup ms", "setup_ms", ".0f"), ("sdpa/this", "x_sdpa", ".2f"),
                                          ("documents", "documents", "d"), ("chosen", "chosen", "s"),
                                          ("excluded", "excluded", "s")], results, args.json)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -60,6 +61,34 @@ def test_a_candidate_that_ignores_the_documents_is_left_out_however_fast(tiny_mo
     assert set(choice.step_ms) == {"sdpa", "causal_only_test"}
 
 
+class _SlowStart:
+    """An exact implementation with a one-off cost on its first two calls, as compiled kernels have (flex attention
+    compiles for the first length, then once more for dynamic shapes)."""
+
+    def __init__(self, seconds):
+        self.seconds, self.calls = seconds, 0
+
+    def __call__(self, module, query, key, value, attention_mask, **kwargs):
+        self.calls += 1
+        if self.calls <= 2:
+            time.sleep(self.seconds)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def test_a_one_off_setup_cost_counts_once_over_the_planned_passes(tiny_model_dir):
+    AttentionInterface.register("slow_start_test", _SlowStart(0.4))
+    AttentionMaskInterface.register("slow_start_test", sdpa_mask)
+    model = _model(tiny_model_dir, "sdpa")
+    choice = measure_packed_attention(model.config, attention_module_class(model), POSITION_IDS, torch.device("cpu"),
+                                      torch.float32, ["sdpa", "slow_start_test"], planned_passes=1)
+    assert set(choice.step_ms) == {"sdpa", "slow_start_test"}  # exact, so measured
+    assert choice.setup_ms["slow_start_test"] >= 600 and choice.setup_ms["slow_start_test"] > choice.setup_ms["sdpa"] + 500
+    assert choice.setup_ms["slow_start_test"] < 5000  # the timed passes came after it: not counted per pass
+    assert choice.implementation == "sdpa"  # one pass does not pay 0.8 s of setup back
+    assert choice.pick(10**9) == min(choice.step_ms, key=choice.step_ms.get)  # a long run goes by the cost per pass
+    assert choice.as_metadata()["planned_passes"] == 1
+
+
 def test_a_candidate_that_cannot_run_is_left_out_with_its_error(tiny_model_dir):
     model = _model(tiny_model_dir, "sdpa")
     choice = measure_packed_attention(model.config, attention_module_class(model), POSITION_IDS, torch.device("cpu"),
@@ -75,8 +104,8 @@ def test_cpu_runs_keep_sdpa_without_measuring_and_record_it(tiny_model_dir, pair
     trainer.train()
     trainer.save_model()
     metadata = json.loads((out / "sft_metadata.json").read_text(encoding="utf-8"))
-    assert metadata["attention"] == {"implementation": "sdpa", "measured": False,
-                                     "estimated_attention_ms_per_step": {}, "excluded": {}}
+    assert metadata["attention"] == {"implementation": "sdpa", "measured": False, "estimated_attention_ms_per_step": {},
+                                     "setup_ms": {}, "planned_passes": None, "excluded": {}}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on machines without a GPU")
@@ -101,3 +130,15 @@ def test_on_a_gpu_the_choice_trains_to_the_same_losses_as_sdpa(tiny_model_dir, p
         if attn == "auto":
             assert trainer.attention.measured and trainer.attention.implementation in trainer.attention.step_ms
     assert losses["auto"] == pytest.approx(losses["sdpa"], rel=1e-3)
+
+
+def test_planned_passes_follow_the_steps_or_the_epochs(tmp_path):
+    from transformers import TrainingArguments
+
+    def args(**kw):
+        return TrainingArguments(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, report_to="none", **kw)
+
+    rows = list(range(10))
+    assert SFTTrainer._planned_passes(rows, args(max_steps=5, gradient_accumulation_steps=2)) == 10
+    assert SFTTrainer._planned_passes(rows, args(num_train_epochs=2)) == 6  # ceil(10 / 4) x 2
+    assert SFTTrainer._planned_passes(rows, args(num_train_epochs=1.5)) == 6  # a started epoch counts whole

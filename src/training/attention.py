@@ -14,7 +14,8 @@ they differ in speed by a large factor on a GPU:
 With ``SFTConfig.attn_implementation`` left at ``None`` / ``"auto"`` and packing on, a CUDA run measures the
 candidates that this machine can run on the run's own first batch layout (its ``position_ids``), with one
 attention layer of the model's geometry (heads, KV heads, head size) in the run's precision, forward and
-backward, plus the mask construction each step pays, and switches the model to the fastest. A candidate whose
+backward, plus the mask construction each step pays, and switches the model to the one with the least total
+time over the run's planned passes (a one-off compilation counts once). A candidate whose
 output differs from ``sdpa``'s on the same inputs (beyond the precision's rounding) is excluded, with a
 warning: it would not be exact. On a CPU ``sdpa`` is the only candidate that trains (flex has no CPU backward,
 eager is the same arithmetic, slower), so nothing is measured. The timings and the choice are logged and
@@ -47,14 +48,23 @@ class AttentionChoice:
     """What was measured and chosen: per-step milliseconds by implementation, and why others were left out."""
 
     implementation: str
-    step_ms: dict[str, float] = field(default_factory=dict)
+    step_ms: dict[str, float] = field(default_factory=dict)  # per forward/backward pass, all layers
+    setup_ms: dict[str, float] = field(default_factory=dict)  # one-off (compilation), beyond ordinary passes
     excluded: dict[str, str] = field(default_factory=dict)
     measured: bool = False
+    planned_passes: Optional[int] = None
+
+    def pick(self, planned_passes: Optional[int] = None) -> str:
+        """The measured candidate with the least total attention time: per-pass cost only without a pass count."""
+        if planned_passes is None:
+            return min(self.step_ms, key=self.step_ms.get)
+        return min(self.step_ms, key=lambda k: self.setup_ms.get(k, 0.0) + planned_passes * self.step_ms[k])
 
     def as_metadata(self) -> dict:
         return {"implementation": self.implementation, "measured": self.measured,
                 "estimated_attention_ms_per_step": {k: round(v, 3) for k, v in self.step_ms.items()},
-                "excluded": dict(self.excluded)}
+                "setup_ms": {k: round(v, 1) for k, v in self.setup_ms.items()},
+                "planned_passes": self.planned_passes, "excluded": dict(self.excluded)}
 
 
 def flex_attention_available() -> bool:
@@ -108,14 +118,20 @@ def _synchronize(device: torch.device) -> None:
 
 def measure_packed_attention(config: Any, attention_class: type, position_ids: torch.Tensor, device: torch.device,
                              dtype: torch.dtype, candidates: Sequence[str], *, repeats: int = 3,
-                             warmup: int = 1, seed: int = 0) -> AttentionChoice:
+                             seed: int = 0, planned_passes: Optional[int] = None) -> AttentionChoice:
     """Time ``candidates`` on packed rows laid out as ``position_ids`` (``[batch, tokens]``) and pick the fastest.
 
     Each candidate runs the same attention layer (``attention_class(config, layer_idx=0)``, random weights, the
-    model's geometry, ``dtype``) forward and backward on the same hidden states; its cost per step is the
+    model's geometry, ``dtype``) forward and backward on the same hidden states; its cost per pass is the
     median layer time times the model's layer count plus the median time to build its mask. ``flash*``
     candidates get the batch flattened into one row, as the collator gives them. The first candidate is the
-    reference: another whose output differs from it beyond ``dtype``'s rounding is excluded.
+    reference: another whose output or input gradient differs from it beyond ``dtype``'s rounding is excluded.
+
+    Before timing, each candidate runs once on the layout and once on it one token shorter: compiled kernels
+    (flex attention) compile there, for a second length too (after which PyTorch compiles for dynamic shapes),
+    instead of inside a training step. What that costs beyond two ordinary passes is the candidate's one-off
+    ``setup_ms``; with ``planned_passes`` (forward/backward passes this process will run) the choice minimises
+    ``setup_ms + planned_passes x step_ms``, so a short run does not pay a long compilation for nothing.
     """
     layers = int(getattr(config, "num_hidden_layers", 1) or 1)
     batch, tokens = position_ids.shape
@@ -125,56 +141,51 @@ def measure_packed_attention(config: Any, attention_class: type, position_ids: t
     position_ids = position_ids.to(device)
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
     reference: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-    choice = AttentionChoice(implementation=candidates[0], measured=True)
+    choice = AttentionChoice(implementation=candidates[0], measured=True, planned_passes=planned_passes)
     torch.manual_seed(seed)
     layer_config = copy.deepcopy(config)
     layer_config._attn_implementation = candidates[0]
     layer = attention_class(layer_config, layer_idx=0).to(device=device, dtype=dtype)
+    head_dim = getattr(layer, "head_dim", config.hidden_size // config.num_attention_heads)
     from transformers.masking_utils import create_causal_mask
+
+    def one_pass(flat: bool, length: int) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+        """Mask build and layer forward+backward on the first ``length`` tokens of each row: (mask s, layer s, out, grad)."""
+        pos = position_ids[:, :length]
+        x = hidden[:, :length].detach()
+        g = grad[:, :length]
+        if flat:
+            pos, x, g = pos.reshape(1, -1), x.reshape(1, batch * length, -1), g.reshape(1, batch * length, -1)
+        x.requires_grad_(True)
+        cos = torch.ones(*pos.shape, head_dim, device=device, dtype=dtype)
+        sin = torch.zeros_like(cos)
+        _synchronize(device)
+        start = time.perf_counter()
+        mask = create_causal_mask(config=layer_config, inputs_embeds=x, attention_mask=None, cache=None, position_ids=pos)
+        _synchronize(device)
+        middle = time.perf_counter()
+        out = layer(x, position_embeddings=(cos, sin), attention_mask=mask, position_ids=pos)[0]
+        out.backward(g)
+        _synchronize(device)
+        layer.zero_grad(set_to_none=True)
+        return middle - start, time.perf_counter() - middle, out.detach(), x.grad
 
     for impl in candidates:
         layer_config._attn_implementation = impl
         flat = impl.startswith("flash")
-        pos = position_ids.reshape(1, -1) if flat else position_ids
-        x = (hidden.reshape(1, batch * tokens, -1) if flat else hidden).detach().requires_grad_(True)
-        g = grad.reshape(x.shape)
-        head_dim = getattr(layer, "head_dim", config.hidden_size // config.num_attention_heads)
-        cos = torch.ones(*pos.shape, head_dim, device=device, dtype=dtype)
-        sin = torch.zeros_like(cos)
-
-        def build_mask():
-            return create_causal_mask(config=layer_config, inputs_embeds=x, attention_mask=None, cache=None,
-                                      position_ids=pos)
-
-        def run(mask):
-            x.grad = None
-            out = layer(x, position_embeddings=(cos, sin), attention_mask=mask, position_ids=pos)[0]
-            out.backward(g)
-            return out
-
         try:
-            mask = build_mask()
-            out = None
-            for _ in range(warmup):
-                out = run(mask)
-            mask_times, layer_times = [], []
-            for _ in range(repeats):
-                _synchronize(device)
-                start = time.perf_counter()
-                mask = build_mask()
-                _synchronize(device)
-                middle = time.perf_counter()
-                out = run(mask)
-                _synchronize(device)
-                mask_times.append(middle - start)
-                layer_times.append(time.perf_counter() - middle)
+            started = time.perf_counter()
+            one_pass(flat, tokens)
+            if tokens > 1:
+                one_pass(flat, tokens - 1)
+            setup_s = time.perf_counter() - started
+            timings = [one_pass(flat, tokens) for _ in range(repeats)]
         except Exception as exc:  # a kernel that cannot run this dtype/shape/GPU is not a candidate
             choice.excluded[impl] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
             layer.zero_grad(set_to_none=True)
             continue
-        layer.zero_grad(set_to_none=True)
-        # Forward output and the gradient it sends back to the hidden states, both compared with the reference's.
-        result = (out.detach().reshape(batch, tokens, -1).float(), x.grad.reshape(batch, tokens, -1).float())
+        out, x_grad = timings[-1][2], timings[-1][3]
+        result = (out.reshape(batch, tokens, -1).float(), x_grad.reshape(batch, tokens, -1).float())
         if reference is None:
             reference = result
         else:
@@ -184,14 +195,18 @@ def measure_packed_attention(config: Any, attention_class: type, position_ids: t
                                          "not exact")
                 logger.warning("attention %s left out: %s", impl, choice.excluded[impl])
                 continue
-        choice.step_ms[impl] = 1000 * (statistics.median(mask_times) + layers * statistics.median(layer_times))
+        mask_s = statistics.median(t[0] for t in timings)
+        layer_s = statistics.median(t[1] for t in timings)
+        choice.step_ms[impl] = 1000 * (mask_s + layers * layer_s)
+        choice.setup_ms[impl] = max(0.0, 1000 * (setup_s - 2 * (mask_s + layer_s)))
     if choice.step_ms:
-        choice.implementation = min(choice.step_ms, key=choice.step_ms.get)
+        choice.implementation = choice.pick(planned_passes)
     return choice
 
 
 def choose_for_packed_rows(model: Any, position_ids: torch.Tensor, device: torch.device, dtype: torch.dtype,
-                           candidates: Optional[Sequence[str]] = None) -> AttentionChoice:
+                           candidates: Optional[Sequence[str]] = None,
+                           planned_passes: Optional[int] = None) -> AttentionChoice:
     """Measure the candidates for ``model`` on ``position_ids`` and switch the model to the fastest exact one.
 
     Where only one candidate exists (every CPU), the model keeps its implementation and nothing is measured.
@@ -207,10 +222,11 @@ def choose_for_packed_rows(model: Any, position_ids: torch.Tensor, device: torch
     if attention_class is None:
         return AttentionChoice(implementation=current, excluded={"*": "no attention module with the usual attributes"})
     started = time.perf_counter()
-    choice = measure_packed_attention(base.config, attention_class, position_ids, device, dtype, candidates)
-    logger.info("Attention for packed rows (estimated ms per step, %d layers): %s%s -> %s (measured in %.1f s)",
-                getattr(base.config, "num_hidden_layers", 1),
-                ", ".join(f"{k} {v:.1f}" for k, v in choice.step_ms.items()),
+    choice = measure_packed_attention(base.config, attention_class, position_ids, device, dtype, candidates,
+                                      planned_passes=planned_passes)
+    logger.info("Attention for packed rows (estimated ms per pass, %d layers; one-off setup ms; %s planned passes): "
+                "%s%s -> %s (measured in %.1f s)", getattr(base.config, "num_hidden_layers", 1), planned_passes,
+                ", ".join(f"{k} {v:.1f} (+{choice.setup_ms.get(k, 0):.0f})" for k, v in choice.step_ms.items()),
                 "".join(f"; {k} left out ({v})" for k, v in choice.excluded.items()),
                 choice.implementation, time.perf_counter() - started)
     if choice.implementation != current:

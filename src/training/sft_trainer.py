@@ -181,7 +181,8 @@ class SFTTrainer(BaseTrainer):
         batch = collate([{k: row[k] for k in ("input_ids", "labels", "position_ids")} for row in rows])
         dtype = torch.bfloat16 if self.config.resolved_bf16 else torch.float16 if self.config.fp16 else torch.float32
         try:  # every rank must reach the broadcast below, whatever happens here
-            choice = choose_for_packed_rows(self.model, batch["position_ids"], device, dtype)
+            choice = choose_for_packed_rows(self.model, batch["position_ids"], device, dtype,
+                                            planned_passes=self._planned_passes(train_dataset, training_args))
         except Exception as exc:
             logger.warning("could not measure the attention implementations (%s: %s); keeping %s",
                            type(exc).__name__, exc, self.attn_implementation())
@@ -191,6 +192,16 @@ class SFTTrainer(BaseTrainer):
         if base.config._attn_implementation != choice.implementation:
             base.set_attn_implementation(choice.implementation)
         return choice
+
+    @staticmethod
+    def _planned_passes(train_dataset, args) -> int:
+        """Forward/backward passes this process will run: micro-batches per rank over the planned steps/epochs."""
+        import math
+
+        if args.max_steps and args.max_steps > 0:
+            return args.max_steps * args.gradient_accumulation_steps
+        per_epoch = math.ceil(len(train_dataset) / (args.per_device_train_batch_size * max(1, args.world_size)))
+        return per_epoch * math.ceil(args.num_train_epochs)
 
     def attn_implementation(self) -> str:
         model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
