@@ -16,8 +16,8 @@ candidates that this machine can run on the run's own first batch layout (its ``
 attention layer of the model's geometry (heads, KV heads, head size) in the run's precision, forward and
 backward, plus the mask construction each step pays, and switches the model to the one with the least total
 time over the run's planned passes (a one-off compilation counts once). A candidate whose
-output differs from ``sdpa``'s on the same inputs (beyond the precision's rounding) is excluded, with a
-warning: it would not be exact. On a CPU ``sdpa`` is the only candidate that trains (flex has no CPU backward,
+output or input gradient differs from ``sdpa``'s on the same inputs (beyond the precision's rounding) is
+excluded, with a warning: it would not be exact. On a CPU ``sdpa`` is the only candidate that trains (flex has no CPU backward,
 eager is the same arithmetic, slower), so nothing is measured. The timings and the choice are logged and
 written into ``sft_metadata.json`` (``attention``).
 
@@ -40,7 +40,6 @@ import torch
 logger = logging.getLogger(__name__)
 
 AUTO = "auto"
-IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
 
 
 @dataclass
