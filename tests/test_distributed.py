@@ -155,3 +155,37 @@ def test_every_rank_takes_the_main_process_choice(tmp_path):
     choices = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert choices[0] == choices[1]
     assert choices[1]["implementation"] == "sdpa" and choices[1]["estimated_attention_ms_per_step"] == {"sdpa": 1.0}
+
+
+def test_two_ranks_resumed_inside_a_later_epoch_train_as_if_never_stopped(tiny_model_dir, tmp_path):
+    """Resuming in the middle of epoch 2 under 2 ranks: the skipped-batch loader used to leave the length-grouped
+    sampler at epoch 0's order, and the run diverged from the uninterrupted one at the first resumed step."""
+    import json
+
+    from safetensors.torch import load_file
+
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)  # 8 rows, 2 ranks x batch 2: 2 steps per epoch
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+    def train(out, *extra):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                   os.path.join(ROOT, "train_sft.py"), "--model_name", tiny_model_dir, "--dataset_path", data,
+                   "--output_dir", str(out), "--use_lora", "false", "--max_steps", "6", "--save_steps", "1",
+                   "--save_total_limit", "None", "--per_device_train_batch_size", "2", "--evaluation_strategy", "no",
+                   "--validation_split_ratio", "0", "--dataloader_pin_memory", "false", "--gradient_checkpointing",
+                   "false", "--logging_steps", "1", "--learning_rate", "1e-3", "--ddp_backend", "gloo", *extra]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    def losses(out):
+        with open(out / "checkpoint-6" / "trainer_state.json", encoding="utf-8") as fh:
+            return [entry["loss"] for entry in json.load(fh)["log_history"] if "loss" in entry]
+
+    train(tmp_path / "whole")
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "whole" / "checkpoint-3", resumed / "checkpoint-3")  # step 1 of epoch 2 done
+    train(resumed, "--resume_from_checkpoint", "last")
+    assert losses(resumed) == pytest.approx(losses(tmp_path / "whole"), rel=1e-6)
+    a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6

@@ -21,11 +21,12 @@ It overrides only what must change:
 
 from __future__ import annotations
 
+import math
 import time
-from typing import Any
+from typing import Any, Optional
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from src.training.losses import SFTLoss, safe_perplexity, token_loss_sum
@@ -47,6 +48,8 @@ class SFTHFTrainer(Trainer):
             raise RuntimeError("this transformers version has no Trainer._loss_shifts_labels; the trained-token count "
                                "for gradient accumulation needs review (src/training/hf_trainer.py)")
         self._loss_shifts_labels = True
+        self._length_sampler: Optional["EpochSeededLengthGroupedSampler"] = None
+        self.add_callback(_SamplerEpoch(self))
 
     @property
     def engine(self) -> str:
@@ -85,7 +88,9 @@ class SFTHFTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
         if isinstance(sampler, LengthGroupedSampler):
-            return EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, self.args.data_seed or self.args.seed)
+            self._length_sampler = EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths,
+                                                                   self.args.data_seed or self.args.seed)
+            return self._length_sampler
         return sampler
 
     def get_eval_dataloader(self, eval_dataset=None):
@@ -206,6 +211,24 @@ class _HookSignature:
     def __call__(self, outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
         loss_sum, tokens = token_loss_sum(outputs["logits"], labels)
         return loss_sum / (num_items_in_batch if num_items_in_batch is not None else tokens.clamp(min=1))
+
+
+class _SamplerEpoch(TrainerCallback):
+    """Tells the length-grouped sampler which epoch starts, from the Trainer's own state.
+
+    The Trainer reaches the sampler through accelerate's ``set_epoch`` chain, which breaks where a resumed
+    epoch skips its first batches under several processes (``SkipBatchSampler`` around ``BatchSamplerShard``):
+    the sampler then kept epoch 0's order for a resumed later epoch, and the run diverged from the uninterrupted
+    one. ``state.epoch`` is the whole number of the epoch at its start, or the resumed fraction inside it.
+    """
+
+    def __init__(self, trainer: "SFTHFTrainer"):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        sampler = self.trainer._length_sampler
+        if sampler is not None:
+            sampler.set_epoch(math.floor((state.epoch or 0.0) + 1e-9))
 
 
 class EpochSeededLengthGroupedSampler(torch.utils.data.Sampler):
