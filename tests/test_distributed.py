@@ -157,7 +157,8 @@ def test_every_rank_takes_the_main_process_choice(tmp_path):
     assert choices[1]["implementation"] == "sdpa" and choices[1]["estimated_attention_ms_per_step"] == {"sdpa": 1.0}
 
 
-def test_two_ranks_resumed_inside_a_later_epoch_train_as_if_never_stopped(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("group_by_length", ["true", "false"])
+def test_two_ranks_resumed_inside_a_later_epoch_train_as_if_never_stopped(tiny_model_dir, tmp_path, group_by_length):
     """Resuming in the middle of epoch 2 under 2 ranks: the skipped-batch loader used to leave the length-grouped
     sampler at epoch 0's order, and the run diverged from the uninterrupted one at the first resumed step."""
     import json
@@ -173,7 +174,8 @@ def test_two_ranks_resumed_inside_a_later_epoch_train_as_if_never_stopped(tiny_m
                    "--output_dir", str(out), "--use_lora", "false", "--max_steps", "6", "--save_steps", "1",
                    "--save_total_limit", "None", "--per_device_train_batch_size", "2", "--evaluation_strategy", "no",
                    "--validation_split_ratio", "0", "--dataloader_pin_memory", "false", "--gradient_checkpointing",
-                   "false", "--logging_steps", "1", "--learning_rate", "1e-3", "--ddp_backend", "gloo", *extra]
+                   "false", "--logging_steps", "1", "--learning_rate", "1e-3", "--ddp_backend", "gloo", "--group_by_length",
+                   group_by_length, *extra]
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
 
