@@ -57,15 +57,9 @@ def main_decides(step: Callable[[], None]) -> None:
             step()
         except SHARED_ERRORS as exc:
             error = exc
-    if world_size() > 1:
-        import torch.distributed as dist
-
-        _state()
-        box = [None if error is None else (type(error).__name__, str(error))]
-        dist.broadcast_object_list(box, src=0)
-        if error is None and box[0] is not None:
-            kind = {e.__name__: e for e in SHARED_ERRORS}.get(box[0][0], RuntimeError)
-            raise kind(box[0][1])
+    shared = from_main(None if error is None else (type(error).__name__, str(error)))
+    if error is None and shared is not None:
+        raise {e.__name__: e for e in SHARED_ERRORS}.get(shared[0], RuntimeError)(shared[1])
     if error is not None:
         raise error
 

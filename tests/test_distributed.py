@@ -191,3 +191,36 @@ def test_two_ranks_resumed_inside_a_later_epoch_train_as_if_never_stopped(tiny_m
     assert losses(resumed) == pytest.approx(losses(tmp_path / "whole"), rel=1e-6)
     a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+MAIN_DECIDES = """
+import json, os, sys
+sys.path.insert(0, {root!r})
+from src.distributed import exit_rank, main_decides, rank
+calls = []
+
+def check():  # only the main process runs it; its error must reach every rank
+    calls.append(rank())
+    raise FileExistsError("the output folder holds someone else's files")
+
+try:
+    main_decides(check)
+    outcome = None
+except Exception as exc:
+    outcome = [type(exc).__name__, str(exc)]
+with open(os.path.join({out!r}, f"rank{{rank()}}.json"), "w") as fh:
+    json.dump({{"outcome": outcome, "ran_check": calls}}, fh)
+exit_rank(0)
+"""
+
+
+def test_a_check_only_the_main_process_runs_fails_on_every_rank_alike(tmp_path):
+    script = tmp_path / "main_decides.py"
+    script.write_text(MAIN_DECIDES.format(root=ROOT, out=str(tmp_path)), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             str(free_port()), str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["ran_check"] == [0] and ranks[1]["ran_check"] == []
+    assert ranks[0]["outcome"] == ranks[1]["outcome"] == ["FileExistsError", "the output folder holds someone else's files"]
