@@ -209,7 +209,11 @@ def choose_for_packed_rows(model: Any, position_ids: torch.Tensor, device: torch
     """Measure the candidates for ``model`` on ``position_ids`` and switch the model to the fastest exact one.
 
     Where only one candidate exists (every CPU), the model keeps its implementation and nothing is measured.
+    Under several processes every rank measures, then all take the main process's choice, so the ranks never
+    disagree; a measurement that fails counts as keeping the current implementation, and its rank still joins
+    the broadcast, so none is left waiting.
     """
+    from src.distributed import from_main
     from src.training.losses import unwrap_to_pretrained
 
     base = unwrap_to_pretrained(model)
@@ -217,12 +221,19 @@ def choose_for_packed_rows(model: Any, position_ids: torch.Tensor, device: torch
     candidates = list(candidates) if candidates is not None else candidate_implementations(device)
     if len(candidates) < 2:
         return AttentionChoice(implementation=current)
-    attention_class = attention_module_class(base)
-    if attention_class is None:
-        return AttentionChoice(implementation=current, excluded={"*": "no attention module with the usual attributes"})
     started = time.perf_counter()
-    choice = measure_packed_attention(base.config, attention_class, position_ids, device, dtype, candidates,
-                                      planned_passes=planned_passes)
+    try:
+        attention_class = attention_module_class(base)
+        if attention_class is None:
+            choice = AttentionChoice(implementation=current, excluded={"*": "no attention module with the usual attributes"})
+        else:
+            choice = measure_packed_attention(base.config, attention_class, position_ids, device, dtype, candidates,
+                                              planned_passes=planned_passes)
+    except Exception as exc:  # every rank must reach the broadcast below, whatever happens here
+        logger.warning("could not measure the attention implementations (%s: %s); keeping %s", type(exc).__name__, exc,
+                       current)
+        choice = AttentionChoice(implementation=current, excluded={"*": f"{type(exc).__name__}: {exc}"})
+    choice = from_main(choice)
     logger.info("Attention for packed rows (estimated ms per pass, %d layers; one-off setup ms; %s planned passes): "
                 "%s%s -> %s (measured in %.1f s)", getattr(base.config, "num_hidden_layers", 1), planned_passes,
                 ", ".join(f"{k} {v:.1f} (+{choice.setup_ms.get(k, 0):.0f})" for k, v in choice.step_ms.items()),
@@ -231,4 +242,3 @@ def choose_for_packed_rows(model: Any, position_ids: torch.Tensor, device: torch
     if choice.implementation != current:
         base.set_attn_implementation(choice.implementation)
     return choice
-

@@ -23,6 +23,7 @@ from src.data.templates import chat_template, get_prompt_format
 from src.data.tokenization import ExampleTokenizer, TokenizeReport, tokenize_records
 from src.distributed import main_process_first
 from src.training import generation
+from src.training.attention import AUTO, AttentionChoice, check_trainable, choose_for_packed_rows
 from src.training.base_trainer import BaseTrainer
 from src.training.hf_trainer import SFTHFTrainer
 from src.training.persistence import write_jsonl
@@ -167,10 +168,6 @@ class SFTTrainer(BaseTrainer):
         (``None``/``"auto"``) with packing on a GPU, the exact candidates are timed on the first batch's layout
         and the model switches to the fastest; every rank takes the main process's choice.
         """
-        from src.distributed import from_main
-        from src.training.attention import AUTO, AttentionChoice, check_trainable, choose_for_packed_rows
-        from src.training.losses import unwrap_to_pretrained
-
         requested = self.config.attn_implementation
         device = training_args.device
         check_trainable(requested, device)
@@ -180,18 +177,8 @@ class SFTTrainer(BaseTrainer):
         collate = SFTDataCollator(self.tokenizer.pad_token_id, self.config.pad_to_multiple_of, flatten_packed=False)
         batch = collate([{k: row[k] for k in ("input_ids", "labels", "position_ids")} for row in rows])
         dtype = torch.bfloat16 if self.config.resolved_bf16 else torch.float16 if self.config.fp16 else torch.float32
-        try:  # every rank must reach the broadcast below, whatever happens here
-            choice = choose_for_packed_rows(self.model, batch["position_ids"], device, dtype,
-                                            planned_passes=self._planned_passes(train_dataset, training_args))
-        except Exception as exc:
-            logger.warning("could not measure the attention implementations (%s: %s); keeping %s",
-                           type(exc).__name__, exc, self.attn_implementation())
-            choice = AttentionChoice(implementation=self.attn_implementation(), excluded={"*": f"{type(exc).__name__}: {exc}"})
-        choice = from_main(choice)
-        base = unwrap_to_pretrained(self.model)
-        if base.config._attn_implementation != choice.implementation:
-            base.set_attn_implementation(choice.implementation)
-        return choice
+        return choose_for_packed_rows(self.model, batch["position_ids"], device, dtype,
+                                      planned_passes=self._planned_passes(train_dataset, training_args))
 
     @staticmethod
     def _planned_passes(train_dataset, args) -> int:
@@ -383,8 +370,7 @@ class SFTTrainer(BaseTrainer):
             "end_token": self.tokenizer.convert_ids_to_tokens(self.example_tokenizer().end_id),
             "padding_efficiency": self.padding_efficiency,
             "loss_type": c.loss_type,
-            "attention": (self.attention.as_metadata() if self.attention is not None
-                          else {"implementation": self.attn_implementation(), "measured": False}),
+            "attention": (self.attention or AttentionChoice(implementation=self.attn_implementation())).as_metadata(),
         })
         if self.tokenize_report is not None:
             meta["examples"] = dict(self.tokenize_report.examples)
