@@ -194,7 +194,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 t = targets[start:start + chunk_size]
                 valid = t.ne(IGNORE_INDEX)
                 index = t.clamp(min=0).unsqueeze(1)
-                # Everything in place on the one float32 [rows, vocabulary] buffer: no temporary of its size.
+                # In place on the one float32 [rows, vocabulary] buffer from here on (see the docstring for the rest).
                 logits = F.linear(h, w, b).float()
                 shifted = logits.sub_(logits.amax(dim=-1, keepdim=True))
                 target = shifted.gather(1, index).squeeze(1)
@@ -245,26 +245,23 @@ class _TrainedPositionsHead:
     """Installed once as the output-embedding module's ``forward``; a pass-through unless a loss is pending.
 
     While ``pending`` holds shift labels, it gathers the hidden states of trained positions, runs the
-    original head on them chunk by chunk, stores the summed loss and the trained-token count in ``result``
-    and returns, as the
+    original head on them chunk by chunk, stores the trained-token count in ``result`` and returns, as the
     logits, one float32 value per position equal to the summed cross-entropy (the loss is read there, so
     backward enters the head through its output; and DDP's unused-parameter search, which walks the
     graph from the outputs, finds every parameter). It is persistent rather than patched per call so
     that ``torch.compile`` guards see the same function each step.
     """
 
-    row_multiple = 1  # see TrainedTokensLoss.row_multiple
-    fused = True  # see TrainedTokensLoss.fused
-
     def __init__(self, original_forward: Any):
         self.original_forward = original_forward
-        self.pending: Optional[tuple[torch.Tensor, int]] = None
-        self.result: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        # (shift labels, chunk_size, row_multiple, fused) of the pending loss (see TrainedTokensLoss)
+        self.pending: Optional[tuple[torch.Tensor, int, int, bool]] = None
+        self.result: Optional[torch.Tensor] = None  # the trained-token count of the last loss
 
     def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.pending is None:
             return self.original_forward(hidden_states, *args, **kwargs)
-        labels, chunk_size = self.pending
+        labels, chunk_size, row_multiple, fused = self.pending
         self.pending = None
         flat_labels = labels.to(hidden_states.device).reshape(-1)
         if flat_labels.numel() != hidden_states.shape[:-1].numel():
@@ -272,17 +269,17 @@ class _TrainedPositionsHead:
                                f"for labels of shape {tuple(labels.shape)}; use loss_type='full_logits' for this model")
         positions = flat_labels.ne(IGNORE_INDEX).nonzero().squeeze(1)
         n = positions.numel()
-        if self.row_multiple > 1 and n % self.row_multiple:
+        if row_multiple > 1 and n % row_multiple:
             # Round the row count up (extra rows repeat position 0 with an ignored target): a few shapes
             # instead of a new one every step, for the GPU kernels' and allocator's caches.
-            extra = self.row_multiple - n % self.row_multiple
+            extra = row_multiple - n % row_multiple
             positions = torch.cat([positions, positions.new_zeros(extra)])
         hidden = hidden_states.reshape(-1, hidden_states.size(-1)).index_select(0, positions)
         targets = flat_labels.index_select(0, positions)
         if positions.numel() > n:
             targets[n:] = IGNORE_INDEX
         module = getattr(self.original_forward, "__self__", None)
-        if self.fused and _plain_linear(module):
+        if fused and _plain_linear(module):
             device = hidden.device.type
             compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
             loss_sum = _LinearCrossEntropy.apply(hidden, module.weight, module.bias, targets, chunk_size, compute_dtype,
@@ -300,7 +297,7 @@ class _TrainedPositionsHead:
         return self._leave(hidden_states, loss_sum, n)
 
     def _leave(self, hidden_states: torch.Tensor, loss_sum: torch.Tensor, n: int) -> torch.Tensor:
-        self.result = (loss_sum, torch.tensor(n, device=loss_sum.device))
+        self.result = torch.tensor(n, device=loss_sum.device)
         # The loss leaves through the head's (and the model's) output, one float32 value per position: the
         # caller reads it there, so backward enters the head through its output, where the hooks of engines
         # that shard parameters (ZeRO-3, FSDP) gather the head's weight again before it is needed.
@@ -365,9 +362,8 @@ class TrainedTokensLoss(SFTLoss):
         head = self.head(model)
         if head is None:
             return full_logits_sums(model, inputs)
-        head.pending, head.result = (shift_labels(inputs["labels"]), self.chunk_size), None
-        head.row_multiple = self.row_multiple
-        head.fused = self.fused
+        head.pending = (shift_labels(inputs["labels"]), self.chunk_size, self.row_multiple, self.fused)
+        head.result = None
         try:
             outputs = model(**_model_inputs(inputs))
         finally:
@@ -375,8 +371,7 @@ class TrainedTokensLoss(SFTLoss):
         if head.result is None:
             raise RuntimeError("trained-tokens loss: the model's forward never called its output-embedding module; "
                                "use loss_type='full_logits' for this model")
-        num_tokens = head.result[1]
-        head.result = None
+        num_tokens, head.result = head.result, None
         return outputs.logits.reshape(-1)[0], num_tokens, outputs
 
 
