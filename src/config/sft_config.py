@@ -30,7 +30,8 @@ class BaseConfig:
     # --- model and data -------------------------------------------------------------------------
     model_name: str = _help(
         "Hub id (e.g. 'Qwen/Qwen2.5-7B'), a local model directory, or 'local:tiny-qwen2' for a tiny "
-        "random-init Qwen2-architecture model built offline (see src/models/tiny.py).",
+        "random-init Qwen2-architecture model built offline (also local:tiny-qwen3, local:tiny-qwen3-moe, "
+        "local:tiny-qwen3.5, local:tiny-qwen3.5-moe: see src/models/tiny.py).",
         default="Qwen/Qwen2.5-7B",
     )
     tokenizer_name: Optional[str] = _help(
@@ -96,6 +97,10 @@ class BaseConfig:
     loss_chunk_size: int = _help(
         "Trained positions per LM-head chunk of the trained_tokens loss: only one chunk's [rows, vocabulary] logits "
         "exist at a time (about 8 bytes x rows x vocabulary at the peak).", default=256)
+    router_aux_loss_coef: Optional[float] = _help(
+        "MoE models: the weight of the router load-balancing loss added to the training loss. None (default): the "
+        "model's own config.router_aux_loss_coef, as transformers and TRL train it; 0: off. Logged as aux_loss.",
+        default=None)
     seed: int = _help("Seed for model init, shuffling and the validation hold-out.", default=42)
     gradient_checkpointing: bool = _help("Recompute activations in backward to save memory.", default=True)
     group_by_length: bool = _help("Batch rows of similar length together (examples, or packed rows when packing).",
@@ -118,8 +123,13 @@ class BaseConfig:
     lora_dropout: float = _help("Dropout on the LoRA path, in [0, 1).", default=0.1)
     lora_target_modules: list[str] = _help(
         "Module names that get adapters, or ['all-linear'] for every linear layer but the LM head (all seven Qwen "
-        "projections).", default_factory=lambda: ["q_proj", "v_proj", "k_proj", "o_proj"]
+        "projections; on MoE models also every expert's weights, through peft's target_parameters, and on hybrid "
+        "models the linear-attention projections). 'experts' in a list adds the expert weights alone.",
+        default_factory=lambda: ["q_proj", "v_proj", "k_proj", "o_proj"]
     )
+    lora_train_router: bool = _help(
+        "MoE with LoRA: train the routers (mlp.gate, shared_expert_gate) in full next to the adapters. Off by default: "
+        "the routers stay frozen, as the experts' assignment of the base model is kept.", default=False)
     use_dora: bool = _help("DoRA: weight-decomposed LoRA adapters (peft).", default=False)
     use_rslora: bool = _help("rsLoRA: scale adapters by lora_alpha / sqrt(lora_r) (peft).", default=False)
     modules_to_save: Optional[list[str]] = _help(
@@ -262,6 +272,9 @@ class BaseConfig:
                 bad("early_stopping_patience", "None when evaluation_strategy='no' (early stopping watches eval_loss)")
         if self.early_stopping_threshold < 0:
             bad("early_stopping_threshold", "a non-negative number")
+        if self.router_aux_loss_coef is not None and (isinstance(self.router_aux_loss_coef, bool) or not isinstance(
+                self.router_aux_loss_coef, (int, float)) or not 0 <= self.router_aux_loss_coef < float("inf")):
+            bad("router_aux_loss_coef", "None (the model's own) or a finite number >= 0 (0 turns it off)")
         if self.neftune_noise_alpha is not None and not self.neftune_noise_alpha > 0:
             bad("neftune_noise_alpha", "None or a positive number")
         if self.attn_implementation not in (None, "auto", "sdpa", "eager", "flash_attention_2", "flex_attention"):
@@ -324,6 +337,11 @@ class SFTConfig(BaseConfig):
         "With instruction_template='tokenizer': variables passed to the chat template for every row, as a mapping "
         "(YAML/Python) or JSON text, e.g. {\"enable_thinking\": false} (Qwen3, Qwen3.5+) or {\"reasoning_effort\": "
         "\"low\"} (Qwen3.8). Saved with the model as the template's defaults.", default=None)
+    ignore_empty_think: bool = _help(
+        "With instruction_template='tokenizer': leave the empty thinking block ('<think>\\n\\n</think>\\n\\n') that a "
+        "thinking template (Qwen3, Qwen3.5+) writes into an assistant turn without reasoning out of the loss, as "
+        "ms-swift's ignore_empty_think: trained, it teaches the model to skip thinking in thinking mode. False trains "
+        "it. Reasoning that is not empty is always trained.", default=True)
     max_seq_length: int = _help("Maximum tokens per example (and per packed row).", default=512)
     overlong_policy: str = _help("'truncate', 'drop' or 'error' for examples over max_seq_length.", default="truncate")
     pad_to_multiple_of: Optional[int] = _help("Pad batch length to a multiple of this (e.g. 8 for tensor cores).", default=None)
@@ -376,6 +394,8 @@ class SFTConfig(BaseConfig):
             if self.instruction_template != "tokenizer":
                 raise ValueError("SFTConfig.chat_template_kwargs: applies to instruction_template='tokenizer' only "
                                  f"(got instruction_template={self.instruction_template!r})")
+        if not isinstance(self.ignore_empty_think, bool):
+            raise ValueError(f"SFTConfig.ignore_empty_think={self.ignore_empty_think!r} is invalid: expected true or false.")
         if isinstance(self.max_seq_length, bool) or not isinstance(self.max_seq_length, int) or self.max_seq_length < 8:
             raise ValueError(f"SFTConfig.max_seq_length={self.max_seq_length!r} is invalid: expected an integer >= 8.")
         if self.overlong_policy not in OVERLONG_POLICIES:

@@ -268,18 +268,23 @@ class SFTDataCollator:
     -100 there. Packed rows (they carry ``position_ids``) get no ``attention_mask``: padding becomes one
     more short sequence with its own restarting ``position_ids`` and -100 labels, so it is isolated by the
     same mechanism that isolates the packed examples. With ``flatten_packed`` (FlashAttention), the
-    packed rows of a batch are concatenated into one row instead, with no padding at all.
+    packed rows of a batch are concatenated into one row instead, with no padding at all; with ``boundaries``
+    too (hybrid linear-attention models, ``src.models.architectures``), that row also carries its documents'
+    boundaries as transformers' kernels take them: ``cu_seq_lens_q``/``_k`` (int32 offsets), ``max_length_q``/``_k``
+    and ``seq_idx`` (int32, the document index of each token, for causal-conv1d).
     """
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
     flatten_packed: bool = False
+    boundaries: bool = False
 
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         packed = "position_ids" in features[0]
         if packed and self.flatten_packed:
-            return {key: torch.tensor([[v for f in features for v in f[key]]], dtype=torch.long)
-                    for key in ("input_ids", "labels", "position_ids")}
+            batch = {key: torch.tensor([[v for f in features for v in f[key]]], dtype=torch.long)
+                     for key in ("input_ids", "labels", "position_ids")}
+            return {**batch, **document_boundaries(batch["position_ids"])} if self.boundaries else batch
         longest = max(len(f["input_ids"]) for f in features)
         if self.pad_to_multiple_of:
             longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -302,6 +307,19 @@ class SFTDataCollator:
         else:
             batch["attention_mask"] = attention_mask
         return batch
+
+
+def document_boundaries(position_ids: torch.Tensor) -> dict[str, Any]:
+    """The boundary arguments of one flattened packed row (``[1, tokens]`` positions restarting at 0 per document)."""
+    if position_ids.dim() != 2 or position_ids.shape[0] != 1:
+        raise ValueError(f"document boundaries need one flattened row, got position_ids of shape {tuple(position_ids.shape)}")
+    starts = (position_ids[0] == 0).nonzero().squeeze(1)
+    if starts.numel() == 0 or starts[0] != 0:
+        raise ValueError("a flattened packed row must start a document at position 0")
+    cu = torch.cat([starts, torch.tensor([position_ids.shape[1]])]).to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    seq_idx = (torch.cumsum((position_ids == 0).to(torch.int32), dim=1) - 1).to(torch.int32)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest, "seq_idx": seq_idx}
 
 
 def padding_efficiency(batch_lengths: Sequence[Sequence[int]], pad_to_multiple_of: int | None = None) -> float:

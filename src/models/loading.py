@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from src.distributed import main_process_first
-from src.models.tiny import TINY_MODEL_NAME, build_tiny_qwen2, corpus_texts
+from src.models.tiny import TINY_MODEL_NAME, TINY_MODELS, build_tiny_model, corpus_texts
 
 logger = logging.getLogger(__name__)
 
@@ -30,41 +30,62 @@ def _looks_local(name: str) -> bool:
     return "/" in name and os.path.isdir(name.split("/", 1)[0])
 
 
-def _build_tiny(path: str, corpus_path: str | None, seed: int) -> None:
-    """Build the tiny model into a temporary sibling and rename it into place: never a half-built folder."""
+def _built_model_type(path: str) -> str | None:
+    import json
+
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
+            return json.load(fh).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _build_tiny(path: str, corpus_path: str | None, seed: int, family: str = "qwen2") -> None:
+    """Build the tiny ``family`` model into a temporary sibling and rename it into place: never a half-built folder.
+    A complete folder of the same family is reused; one of another family (the run switched ``model_name``) is
+    rebuilt: it is this project's own build, a deterministic function of the corpus and seed."""
     import shutil
+
+    from src.models.tiny import tiny_config
 
     if os.path.isdir(path):
         missing = [f for f in TINY_MODEL_FILES if not os.path.isfile(os.path.join(path, f))]
-        if not missing:
+        wanted = tiny_config(family, 8).model_type
+        if not missing and _built_model_type(path) == wanted:
             return
-        logger.warning("%s is incomplete (missing %s; an earlier build was interrupted): building it again",
-                       path, ", ".join(missing))
+        if missing:
+            logger.warning("%s is incomplete (missing %s; an earlier build was interrupted): building it again",
+                           path, ", ".join(missing))
+        else:
+            logger.warning("%s holds a tiny %s model, not local:tiny-%s: building it again", path,
+                           _built_model_type(path), family)
         shutil.rmtree(path)
-    logger.info("Building the tiny random-init Qwen2 model and tokenizer in %s", path)
+    logger.info("Building the tiny random-init %s model and tokenizer in %s", family, path)
     texts = corpus_texts(corpus_path) if corpus_path and corpus_path.endswith(".jsonl") else None
     tmp = f"{path}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    build_tiny_qwen2(texts, tmp, seed=seed)
+    build_tiny_model(family, texts, tmp, seed=seed)
     os.replace(tmp, path)
 
 
 def resolve_model_path(model_name: str, output_dir: str, corpus_path: str | None = None, seed: int = 0) -> str:
     """Turn ``config.model_name`` into something ``from_pretrained`` can load.
 
-    - ``local:tiny-qwen2``: builds the tiny random-init model once into ``<output_dir>/base_model``
-      (reused afterwards) and returns that directory;
+    - ``local:tiny-qwen2`` (or another of ``src.models.tiny.TINY_MODELS``: ``local:tiny-qwen3``,
+      ``local:tiny-qwen3-moe``, ``local:tiny-qwen3.5``, ``local:tiny-qwen3.5-moe``): builds the tiny random-init
+      model once into ``<output_dir>/base_model`` (reused afterwards) and returns that directory;
     - an existing directory: returned as is (it must hold ``config.json``);
     - a path-like name that does not exist: :class:`ModelLoadError`;
     - anything else is a hub id, returned unchanged for ``from_pretrained``.
     """
     if model_name.startswith("local:"):
-        if model_name != TINY_MODEL_NAME:
-            raise ModelLoadError(f"unknown local model {model_name!r}; the built-in offline model is {TINY_MODEL_NAME!r}")
+        if model_name not in TINY_MODELS:
+            raise ModelLoadError(f"unknown local model {model_name!r}; the built-in offline models are "
+                                 f"{', '.join(TINY_MODELS)} (default {TINY_MODEL_NAME!r})")
         path = os.path.join(output_dir, "base_model")
         # Under torchrun the main process builds it; the other ranks wait, then find it built.
         with main_process_first():
-            _build_tiny(path, corpus_path, seed)
+            _build_tiny(path, corpus_path, seed, TINY_MODELS[model_name])
         return path
     expanded = os.path.expanduser(model_name)
     if os.path.isdir(expanded):
@@ -188,31 +209,65 @@ def quantization_config(load_in_4bit: bool, load_in_8bit: bool) -> Any:
 
 def apply_lora(model: Any, r: int, alpha: int, dropout: float, target_modules: list[str], gradient_checkpointing: bool,
                *, use_dora: bool = False, use_rslora: bool = False, modules_to_save: list[str] | None = None,
-               quantized: bool = False) -> Any:
+               quantized: bool = False, train_router: bool = False) -> Any:
     """Wrap ``model`` with LoRA adapters (peft); with gradient checkpointing, make inputs require grads.
     ``target_modules=['all-linear']`` targets every linear layer but the output head (peft's own rule);
-    a quantized base goes through ``prepare_model_for_kbit_training`` first."""
+    a quantized base goes through ``prepare_model_for_kbit_training`` first.
+
+    MoE models (``src.models.architectures``): the experts' fused weights are parameters, not linear layers, so
+    ``all-linear`` (or the name ``experts``) reaches them through peft's ``target_parameters`` (one adapter per
+    expert, merged by export like any other). The routers never get adapters; ``train_router`` trains them in
+    full next to the adapters (``modules_to_save``) instead of leaving them frozen."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from src.models.architectures import EXPERT_PARAMETERS, ROUTER_MODULES, is_moe, model_config
 
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     all_linear = list(target_modules) == ["all-linear"]
+    moe = is_moe(model_config(model))
+    wants_experts = moe and (all_linear or "experts" in target_modules)
+    target_modules = [m for m in target_modules if not (moe and m == "experts")]
     missing = [] if all_linear else [m for m in target_modules if m not in names]
     missing += [m for m in modules_to_save or [] if m not in names]
     if missing:
         raise ModelLoadError(
             f"lora_target_modules/modules_to_save {missing} are not modules of this model; available linear layers "
             f"include {sorted(n for n in names if n.endswith('_proj'))} (or use ['all-linear'])"
+            + ("; 'experts' targets the expert weights of MoE models only" if "experts" in missing else "")
         )
+    parameter_names = [name for name, _ in model.named_parameters()]
+    expert_parameters = [p for p in EXPERT_PARAMETERS if any(n.endswith("." + p) for n in parameter_names)] \
+        if wants_experts else []
+    if expert_parameters and dropout:
+        raise ModelLoadError(f"lora_dropout={dropout}: peft's adapters on fused expert weights ({', '.join(expert_parameters)}) "
+                             "do not support dropout; set lora_dropout: 0 to adapt the experts, or list the modules to "
+                             "adapt without 'all-linear'/'experts' to leave the experts frozen")
+    routers = [m for m in ROUTER_MODULES if m in names] if moe else []
+    if routers and (set(routers) & set(target_modules)):
+        raise ModelLoadError(f"lora_target_modules names the MoE routers {sorted(set(routers) & set(target_modules))}; "
+                             "routers are trained in full or not at all: set lora_train_router=true instead")
+    if train_router and not routers:
+        raise ModelLoadError("lora_train_router=True but this model has no MoE routers")
+    save = list(modules_to_save or []) + ([m for m in routers if m not in (modules_to_save or [])] if train_router else [])
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
         # With frozen embeddings, checkpointed blocks would see inputs without grad and return no grads.
         model.enable_input_require_grads()
     lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                      target_modules="all-linear" if all_linear else list(target_modules),
+                      target_modules="all-linear" if all_linear else (list(target_modules) or None),
+                      target_parameters=expert_parameters or None, exclude_modules=routers or None,
                       task_type="CAUSAL_LM", bias="none", use_dora=use_dora, use_rslora=use_rslora,
-                      modules_to_save=list(modules_to_save) if modules_to_save else None)
-    return get_peft_model(model, lora)
+                      modules_to_save=save or None)
+    model = get_peft_model(model, lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    size = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    logger.info("LoRA: %s trainable parameters of %s (%.3f%%), adapter %.1f MB%s%s", f"{trainable:,}", f"{total:,}",
+                100 * trainable / max(total, 1), size / 1e6,
+                f"; expert weights adapted ({', '.join(expert_parameters)})" if expert_parameters else "",
+                f"; routers {'trained in full' if train_router else 'frozen'}" if routers else "")
+    return model
 
 
 def check_liger(use_liger_kernel: bool) -> None:

@@ -1,4 +1,4 @@
-"""An offline default: a tiny random-init Qwen2-architecture model and a byte-level BPE tokenizer.
+"""Offline defaults: tiny random-init models of every Qwen architecture family and a byte-level BPE tokenizer.
 
 Nothing here touches the network. The tokenizer is trained on the given texts (the shipped Arabic
 sample set by default) with Qwen2's pre-tokenizer regex, NFC normalisation and byte-level BPE, and
@@ -6,28 +6,53 @@ carries Qwen's special tokens ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>`
 *base* model, its EOS and PAD token are both ``<|endoftext|>`` and it has no BOS token: the exact
 situation in which collators that mask padding by token id erase the trained EOS.
 
-Use it through the model name ``local:tiny-qwen2`` (built into ``<output_dir>/base_model`` on first
-use), or call :func:`build_tiny_qwen2` yourself::
+Use them through the model names of :data:`TINY_MODELS` (``local:tiny-qwen2``, ``local:tiny-qwen3``,
+``local:tiny-qwen3-moe``, ``local:tiny-qwen3.5``, ``local:tiny-qwen3.5-moe``; built into
+``<output_dir>/base_model`` on first use), or call :func:`build_tiny_model` / :func:`build_tiny_qwen2`
+yourself::
 
-    model, tokenizer = build_tiny_qwen2(texts, "models/tiny")   # then model_name="models/tiny"
+    model, tokenizer = build_tiny_model("qwen3.5-moe", texts, "models/tiny")   # then model_name="models/tiny"
+
+Each family is built with its own config class (``Qwen3Config``, ``Qwen3MoeConfig``, ``Qwen3_5TextConfig``,
+``Qwen3_5MoeTextConfig``), so ``AutoModelForCausalLM.from_pretrained`` loads the saved folder as it loads a
+real checkpoint of that architecture. The Qwen3.5 ones are hybrid: three Gated DeltaNet (linear attention)
+layers, then one full-attention layer (``config.layer_types``), as the real models interleave them. They use
+the project's templates by default, not Qwen's (a clone has no ``../shared``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Iterable
+from typing import Any, Iterable
 
 QWEN2_PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-TINY_MODEL_NAME = "local:tiny-qwen2"
+TINY_MODEL_NAME = "local:tiny-qwen2"  # the default offline model (the demo's)
 DEFAULT_CORPUS = os.path.join(os.path.dirname(__file__), "..", "..", "data", "arabic_instructions.jsonl")
 
 # Small enough to train for a few hundred steps on two CPU cores in minutes.
 TINY_DIMS = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2)
+# The other families: the same width and depth, each with its architecture's own parts at their smallest
+# (experts, linear-attention heads), so a training test takes seconds.
+_QWEN3 = dict(TINY_DIMS, head_dim=32)
+_MOE = dict(moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.01)
+_LINEAR = dict(linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+               layer_types=["linear_attention"] * 3 + ["full_attention"])
+# family -> (config class path, dims); names as in local:tiny-<family>
+TINY_FAMILIES = {
+    "qwen2": ("transformers.Qwen2Config", TINY_DIMS),
+    "qwen3": ("transformers.Qwen3Config", _QWEN3),
+    "qwen3-moe": ("transformers.Qwen3MoeConfig", dict(_QWEN3, **_MOE)),
+    "qwen3.5": ("transformers.models.qwen3_5.configuration_qwen3_5.Qwen3_5TextConfig", dict(_QWEN3, **_LINEAR)),
+    "qwen3.5-moe": ("transformers.models.qwen3_5_moe.configuration_qwen3_5_moe.Qwen3_5MoeTextConfig",
+                    dict({k: v for k, v in _QWEN3.items() if k != "intermediate_size"}, **_MOE, **_LINEAR,
+                         shared_expert_intermediate_size=64)),
+}
+TINY_MODELS = {f"local:tiny-{family}": family for family in TINY_FAMILIES}
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4000):
@@ -70,31 +95,43 @@ def corpus_texts(path: str = DEFAULT_CORPUS) -> list[str]:
     return texts
 
 
-def build_tiny_qwen2(texts: Iterable[str] | None = None, output_dir: str | None = None, *, vocab_size: int = 4000,
-                     seed: int = 0, max_position_embeddings: int = 4096, **dims):
-    """Build a random-init Qwen2ForCausalLM and its tokenizer; save both to ``output_dir`` if given.
+def tiny_config(family: str, vocab_size: int, *, max_position_embeddings: int = 4096, eos_id: int | None = None,
+                **dims) -> Any:
+    """The config of a tiny ``family`` model (a key of :data:`TINY_FAMILIES`); ``dims`` override its sizes."""
+    import importlib
 
-    ``dims`` override :data:`TINY_DIMS` (``hidden_size``, ``num_hidden_layers``, ...). The weights are a
-    deterministic function of ``seed``.
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"unknown tiny model family {family!r}; expected one of {sorted(TINY_FAMILIES)}")
+    path, defaults = TINY_FAMILIES[family]
+    module, name = path.rsplit(".", 1)
+    values = {**defaults, **dims}
+    if "layer_types" in values and "num_hidden_layers" in dims and len(values["layer_types"]) != dims["num_hidden_layers"]:
+        n = dims["num_hidden_layers"]  # every fourth layer full attention, the rest linear (Qwen3.5's own pattern)
+        values["layer_types"] = ["full_attention" if (i + 1) % 4 == 0 or i == n - 1 else "linear_attention" for i in range(n)]
+    return getattr(importlib.import_module(module), name)(
+        vocab_size=vocab_size, max_position_embeddings=max_position_embeddings, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=eos_id, pad_token_id=eos_id, **values)
+
+
+def build_tiny_model(family: str = "qwen2", texts: Iterable[str] | None = None, output_dir: str | None = None, *,
+                     vocab_size: int = 4000, seed: int = 0, max_position_embeddings: int = 4096, tokenizer: Any = None,
+                     **dims):
+    """Build a random-init causal LM of ``family`` (see :data:`TINY_FAMILIES`) and its tokenizer; save both to
+    ``output_dir`` if given.
+
+    The tokenizer is trained on ``texts`` unless one is given. ``dims`` override the family's sizes
+    (``hidden_size``, ``num_hidden_layers``, ...). The weights are a deterministic function of ``seed``.
     """
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = train_bpe_tokenizer(texts if texts is not None else corpus_texts(), vocab_size=vocab_size)
+    if tokenizer is None:
+        tokenizer = train_bpe_tokenizer(texts if texts is not None else corpus_texts(), vocab_size=vocab_size)
     eos_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=True,
-        bos_token_id=None,
-        eos_token_id=eos_id,
-        pad_token_id=eos_id,
-        **{**TINY_DIMS, **dims},
-    )
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
-    torch.random.set_rng_state(generator_state)
+    config = tiny_config(family, len(tokenizer), max_position_embeddings=max_position_embeddings, eos_id=eos_id, **dims)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
     model.generation_config.eos_token_id = eos_id
     model.generation_config.pad_token_id = eos_id
     if output_dir:
@@ -102,3 +139,8 @@ def build_tiny_qwen2(texts: Iterable[str] | None = None, output_dir: str | None 
         model.save_pretrained(output_dir)
         tokenizer.save_pretrained(output_dir)
     return model, tokenizer
+
+
+def build_tiny_qwen2(texts: Iterable[str] | None = None, output_dir: str | None = None, **kwargs):
+    """:func:`build_tiny_model` of the Qwen2 family (the default offline model)."""
+    return build_tiny_model("qwen2", texts, output_dir, **kwargs)

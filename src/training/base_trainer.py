@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 from typing import Any, Optional
 
 from src.config import BaseConfig
+from src.models.architectures import check_architecture, is_moe, model_config, router_aux_loss_coef
 from src.models.loading import (
     ModelLoadError,
     apply_lora,
@@ -169,10 +170,21 @@ class BaseTrainer(ABC):
         if c.use_lora:
             model = apply_lora(model, c.lora_r, c.lora_alpha, c.lora_dropout, c.lora_target_modules,
                                c.gradient_checkpointing, use_dora=c.use_dora, use_rslora=c.use_rslora,
-                               modules_to_save=c.modules_to_save, quantized=quantized)
+                               modules_to_save=c.modules_to_save, quantized=quantized, train_router=c.lora_train_router)
         self.model = model
+        self._configure_architecture()
         self._check_tokenizer()
         return self.model, self.tokenizer
+
+    def _configure_architecture(self) -> None:
+        """Warn once for an unverified architecture; give the loss the MoE router-loss weight (``src.models.architectures``)."""
+        check_architecture(self.model)
+        config = model_config(self.model)
+        coef = self.config.router_aux_loss_coef
+        self.loss.router_aux_coef = (router_aux_loss_coef(config) if coef is None else float(coef)) if is_moe(config) else 0.0
+        if is_moe(config):
+            logger.info("MoE: router load-balancing loss %s", f"added with coefficient {self.loss.router_aux_coef:g}"
+                        if self.loss.router_aux_coef else "off (router_aux_loss_coef=0)")
 
     # -- training arguments --------------------------------------------------------------------------
     def environment(self) -> dict[str, Any]:
@@ -411,6 +423,7 @@ class BaseTrainer(ABC):
             self.base_model_path = path
         self.model.eval()
         self.trainer = None
+        self._configure_architecture()
         self._check_tokenizer()
         logger.info("Loaded %s from %s", "LoRA adapter" if self.config.use_lora else "model", path)
 

@@ -50,6 +50,9 @@ class SFTHFTrainer(Trainer):
         self._loss_shifts_labels = True
         self._length_sampler: Optional["EpochSeededLengthGroupedSampler"] = None
         self.add_callback(_SamplerEpoch(self))
+        # MoE: the router loss of this process's micro-batches since the last log line (mean per step), see log()
+        self._aux_sum: Optional[torch.Tensor] = None
+        self._aux_logged_step = 0
 
     @property
     def engine(self) -> str:
@@ -78,12 +81,27 @@ class SFTHFTrainer(Trainer):
         return super()._save(output_dir, state_dict)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        with self.sft_loss.accumulated_tokens(num_items_in_batch, self.data_parallel_scale()) as step:
+        micro_batches = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+        self.sft_loss.last_aux = None
+        with self.sft_loss.accumulated_tokens(num_items_in_batch, self.data_parallel_scale(), micro_batches) as step:
             result = self.owner.compute_loss(model, inputs, return_outputs)
         # A compute_loss override that returns its own per-micro-batch mean (it never reached the loss
         # object) gets the stock division by the accumulation steps in training_step.
         self.loss_is_scaled_for_ga = step.calls > 0
+        aux = self.sft_loss.last_aux
+        if aux is not None and model.training:
+            aux = aux.float() / micro_batches
+            self._aux_sum = aux if self._aux_sum is None else self._aux_sum + aux.to(self._aux_sum.device)
         return result
+
+    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        """The stock log, plus ``aux_loss`` (MoE: the router load-balancing loss, before its coefficient, mean over
+        the steps since the last line and over ranks) beside the training ``loss``, which includes it."""
+        if "loss" in logs and self._aux_sum is not None:
+            steps = max(1, self.state.global_step - self._aux_logged_step)
+            logs["aux_loss"] = self.accelerator.reduce(self._aux_sum.to(self.args.device), "mean").item() / steps
+            self._aux_sum, self._aux_logged_step = None, self.state.global_step
+        super().log(logs, start_time)
 
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)

@@ -26,6 +26,15 @@ batch over all ranks (transformers' ``num_items_in_batch``), and multiplied by `
 gradient averaging), so 4 micro-batches of 1 give the gradients of 1 batch of 4, and 2 ranks of 2 those
 of 1 process of 4. The count reaches the loss even through a ``compute_loss`` override that does not
 pass it on (the specification's ``CustomSFTTrainer`` example).
+
+MoE models (Qwen3-MoE, Qwen3.5-MoE): the router load-balancing loss that transformers adds to its own loss
+(``output_router_logits=True``: loss = token mean + ``router_aux_loss_coef`` x aux) is added here the same way,
+with the model's own coefficient unless ``SFTConfig.router_aux_loss_coef`` overrides it (0: off). Per
+micro-batch it is divided by the step's micro-batches and never multiplied by the data-parallel scale, so the
+step trains on the mean router loss over micro-batches and ranks: one batch of 4 and 4 micro-batches of 1 weigh
+it alike (transformers' own loss adds it once per micro-batch). On a single batch the training loss equals
+the model's own loss with labels and ``output_router_logits=True``; evaluation (``eval_loss``, perplexity)
+stays the token loss alone. The raw router loss is logged as ``aux_loss``.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from src.data.tokenization import IGNORE_INDEX
+from src.models.architectures import unwrap_to_pretrained
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +94,7 @@ class LossResult:
 class _Step:
     num_items_in_batch: Any
     scale: float
+    micro_batches: int = 1  # of this optimizer step on this process (the MoE router loss is averaged over them)
     calls: int = 0
 
 
@@ -94,16 +105,21 @@ class SFTLoss:
 
     def __init__(self) -> None:
         self._step: Optional[_Step] = None
+        # MoE: the coefficient of the router load-balancing loss added to the token loss (0: not added); set by the
+        # trainer from the model's own router_aux_loss_coef (src.models.architectures) or the config's override.
+        self.router_aux_coef = 0.0
+        self.last_aux: Optional[torch.Tensor] = None  # the router loss of the last call (detached), for logging
 
     @contextlib.contextmanager
-    def accumulated_tokens(self, num_items_in_batch: Any, scale: float = 1.0) -> Iterator[_Step]:
+    def accumulated_tokens(self, num_items_in_batch: Any, scale: float = 1.0, micro_batches: int = 1) -> Iterator[_Step]:
         """Divide by ``num_items_in_batch`` (times ``scale``) for calls inside this block.
 
         Yields a record whose ``calls`` says how many losses were normalised that way, so the Trainer
-        knows whether the returned loss is already scaled for gradient accumulation.
+        knows whether the returned loss is already scaled for gradient accumulation. ``micro_batches``
+        is how many micro-batches this process runs for the optimizer step (the router loss is their mean).
         """
         previous = self._step
-        self._step = _Step(num_items_in_batch, scale) if num_items_in_batch is not None else None
+        self._step = _Step(num_items_in_batch, scale, micro_batches) if num_items_in_batch is not None else None
         try:
             yield self._step or _Step(None, 1.0)
         finally:
@@ -111,31 +127,43 @@ class SFTLoss:
 
     def __call__(self, model: Any, inputs: dict, return_outputs: bool = False) -> LossResult:
         """The loss of one batch. ``return_outputs=True`` computes full logits so ``outputs.logits`` is real."""
+        router = {"output_router_logits": True} if self.router_aux_coef else {}
         if return_outputs:
-            loss_sum, num_tokens, outputs = full_logits_sums(model, inputs)
+            loss_sum, num_tokens, outputs = full_logits_sums(model, inputs, router)
         else:
-            loss_sum, num_tokens, outputs = self.sums(model, inputs)
+            loss_sum, num_tokens, outputs = self.sums(model, inputs, router)
         step = self._step
         if step is not None:
             loss = loss_sum / step.num_items_in_batch * step.scale
             step.calls += 1
         else:
             loss = loss_sum / num_tokens.clamp(min=1)
+        self.last_aux = None
+        if self.router_aux_coef:
+            aux = getattr(outputs, "aux_loss", None)
+            if aux is None:
+                raise RuntimeError(f"{type(unwrap_to_pretrained(model)).__name__} returned no aux_loss with "
+                                   "output_router_logits=True: its router load-balancing loss cannot be added; set "
+                                   "router_aux_loss_coef=0 to train without it")
+            # The model's own weighting (transformers adds coef x aux to the mean token loss), averaged over the
+            # micro-batches of a step; not multiplied by the data-parallel scale, so ranks average it as DDP does.
+            loss = loss + self.router_aux_coef * aux.to(loss.device) / (step.micro_batches if step is not None else 1)
+            self.last_aux = aux.detach()
         return LossResult(loss, loss_sum, num_tokens, outputs)
 
-    def sums(self, model: Any, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    def sums(self, model: Any, inputs: dict, extra: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
         raise NotImplementedError
 
 
-def _model_inputs(inputs: dict) -> dict:
+def _model_inputs(inputs: dict, extra: Optional[dict] = None) -> dict:
     # No labels (the model would compute its own loss on full logits), no KV cache (packed rows are
     # isolated only when no cache is built), and not the "skip_logits" that transformers' evaluation adds
-    # under use_liger_kernel for liger's fused loss, which we leave off.
-    return {**{k: v for k, v in inputs.items() if k not in ("labels", "skip_logits")}, "use_cache": False}
+    # under use_liger_kernel for liger's fused loss, which we leave off. ``extra``: output_router_logits for MoE.
+    return {**{k: v for k, v in inputs.items() if k not in ("labels", "skip_logits")}, "use_cache": False, **(extra or {})}
 
 
-def full_logits_sums(model: Any, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, Any]:
-    outputs = model(**_model_inputs(inputs))
+def full_logits_sums(model: Any, inputs: dict, extra: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    outputs = model(**_model_inputs(inputs, extra))
     loss_sum, num_tokens = token_loss_sum(outputs.logits, inputs["labels"])
     return loss_sum, num_tokens, outputs
 
@@ -145,22 +173,8 @@ class FullLogitsLoss(SFTLoss):
 
     name = "full_logits"
 
-    def sums(self, model: Any, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        return full_logits_sums(model, inputs)
-
-
-def unwrap_to_pretrained(model: Any) -> Any:
-    """The model under DDP/FSDP/DeepSpeed (``.module``), ``torch.compile`` (``._orig_mod``) and peft wrappers."""
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif hasattr(model, "get_base_model") and callable(model.get_base_model):
-            model = model.get_base_model()
-        elif isinstance(getattr(model, "module", None), torch.nn.Module):
-            model = model.module
-    return model
+    def sums(self, model: Any, inputs: dict, extra: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        return full_logits_sums(model, inputs, extra)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -358,14 +372,14 @@ class TrainedTokensLoss(SFTLoss):
             self._warned = True
         return None
 
-    def sums(self, model: Any, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    def sums(self, model: Any, inputs: dict, extra: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
         head = self.head(model)
         if head is None:
-            return full_logits_sums(model, inputs)
+            return full_logits_sums(model, inputs, extra)
         head.pending = (shift_labels(inputs["labels"]), self.chunk_size, self.row_multiple, self.fused)
         head.result = None
         try:
-            outputs = model(**_model_inputs(inputs))
+            outputs = model(**_model_inputs(inputs, extra))
         finally:
             head.pending = None
         if head.result is None:

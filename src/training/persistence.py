@@ -173,7 +173,7 @@ def _is_saved_run_file(name: str) -> bool:
 
 def _write_own_files(owner: Any, output_dir: str, method: str) -> None:
     """The files that are ours, main process only: base model copy, generation config, metadata, report."""
-    from src.models.tiny import TINY_MODEL_NAME
+    from src.models.tiny import TINY_MODELS
 
     config = owner.config
     os.makedirs(output_dir, exist_ok=True)
@@ -183,7 +183,7 @@ def _write_own_files(owner: Any, output_dir: str, method: str) -> None:
         os.remove(args_file)
     base_model = owner.base_model_path
     final_dir = os.path.dirname(os.path.abspath(output_dir))  # output_dir is the staging folder inside it
-    if config.use_lora and config.model_name == TINY_MODEL_NAME and base_model:
+    if config.use_lora and config.model_name in TINY_MODELS and base_model:
         # The built-in tiny base lives in the training output_dir; keep the saved run self-contained.
         if os.path.abspath(os.path.join(final_dir, "base_model")) != os.path.abspath(base_model):
             shutil.copytree(base_model, os.path.join(output_dir, "base_model"))

@@ -17,11 +17,12 @@ import torch
 
 from src.config import SFTConfig
 from src.data.loading import load_records
-from src.data.packing import SFTDataCollator, flattens_packed_batches, padding_efficiency
+from src.data.packing import SFTDataCollator, padding_efficiency
 from src.data.streaming import StreamedData
 from src.data.templates import chat_template, get_prompt_format
 from src.data.tokenization import ExampleTokenizer, TokenizeReport, tokenize_records
 from src.distributed import main_process_first
+from src.models.architectures import ROWS, PackedLayout, describe, plan_packed_layout
 from src.training import generation
 from src.training.attention import AUTO, AttentionChoice, check_trainable, choose_for_packed_rows
 from src.training.base_trainer import BaseTrainer
@@ -50,6 +51,17 @@ class SFTTrainer(BaseTrainer):
         self.tokenize_report: Optional[TokenizeReport] = None
         self.padding_efficiency: Optional[float] = None
         self.attention = None  # the AttentionChoice of the last create_trainer (src.training.attention)
+        self._layout: Optional[tuple[tuple, PackedLayout]] = None  # (model, packing, attention) -> layout
+
+    def packed_layout(self) -> PackedLayout:
+        """How this run lays out its rows for its model (``src.models.architectures.plan_packed_layout``): packed rows,
+        one flattened row, one flattened row with document boundaries (hybrid models with their GPU kernels), or
+        unpacked rows where packing would leak between documents (hybrid models without them; logged once)."""
+        self._ensure_model()
+        key = (id(self.model), bool(self.config.packing), self.attn_implementation())
+        if self._layout is None or self._layout[0] != key:
+            self._layout = (key, plan_packed_layout(self.model, self.config.packing, self.attn_implementation()))
+        return self._layout[1]
 
     def _get_training_method(self) -> str:
         return "sft"
@@ -94,7 +106,8 @@ class SFTTrainer(BaseTrainer):
         c = self.config
         with main_process_first():
             self.dataset = stream_splits(c.dataset_path, self.example_tokenizer(), c.resolved_dataset_cache_dir,
-                                         packing=c.packing, validation_split_ratio=c.validation_split_ratio, seed=c.seed,
+                                         packing=self.packed_layout().packs, validation_split_ratio=c.validation_split_ratio,
+                                         seed=c.seed,
                                          skip_invalid=c.skip_invalid_rows, eval_path=c.eval_dataset_path,
                                          report=self.tokenize_report)
         self.load_report = self.dataset.load_report
@@ -111,7 +124,7 @@ class SFTTrainer(BaseTrainer):
         cache_dir = self.config.resolved_dataset_cache_dir
         with main_process_first() if cache_dir else contextlib.nullcontext():
             return tokenize_records(records, self.example_tokenizer(), split, self.tokenize_report,
-                                    packing=self.config.packing, cache_dir=cache_dir)
+                                    packing=self.packed_layout().packs, cache_dir=cache_dir)
 
     def create_trainer(self, dataset, training_args, callbacks):
         """Create and configure the SFT trainer instance.
@@ -171,7 +184,7 @@ class SFTTrainer(BaseTrainer):
         requested = self.config.attn_implementation
         device = training_args.device
         check_trainable(requested, device)
-        if requested not in (None, AUTO) or not self.config.packing or device.type != "cuda":
+        if requested not in (None, AUTO) or self.packed_layout().layout != ROWS or device.type != "cuda":
             return AttentionChoice(implementation=self.attn_implementation())
         rows = train_dataset.select(range(min(len(train_dataset), training_args.per_device_train_batch_size)))
         collate = SFTDataCollator(self.tokenizer.pad_token_id, self.config.pad_to_multiple_of, flatten_packed=False)
@@ -195,13 +208,14 @@ class SFTTrainer(BaseTrainer):
         return getattr(model.config, "_attn_implementation", None) or "eager"
 
     def data_collator(self) -> SFTDataCollator:
+        layout = self.packed_layout()
         return SFTDataCollator(self.tokenizer.pad_token_id, self.config.pad_to_multiple_of,
-                               flatten_packed=flattens_packed_batches(self.attn_implementation()))
+                               flatten_packed=layout.flattened, boundaries=layout.boundaries)
 
     def _check_batches(self, train_dataset, args) -> None:
         rows = len(train_dataset)
         per_step = args.per_device_train_batch_size * max(1, args.world_size)
-        unit = "packed rows" if self.config.packing else "examples"
+        unit = "packed rows" if self.packed_layout().packs else "examples"
         if args.dataloader_drop_last and rows < per_step:
             raise ValueError(
                 f"only {rows} training {unit} but a batch needs {per_step} and dataloader_drop_last=True: no step "
@@ -371,6 +385,8 @@ class SFTTrainer(BaseTrainer):
             "padding_efficiency": self.padding_efficiency,
             "loss_type": c.loss_type,
             "attention": (self.attention or AttentionChoice(implementation=self.attn_implementation())).as_metadata(),
+            "packed_layout": self.packed_layout().as_metadata(),
+            "architecture": describe(self.model),
         })
         if self.tokenize_report is not None:
             meta["examples"] = dict(self.tokenize_report.examples)
