@@ -13,6 +13,10 @@
 #    checkpointing (the specification's default; without it 4 x 2048 tokens of 7B activations may not fit), 10 steps.
 # 4. use_liger_kernel=true against off (ours, 0.5B full), where liger-kernel is installed.
 # 5. The GPU-only tests (attention choice, Liger, QLoRA, FSDP2).
+# 6. Hybrid linear attention with packing (issue #18): whether flash-linear-attention and causal-conv1d import here
+#    (carry their wheels in .whl/: pip download --no-deps -d .whl flash-linear-attention fla-core; causal-conv1d has no CUDA wheel on PyPI and builds from source only with nvcc), then
+#    tests/test_gpu_hybrid.py: packed Qwen3.5 rows flattened with their document boundaries are exact (it skips, with
+#    the reason, when a kernel is missing: the run then trains unpacked, as on a CPU).
 # Results under "$OUT" (attention.json, defaults/, profiled/, qlora/, liger/, pytest.log).
 # CPU dry run of the wiring: SKIP_WHEELS=1 DRY=1 bash bench/device_pending.sh
 cd "$(dirname "$0")/.." || exit 1
@@ -32,7 +36,7 @@ else
 fi
 run() { echo "== $*"; timeout "${STEP_TIMEOUT_S:-240}" "$@" 2>&1 | tail -40; }
 # PARTS picks and orders the parts (the whole list takes about 10 minutes on an H100: split it over two calls).
-PARTS="${PARTS:-attention loss defaults qlora tests liger profiled}"
+PARTS="${PARTS:-attention loss defaults qlora tests liger profiled hybrid}"
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 
 want attention && run $PY bench/attention_packed.py "${SHAPE[@]}" --json "$OUT/attention.json"
@@ -54,3 +58,8 @@ fi
 want tests && run $PY -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_kernels.py \
   "tests/test_lora_options.py::test_qlora_trains_adapters_on_a_4bit_base_and_saves_only_them" \
   tests/test_sharded.py -k "gpu or qlora or liger or attention" 2>&1 | tee "$OUT/pytest.log" | tail -15
+if want hybrid; then
+  for pkg in fla causal_conv1d; do $PY -c "import $pkg; print('$pkg', getattr($pkg, '__version__', '?'))" 2>&1 | tail -1; done \
+    | tee "$OUT/hybrid_kernels.txt"
+  run $PY -m pytest -q -p no:cacheprovider -rs tests/test_gpu_hybrid.py 2>&1 | tee "$OUT/hybrid.log" | tail -15
+fi

@@ -38,6 +38,37 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
+# Test sizes of every family (src.models.tiny.TINY_FAMILIES): the hybrid ones keep 3 linear-attention layers and a
+# full-attention one, the MoE ones 4 experts (2 per token).
+FAMILY_TEST_DIMS = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+FAMILY_EXTRA_DIMS = {"qwen2": dict(num_hidden_layers=2), "qwen3": dict(num_hidden_layers=2, head_dim=16),
+                     "qwen3-moe": dict(num_hidden_layers=2, head_dim=16, moe_intermediate_size=32),
+                     "qwen3.5": dict(num_hidden_layers=4, head_dim=16),
+                     "qwen3.5-moe": dict(num_hidden_layers=4, head_dim=16, moe_intermediate_size=32,
+                                         shared_expert_intermediate_size=32)}
+
+
+@pytest.fixture(scope="session")
+def tiny_family_dir(tmp_path_factory):
+    """``tiny_family_dir(family)``: a saved tiny random-init model of that Qwen family (built once per session)."""
+    from src.models.tiny import build_tiny_model, train_bpe_tokenizer
+
+    built: dict[str, str] = {}
+    tokenizer = train_bpe_tokenizer(CORPUS, vocab_size=600)
+
+    def get(family: str) -> str:
+        if family not in built:
+            path = str(tmp_path_factory.mktemp(f"tiny_{family}"))
+            dims = {**FAMILY_TEST_DIMS, **FAMILY_EXTRA_DIMS[family]}
+            if family == "qwen3.5-moe":
+                dims.pop("intermediate_size")
+            build_tiny_model(family, output_dir=path, tokenizer=tokenizer, seed=0, **dims)
+            built[family] = path
+        return built[family]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def qwen_tokenizer():
     if not os.path.isfile(os.path.join(QWEN_TOKENIZER_DIR, "vocab.json")):

@@ -7,8 +7,10 @@ folder, never copied. Expected trained text is written out by hand per template 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 
 import pytest
 
@@ -80,7 +82,8 @@ def folded(reasoning, answer):
     return f"<think>\n{reasoning}\n</think>\n\n{answer}"
 
 
-# What each assistant turn trains, by template (the rules in src/data/chat_templates.py, written out).
+# What each assistant turn trains, by template (the rules in src/data/chat_templates.py, written out), with the
+# default ignore_empty_think=True: an empty thinking block the template writes for a turn without reasoning is masked.
 EXPECTED = {
     "qwen2_5": {  # no thinking markup: reasoning goes in front of the answer, trained
         "single": ["القاهرة."],
@@ -88,17 +91,17 @@ EXPECTED = {
         "thinking": [folded("٢ + ٣ = ٥", "المجموع ٥."), folded("٥ × ٢ = ١٠", "الضعف ١٠.")],
         "tools": [JSON_CALL, "الحرارة ٣٠ درجة."],
     },
-    "qwen3": {  # hybrid: the turn after the last user query carries its (possibly empty) thinking, earlier turns lose it
-        "single": [folded("", "القاهرة.").replace("\n\n\n", "\n\n")],
-        "system_multi": ["العِلْمُ نُورٌ.", "<think>\n\n</think>\n\nالـ GPU يُسرّع العمليات المتوازية."],
+    "qwen3": {  # hybrid: the turn after the last user query carries its thinking (masked when empty), earlier turns lose it
+        "single": ["القاهرة."],
+        "system_multi": ["العِلْمُ نُورٌ.", "الـ GPU يُسرّع العمليات المتوازية."],
         "thinking": ["المجموع ٥.", folded("٥ × ٢ = ١٠", "الضعف ١٠.")],
-        "tools": [JSON_CALL, "<think>\n\n</think>\n\nالحرارة ٣٠ درجة."],
+        "tools": [JSON_CALL, "الحرارة ٣٠ درجة."],
     },
-    "qwen3_5_think": {  # "<think>\n" is the generation prompt: masked; reasoning after it is trained
-        "single": ["\n</think>\n\nالقاهرة."],
-        "system_multi": ["العِلْمُ نُورٌ.", "\n</think>\n\nالـ GPU يُسرّع العمليات المتوازية."],
+    "qwen3_5_think": {  # "<think>\n" is the generation prompt: masked; reasoning after it is trained, an empty block is not
+        "single": ["القاهرة."],
+        "system_multi": ["العِلْمُ نُورٌ.", "الـ GPU يُسرّع العمليات المتوازية."],
         "thinking": ["المجموع ٥.", "٥ × ٢ = ١٠\n</think>\n\nالضعف ١٠."],
-        "tools": ["\n</think>\n\n" + XML_CALL, "\n</think>\n\nالحرارة ٣٠ درجة."],
+        "tools": [XML_CALL, "الحرارة ٣٠ درجة."],
     },
     "qwen3_5_nothink": {  # the empty block is the generation prompt: masked
         "single": ["القاهرة."],
@@ -107,22 +110,47 @@ EXPECTED = {
         "tools": [XML_CALL, "الحرارة ٣٠ درجة."],
     },
     "qwen3_8": {  # thinking preserved in every turn
+        "single": ["القاهرة."],
+        "system_multi": ["العِلْمُ نُورٌ.", "الـ GPU يُسرّع العمليات المتوازية."],
+        "thinking": ["٢ + ٣ = ٥\n</think>\n\nالمجموع ٥.", "٥ × ٢ = ١٠\n</think>\n\nالضعف ١٠."],
+        "tools": [XML_CALL, "الحرارة ٣٠ درجة."],
+    },
+}
+# The same with ignore_empty_think=False, for the thinking templates: the empty block (the rest of it after a
+# "<think>\n" generation prompt) is trained.
+EXPECTED_EMPTY_THINK_TRAINED = {
+    "qwen3": {
+        "single": ["<think>\n\n</think>\n\nالقاهرة."],
+        "system_multi": ["العِلْمُ نُورٌ.", "<think>\n\n</think>\n\nالـ GPU يُسرّع العمليات المتوازية."],
+        "thinking": EXPECTED["qwen3"]["thinking"],
+        "tools": [JSON_CALL, "<think>\n\n</think>\n\nالحرارة ٣٠ درجة."],
+    },
+    "qwen3_5_think": {
+        "single": ["\n</think>\n\nالقاهرة."],
+        "system_multi": ["العِلْمُ نُورٌ.", "\n</think>\n\nالـ GPU يُسرّع العمليات المتوازية."],
+        "thinking": EXPECTED["qwen3_5_think"]["thinking"],
+        "tools": ["\n</think>\n\n" + XML_CALL, "\n</think>\n\nالحرارة ٣٠ درجة."],
+    },
+    "qwen3_8": {
         "single": ["\n</think>\n\nالقاهرة."],
         "system_multi": ["\n</think>\n\nالعِلْمُ نُورٌ.", "\n</think>\n\nالـ GPU يُسرّع العمليات المتوازية."],
-        "thinking": ["٢ + ٣ = ٥\n</think>\n\nالمجموع ٥.", "٥ × ٢ = ١٠\n</think>\n\nالضعف ١٠."],
+        "thinking": EXPECTED["qwen3_8"]["thinking"],
         "tools": ["\n</think>\n\n" + XML_CALL, "\n</think>\n\nالحرارة ٣٠ درجة."],
     },
 }
 EXPECTED["qwen3_instruct_2507"] = EXPECTED["qwen2_5"]
 EXPECTED["qwen3_6"] = EXPECTED["qwen3_5_think"]
+EXPECTED_EMPTY_THINK_TRAINED["qwen3_6"] = EXPECTED_EMPTY_THINK_TRAINED["qwen3_5_think"]
+THINKING_TEMPLATES = ["qwen3", "qwen3_5_think", "qwen3_6", "qwen3_8"]
 
 
 def et_for(name, max_seq_length=4096, **kw):
     tokenizer = qwen_tokenizer_for(name)
     template_kwargs = kw.pop("template_kwargs", None)
     system_prompt = kw.pop("system_prompt", None)
+    ignore_empty_think = kw.pop("ignore_empty_think", True)
     fmt = get_prompt_format("tokenizer", system_prompt=system_prompt,
-                            chat=TokenizerChatFormat.from_tokenizer(tokenizer, template_kwargs))
+                            chat=TokenizerChatFormat.from_tokenizer(tokenizer, template_kwargs, ignore_empty_think))
     return ExampleTokenizer(tokenizer, fmt, max_seq_length, **kw)
 
 
@@ -234,7 +262,187 @@ def test_enable_thinking_and_reasoning_effort_reach_the_template():
 def test_train_on_last_turn_only_with_tools():
     et = et_for("qwen3_6", train_on_last_turn_only=True)
     _, labels, _ = et.tokenize_batch([{"messages": CONVERSATIONS["tools"], "tools": TOOLS}])[0]
-    assert trained_spans(et.tokenizer, labels) == ["\n</think>\n\nالحرارة ٣٠ درجة." + END]
+    assert trained_spans(et.tokenizer, labels) == ["الحرارة ٣٠ درجة." + END]  # its empty thinking block is masked
+
+
+# -- thinking-mode controls: the empty thinking block (ignore_empty_think), per-row chat_template_kwargs -----------
+
+QUESTION, ANSWER = "ما عاصمة مصر؟", "القاهرة."
+NO_REASONING = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": ANSWER}]
+
+
+def expected_ids(et, messages, tools=None, **template_kwargs):
+    """apply_chat_template's ids under ``template_kwargs`` (the run's and the row's, merged), with the documented
+    token split after a ``<think>\n`` generation prompt."""
+    ids = reference_ids(et.tokenizer, messages, tools, **template_kwargs)
+    return split_at_generation_prompt(et.tokenizer, ids) if et.fmt.chat.opening_for(template_kwargs) == "<think>\n" else ids
+
+
+@pytest.mark.parametrize("name", THINKING_TEMPLATES)
+def test_an_empty_thinking_block_is_masked_by_default_and_trained_with_ignore_empty_think_false(name):
+    masked, trained = et_for(name), et_for(name, ignore_empty_think=False)
+    tokenizer = masked.tokenizer
+    # the part of the block that follows the generation prompt: all of it for Qwen3, "\n</think>\n\n" after "<think>\n"
+    rest_of_block = "<think>\n\n</think>\n\n" if name == "qwen3" else "\n</think>\n\n"
+    for record in ({"messages": NO_REASONING}, {"instruction": QUESTION, "response": ANSWER, "system": None}):
+        ids, labels, _ = masked.tokenize_batch([record])[0]
+        ids_trained, labels_trained, _ = trained.tokenize_batch([record])[0]
+        assert ids == ids_trained == expected_ids(masked, NO_REASONING)  # only the labels change
+        assert tokenizer.decode(ids) == tokenizer.decode(reference_ids(tokenizer, NO_REASONING))
+        assert trained_spans(tokenizer, labels) == [ANSWER + END]
+        assert trained_spans(tokenizer, labels_trained) == [rest_of_block + ANSWER + END]
+        differ = [i for i, (a, b) in enumerate(zip(labels, labels_trained)) if a != b]
+        assert differ == list(range(differ[0], differ[-1] + 1)) and all(labels[i] == IGNORE_INDEX for i in differ)
+        assert tokenizer.decode([ids[i] for i in differ]) == rest_of_block
+        prompt = masked.encode_prompt(QUESTION)  # generation is prompted with the ids training starts with
+        assert prompt == trained.encode_prompt(QUESTION) == ids[:len(prompt)]
+        for et, expected_labels in ((masked, labels), (trained, labels_trained)):  # the vectorized path agrees
+            chunk = next(et.tokenize_chunks([record], "train"))
+            assert chunk.input_ids.tolist() == ids and chunk.labels.tolist() == expected_labels
+    # every turn of every conversation: ignore_empty_think=False trains the empty blocks as the template writes them
+    for conversation, messages in CONVERSATIONS.items():
+        tools = TOOLS if conversation == "tools" else None
+        record = {"messages": messages, **({"tools": tools} if tools else {})}
+        ids, labels, _ = trained.tokenize_batch([record])[0]
+        assert ids == masked.tokenize_batch([record])[0][0] == expected_ids(trained, messages, tools)
+        assert trained_spans(tokenizer, labels) == [text + END for text in EXPECTED_EMPTY_THINK_TRAINED[name][conversation]]
+    # the setting is part of the format, so of the tokenized-data cache key
+    assert dataclasses.asdict(masked.fmt) != dataclasses.asdict(trained.fmt)
+
+
+@pytest.mark.parametrize("name", THINKING_TEMPLATES)
+def test_reasoning_is_trained_whatever_ignore_empty_think_says(name):
+    records = [{"messages": CONVERSATIONS["thinking"]},
+               {"instruction": QUESTION, "response": ANSWER, "reasoning_content": "مصر عاصمتها القاهرة", "system": None}]
+    masked, trained = et_for(name), et_for(name, ignore_empty_think=False)
+    results = masked.tokenize_batch(records)
+    assert results == trained.tokenize_batch(records)
+    (ids, labels, _), (instruction_ids, instruction_labels, _) = results
+    assert ids == expected_ids(masked, CONVERSATIONS["thinking"])
+    assert trained_spans(masked.tokenizer, labels) == [text + END for text in EXPECTED[name]["thinking"]]
+    block = "مصر عاصمتها القاهرة\n</think>\n\n" + ANSWER
+    assert trained_spans(masked.tokenizer, instruction_labels) == [("<think>\n" if name == "qwen3" else "") + block + END]
+
+
+def test_with_thinking_off_the_generation_prompt_holds_the_whole_empty_block_and_nothing_changes():
+    for name in THINKING_TEMPLATES:
+        masked = et_for(name, template_kwargs={"enable_thinking": False})
+        trained = et_for(name, template_kwargs={"enable_thinking": False}, ignore_empty_think=False)
+        ids, labels, _ = masked.tokenize_batch([{"messages": NO_REASONING}])[0]
+        assert (ids, labels) == tuple(trained.tokenize_batch([{"messages": NO_REASONING}])[0][:2]), name
+        assert ids == reference_ids(masked.tokenizer, NO_REASONING, enable_thinking=False), name
+        assert trained_spans(masked.tokenizer, labels) == [ANSWER + END], name
+
+
+def test_an_answer_starting_with_a_line_break_keeps_the_ids_exact():
+    """Qwen3 strips only newlines off an answer; " \nx" after the block's "\n\n" may be one token: not cut there."""
+    et = et_for("qwen3")
+    messages = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": " \n" + ANSWER}]
+    ids, labels, _ = et.tokenize_batch([{"messages": messages}])[0]
+    assert ids == reference_ids(et.tokenizer, messages)
+    assert trained_spans(et.tokenizer, labels) == ["<think>\n\n</think>\n\n \n" + ANSWER + END]
+
+
+@pytest.mark.parametrize("name", THINKING_TEMPLATES)
+def test_rows_with_their_own_chat_template_kwargs_mix_thinking_and_non_thinking_data(name, tmp_path):
+    reasoning_row = [{"role": "user", "content": "كم ٢+٣؟"}, {"role": "assistant", "content": "٥", "reasoning_content": "٢+٣=٥"}]
+    rows = [{"messages": NO_REASONING, "chat_template_kwargs": {"enable_thinking": False}},
+            {"messages": NO_REASONING},
+            {"instruction": "كم ٢+٣؟", "response": "٥", "reasoning_content": "٢+٣=٥",
+             "chat_template_kwargs": '{"enable_thinking": true}'}]  # JSON text, as Parquet/CSV (and the trainer) hold it
+    records = load_records(write_jsonl(tmp_path / "mixed.jsonl", rows), validation_split_ratio=0.0)[0]["train"]
+    assert [r.get("chat_template_kwargs") for r in records] == [{"enable_thinking": False}, None, {"enable_thinking": True}]
+    messages = [NO_REASONING, NO_REASONING, reasoning_row]
+    for run_kwargs in ({}, {"enable_thinking": False}):
+        et = et_for(name, template_kwargs=run_kwargs)
+        results = et.tokenize_batch(records)
+        chunk = next(et.tokenize_chunks(records, "train"))
+        assert chunk.input_ids.tolist() == [i for ids, _, _ in results for i in ids]
+        assert chunk.labels.tolist() == [label for _, labels, _ in results for label in labels]
+        for record, conversation, (ids, labels, _) in zip(records, messages, results):
+            merged = {**run_kwargs, **(record.get("chat_template_kwargs") or {})}  # the row's own win
+            assert ids == expected_ids(et, conversation, **merged), (run_kwargs, record)
+            reasoning = record.get("reasoning_content")
+            answer = conversation[-1]["content"]
+            expected = (("<think>\n" if name == "qwen3" else "") + reasoning + "\n</think>\n\n" + answer) if reasoning \
+                else answer
+            assert trained_spans(et.tokenizer, labels) == [expected + END], (run_kwargs, record)
+        texts = [et.tokenizer.decode(ids) for ids, _, _ in results[:2]]
+        if name == "qwen3_8" and not run_kwargs:  # Qwen3.8 writes reasoning instructions when thinking is on
+            assert "Reasoning effort" in texts[1] and "Reasoning effort" not in texts[0]
+        else:  # the same empty block in both rows' turn; only the generation prompt (what is given) differs
+            assert texts[0] == texts[1]
+        # generation prompts under a row's variables are apply_chat_template's
+        for row_kwargs in ({"enable_thinking": False}, {"enable_thinking": True}):
+            assert et.encode_conversation_prompt(NO_REASONING[:1], template_kwargs=row_kwargs) == reference_ids(
+                et.tokenizer, NO_REASONING[:1], add_generation_prompt=True, **{**run_kwargs, **row_kwargs})
+    # with ignore_empty_think=False the row's variables decide whether its empty block is given or trained
+    trained = et_for(name, ignore_empty_think=False)
+    (_, given, _), (_, generated, _) = trained.tokenize_batch(records[:2])
+    assert trained_spans(trained.tokenizer, given) == [ANSWER + END]
+    assert trained_spans(trained.tokenizer, generated) == [EXPECTED_EMPTY_THINK_TRAINED[name]["single"][0] + END]
+    # the generation opening is found once per set of variables
+    chat = et_for(name).fmt.chat
+    assert chat.opening_for({"enable_thinking": False}) == "<think>\n\n</think>\n\n"
+    assert chat.opening_for(None) == chat.generation_opening == ("" if name == "qwen3" else "<think>\n")
+
+
+def test_a_rows_reasoning_effort_and_a_bad_value_naming_the_row():
+    et = et_for("qwen3_8")
+    records = [{"messages": NO_REASONING, "chat_template_kwargs": {"reasoning_effort": "low"}}, {"messages": NO_REASONING}]
+    (low, _, _), (default, _, _) = et.tokenize_batch(records)
+    assert low == expected_ids(et, NO_REASONING, reasoning_effort="low")
+    assert "Reasoning effort is set to low" in et.tokenizer.decode(low)
+    assert "Reasoning effort is set to xhigh" in et.tokenizer.decode(default)
+    bad = records + [{"messages": NO_REASONING, "chat_template_kwargs": {"reasoning_effort": "extreme"}}]
+    with pytest.raises(ChatTemplateError, match=r"train row 2: .*Unexpected reasoning effort"):
+        list(et.tokenize_chunks(bad, "train"))
+
+
+def test_row_chat_template_kwargs_need_the_tokenizer_template(qwen_tokenizer):
+    et = ExampleTokenizer(qwen_tokenizer, get_prompt_format("chatml"), 512)
+    records = [{"messages": NO_REASONING},
+               {"instruction": QUESTION, "response": ANSWER, "system": None, "chat_template_kwargs": {"enable_thinking": False}}]
+    with pytest.raises(ValueError, match=r"train row 1: the row's chat_template_kwargs need instruction_template='tokenizer'"):
+        next(et.tokenize_chunks(records, "train"))
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"messages": NO_REASONING, "chat_template_kwargs": '{"enable_thinking": false'}, r"not valid JSON"),
+    ({"messages": NO_REASONING, "chat_template_kwargs": [True]}, r"expected a mapping of template variable names"),
+    ({"messages": NO_REASONING, "chat_template_kwargs": {"add_generation_prompt": True}},
+     r"\['add_generation_prompt'\] are set by the trainer"),
+    ({"instruction": QUESTION, "response": ANSWER, "chat_template_kwargs": {"enable-thinking": False}},
+     r"\['enable-thinking'\] cannot be template variable names"),
+    ({"instruction": QUESTION, "response": ANSWER, "chat_template_kwargs": "true"}, r"expected a mapping"),
+    ({"text": "<|im_start|>user\nس<|im_end|>\n", "chat_template_kwargs": {"enable_thinking": False}},
+     r"a pre-formatted 'text' row is not rendered by a chat template"),
+])
+def test_a_bad_row_chat_template_kwargs_names_the_file_line_and_field(tmp_path, row, message):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": QUESTION, "response": ANSWER}, row])
+    with pytest.raises(DatasetError, match=re.escape(path) + r", line 2, field 'chat_template_kwargs': " + message):
+        load_records(path)
+    records, report = load_records(path, validation_split_ratio=0.0, skip_invalid=True)
+    assert len(records["train"]) == 1 and dict(report.skipped) == {"invalid chat_template_kwargs": 1}
+
+
+def test_row_chat_template_kwargs_survive_the_trainers_arrow_round_trip(tiny_model_dir, tmp_path):
+    """Arrow merges the kwargs objects of all rows into one struct (other rows' keys as nulls): read back, nulls
+    count as absent, so every row keeps exactly its own variables."""
+    from src.training.sft_trainer import SFTTrainer
+    from tests.helpers import make_config
+
+    rows = [{"instruction": "س١", "response": "ج١", "chat_template_kwargs": {"enable_thinking": False}},
+            {"instruction": "س٢", "response": "ج٢", "chat_template_kwargs": {"reasoning_effort": "low"}},
+            {"messages": NO_REASONING, "chat_template_kwargs": '{"enable_thinking": true}'},
+            {"instruction": "س٣", "response": "ج٣"}]
+    path = write_jsonl(tmp_path / "kwargs.jsonl", rows)
+    direct, _ = load_records(path, validation_split_ratio=0.0)
+    assert [r.get("chat_template_kwargs") for r in direct["train"]] == [
+        {"enable_thinking": False}, {"reasoning_effort": "low"}, {"enable_thinking": True}, None]
+    trainer = SFTTrainer(make_config(tiny_model_dir, path, tmp_path / "o", instruction_template="tokenizer"))
+    through_arrow, _ = load_records(trainer.load_dataset(), validation_split_ratio=0.0)
+    assert through_arrow["train"] == direct["train"]
 
 
 def test_normalization_touches_content_not_markup_nor_tool_arguments():

@@ -276,3 +276,34 @@ def test_the_command_line_run_under_zero3_evaluates_trains_and_shows_samples_lik
     zero3 = cli(torchrun(), tmp_path / "zero3", 2, "--deepspeed", os.path.join(ROOT, "configs", "deepspeed_zero3.json"))
     assert zero3[0] == pytest.approx(one[0], abs=2e-4)
     assert zero3[1] == one[1] == 3
+
+
+@pytest.fixture(scope="module")
+def family_single():
+    """One-process reference runs of the family tests below, per (family, settings)."""
+    return {}
+
+
+@pytest.mark.parametrize("engine", ["ddp", "zero3"])
+@pytest.mark.parametrize("family", ["qwen3.5", "qwen3-moe"])
+def test_hybrid_and_moe_families_on_two_ranks_train_what_one_process_does(family, engine, tiny_family_dir, data,
+                                                                          family_single, tmp_path_factory, tmp_path):
+    """A hybrid linear-attention family (packing asked for: it falls back to unpacked rows on every rank alike) and an
+    MoE family (its router loss included). The MoE router loss is a mean over micro-batches and ranks, and it is not
+    linear in the rows, so the MoE reference is one process with the same two micro-batches of 2 (gradient
+    accumulation) rather than one batch of 4."""
+    if engine == "zero3" and deepspeed_missing():
+        pytest.skip("deepspeed is not installed (scripts/test.sh installs it; pip install --no-build-isolation deepspeed)")
+    model_dir = tiny_family_dir(family)
+    settings = ("packing=true",) if family == "qwen3.5" else ()
+    reference = ("gradient_accumulation_steps=2",) if family == "qwen3-moe" else ()
+    if family not in family_single:
+        out = tmp_path_factory.mktemp(f"single_{family}")
+        batch = 2 if family == "qwen3-moe" else 4
+        family_single[family] = (out, launch([sys.executable], out, "single", model_dir, data, batch, *settings, *reference)[0])
+    out = tmp_path / engine
+    result, _ = launch(torchrun(), out, engine, model_dir, data, 2, *settings)
+    metadata = assert_same_run(family_single[family], (out, result))
+    assert metadata["world_size"] == 2 and metadata["architecture"]["model_type"] in ("qwen3_5_text", "qwen3_moe")
+    if family == "qwen3.5":
+        assert metadata["packed_layout"]["layout"] == "unpacked-fallback"

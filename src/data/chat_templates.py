@@ -18,9 +18,24 @@ How each assistant turn is trained (the choices, written down):
   prompt. So is whatever the template's *generation prompt* adds after the header, where the turn
   starts with it: ``<think>\\n`` for Qwen3.5/3.6/3.8 (thinking on), ``<think>\\n\\n</think>\\n\\n`` with
   ``enable_thinking=False``. Everything after that up to and including ``<|im_end|>`` is trained:
-  reasoning, ``</think>``, the answer, the tool calls, the end token. An empty thinking block that the
-  template writes into the turn (Qwen3 with thinking on, for a row without reasoning) is trained: it is
-  what the model must produce at inference under the same settings.
+  reasoning, ``</think>``, the answer, the tool calls, the end token.
+- **An empty thinking block is not trained** (``ignore_empty_think=True``, the default, as ms-swift's
+  ``ignore_empty_think``). For a row without reasoning a thinking template writes ``<think>\\n\\n</think>\\n\\n``
+  at the start of the turn (Qwen3 in the last turn, Qwen3.5/3.6 after the last user query, Qwen3.8 in every
+  turn): the block is prompt text, masked, and training starts at the answer. Training it would teach the
+  model to skip thinking in thinking mode, on every row that happens to have no reasoning. Where the
+  generation prompt is ``<think>\\n`` (Qwen3.5/3.6/3.8, thinking on) the prompt still ends at ``<think>\\n``
+  and the rest of the block, ``\\n</think>\\n\\n``, is a second masked piece (the token split below is
+  unchanged); with ``enable_thinking=False`` the whole block is the generation prompt already. A non-empty
+  reasoning block is always trained. ``ignore_empty_think=False`` trains the empty block (what the model
+  produces at inference for such rows, under the same settings). One exception keeps the ids exact: when the
+  answer itself starts with whitespace holding a line break, which the pre-tokenizer would merge with the
+  block's closing newlines into one token, the block stays trained (the Qwen3.5+ templates trim answers;
+  Qwen3 strips their leading newlines).
+- **Per-row template variables.** A row may carry ``chat_template_kwargs`` (e.g. ``{"enable_thinking": false}``):
+  they override the run's ``chat_template_kwargs`` for that row only, so thinking and non-thinking rows mix in
+  one run, each rendered (and its generation prompt found) with its merged variables. With any other
+  ``instruction_template`` such a row is an error naming the row (those formats have no template variables).
 - **Tool responses** (``role: tool``) render inside user turns and are never trained; the assistant's
   tool calls are trained as the template renders them (JSON for Qwen2.5/Qwen3, XML-like parameters for
   Qwen3.5+; tool arguments are rendered by the template's ``tojson``, which keeps Arabic unescaped).
@@ -36,6 +51,7 @@ shipped template).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -44,6 +60,9 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 ASSISTANT_HEADER = IM_START + "assistant\n"
 TURN_END = IM_END + "\n"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+EMPTY_THINK = THINK_OPEN + "\n\n" + THINK_CLOSE + "\n\n"  # what the thinking templates write for no reasoning
+# Text that Qwen's pre-tokenizer (``\s*[\r\n]+``) would join with the newlines before it into one token.
+_JOINS_PRECEDING_NEWLINES = re.compile(r"\s*[\r\n]")
 _PROBE = [{"role": "user", "content": "x"}]
 
 
@@ -70,7 +89,7 @@ def parse_template_kwargs(value: Any) -> dict[str, Any]:
         raise ValueError(f"{bad} cannot be template variable names (letters, digits and '_', not starting with a digit)")
     reserved = sorted({"messages", "tools", "add_generation_prompt", "documents"} & set(value))
     if reserved:
-        raise ValueError(f"{reserved} are set by the trainer for each conversation; they cannot be run-wide settings")
+        raise ValueError(f"{reserved} are set by the trainer for each conversation; they cannot be chat_template_kwargs")
     return dict(value)
 
 
@@ -110,15 +129,18 @@ class TokenizerChatFormat:
     """A tokenizer's chat template with the run's template variables (``enable_thinking``, ``reasoning_effort``...).
 
     ``kwargs`` and ``special_tokens`` are tuples of items so the format is hashable and fingerprints
-    itself in the tokenized-data cache key (``dataclasses.asdict``).
+    itself in the tokenized-data cache key (``dataclasses.asdict``); so does ``ignore_empty_think`` (mask an
+    empty thinking block at the start of an assistant turn, see the module docstring).
     """
 
     template: str
     kwargs: tuple = ()
     special_tokens: tuple = ()
+    ignore_empty_think: bool = True
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: Any, template_kwargs: dict | None = None) -> "TokenizerChatFormat":
+    def from_tokenizer(cls, tokenizer: Any, template_kwargs: dict | None = None,
+                       ignore_empty_think: bool = True) -> "TokenizerChatFormat":
         template = getattr(tokenizer, "chat_template", None)
         if isinstance(template, dict):  # several named templates: the default one
             template = template.get("default")
@@ -129,7 +151,8 @@ class TokenizerChatFormat:
                 "'chatml', 'alpaca' or 'custom'")
         special = tuple(sorted((k, str(v)) for k, v in getattr(tokenizer, "special_tokens_map", {}).items()
                                if isinstance(v, str)))
-        fmt = cls(template, tuple(sorted((template_kwargs or {}).items(), key=lambda kv: kv[0])), special)
+        fmt = cls(template, tuple(sorted((template_kwargs or {}).items(), key=lambda kv: kv[0])), special,
+                  bool(ignore_empty_think))
         fmt.check()
         return fmt
 
@@ -162,14 +185,20 @@ class TokenizerChatFormat:
         message = {k: v for k, v in message.items() if k != "reasoning_content"}
         return {**message, "content": reasoning_in_answer(reasoning, content)}
 
-    def render(self, messages: list[dict], tools: list | None = None, add_generation_prompt: bool = False) -> str:
-        """The template's text for ``messages`` (what ``apply_chat_template(..., tokenize=False)`` returns)."""
+    def merged_kwargs(self, row_kwargs: dict | None = None) -> dict[str, Any]:
+        """The run's template variables with a row's own ``chat_template_kwargs`` over them."""
+        return {**self.template_kwargs, **row_kwargs} if row_kwargs else self.template_kwargs
+
+    def render(self, messages: list[dict], tools: list | None = None, add_generation_prompt: bool = False,
+               template_kwargs: dict | None = None) -> str:
+        """The template's text for ``messages`` (what ``apply_chat_template(..., tokenize=False)`` returns);
+        ``template_kwargs``: a row's variables, over the run's."""
         from transformers.utils.chat_template_utils import render_jinja_template
 
         try:
             rendered, _ = render_jinja_template([messages], tools=tools or None, chat_template=self.template,
                                                 add_generation_prompt=add_generation_prompt,
-                                                **dict(self.special_tokens), **self.template_kwargs)
+                                                **dict(self.special_tokens), **self.merged_kwargs(template_kwargs))
         except Exception as exc:  # jinja2 errors and the template's own raise_exception
             raise ChatTemplateError(f"the chat template failed on this conversation: {type(exc).__name__}: {exc}") from None
         return rendered[0]
@@ -187,20 +216,41 @@ class TokenizerChatFormat:
     @cached_property
     def generation_opening(self) -> str:
         """What ``add_generation_prompt`` writes after the assistant header (``""``, ``"<think>\\n"``, ...)."""
-        without = self.render(_PROBE)
-        with_prompt = self.render(_PROBE, add_generation_prompt=True)
-        added = with_prompt[len(without):]
-        if not with_prompt.startswith(without) or not added.startswith(ASSISTANT_HEADER):
-            raise ChatTemplateError(f"the chat template's generation prompt is {added!r}, not '<|im_start|>assistant\\n...'")
-        return added[len(ASSISTANT_HEADER):]
+        return self.opening_for(None)
 
-    def segments(self, messages: list[dict], tools: list | None = None,
-                 train_on_last_turn_only: bool = False) -> list[tuple[str, str, bool]]:
+    def opening_for(self, row_kwargs: dict | None) -> str:
+        """:attr:`generation_opening` under a row's ``chat_template_kwargs`` (over the run's), computed once per
+        set of merged variables (``{"enable_thinking": false}`` turns ``"<think>\\n"`` into the whole empty block)."""
+        key = json.dumps(self.merged_kwargs(row_kwargs), sort_keys=True, ensure_ascii=False, default=repr)
+        openings = self.__dict__.setdefault("_openings", {})  # not a field: outside eq, hash and asdict
+        if key not in openings:
+            without = self.render(_PROBE, template_kwargs=row_kwargs)
+            with_prompt = self.render(_PROBE, add_generation_prompt=True, template_kwargs=row_kwargs)
+            added = with_prompt[len(without):]
+            if not with_prompt.startswith(without) or not added.startswith(ASSISTANT_HEADER):
+                raise ChatTemplateError(f"the chat template's generation prompt is {added!r}, not "
+                                        "'<|im_start|>assistant\\n...'")
+            openings[key] = added[len(ASSISTANT_HEADER):]
+        return openings[key]
+
+    def empty_think_end(self, full: str, turn_start: int, turn_end: int) -> int:
+        """Where the masked empty thinking block of the assistant turn ``full[turn_start:turn_end]`` ends
+        (``turn_start``: none to mask)."""
+        if not self.ignore_empty_think or not full.startswith(EMPTY_THINK, turn_start):
+            return turn_start
+        block_end = turn_start + len(EMPTY_THINK)
+        if block_end > turn_end or _JOINS_PRECEDING_NEWLINES.match(full, block_end, turn_end):
+            return turn_start  # the answer's leading line break and the block's "\n\n" are one token: not cut there
+        return block_end
+
+    def segments(self, messages: list[dict], tools: list | None = None, train_on_last_turn_only: bool = False,
+                 template_kwargs: dict | None = None) -> list[tuple[str, str, bool]]:
         """``(kind, text, trained)`` pieces of a conversation: prompts and the responses *without* their closing
-        ``<|im_end|>\\n`` (the caller appends the end token, trained, and the newline, untrained)."""
-        full = self.render(messages, tools)
+        ``<|im_end|>\\n`` (the caller appends the end token, trained, and the newline, untrained).
+        ``template_kwargs``: the row's own template variables, over the run's."""
+        full = self.render(messages, tools, template_kwargs=template_kwargs)
         n_assistant = sum(1 for m in messages if m["role"] == "assistant")
-        opening = self.generation_opening
+        opening = self.opening_for(template_kwargs)
         segments: list[tuple[str, str, bool]] = []
         done = 0  # end of the text already cut into segments
         for turn in range(n_assistant):
@@ -208,14 +258,19 @@ class TokenizerChatFormat:
             if header < 0:
                 raise ChatTemplateError(f"the chat template rendered {turn} assistant turns for {n_assistant} assistant "
                                         "messages")
-            start = header + len(ASSISTANT_HEADER)
+            turn_start = start = header + len(ASSISTANT_HEADER)
             if opening and full.startswith(opening, start):
                 start += len(opening)
             end = full.find(IM_END, start)
             if end < 0 or not full.startswith(TURN_END, end):
                 raise ChatTemplateError("an assistant turn of the rendered conversation does not end with '<|im_end|>\\n'")
             trained = not train_on_last_turn_only or turn == n_assistant - 1
-            segments += [("prompt", full[done:start], False), ("response", full[start:end], trained)]
+            segments.append(("prompt", full[done:start], False))
+            block_end = self.empty_think_end(full, turn_start, end)
+            if block_end > start:  # the empty block, or the rest of it after a "<think>\n" generation prompt
+                segments.append(("prompt", full[start:block_end], False))
+                start = block_end
+            segments.append(("response", full[start:end], trained))
             done = end + len(TURN_END)
         if full.find(ASSISTANT_HEADER, done) >= 0:
             raise ChatTemplateError(f"the chat template rendered more assistant turns than the {n_assistant} assistant "

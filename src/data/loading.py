@@ -19,7 +19,11 @@ Accepted row shapes (first match wins), documented here because users come from 
 - thinking and tools (OpenAI/transformers layout): ``reasoning_content`` on assistant turns (and on
   instruction rows), assistant ``tool_calls``, ``role: tool`` turns and a row-level ``tools`` list of JSON
   schemas; they need ``instruction_template="tokenizer"`` to be rendered with tool markup, except
-  reasoning, which the other formats write as ``<think>...</think>`` before the answer.
+  reasoning, which the other formats write as ``<think>...</think>`` before the answer;
+- optional ``chat_template_kwargs`` on instruction and conversation rows (an object, or JSON text of one, e.g.
+  ``{"enable_thinking": false}``): the row's own chat template variables, over the run's
+  ``chat_template_kwargs`` (``instruction_template="tokenizer"`` only), so thinking and non-thinking rows
+  mix in one run. A null value counts as absent (Arrow gives every row the other rows' keys as nulls).
 
 Every record is checked: a missing, non-string or empty field raises :class:`DatasetError` naming the
 file, the line (or row index) and the field. With ``skip_invalid_rows`` the row is skipped instead,
@@ -610,6 +614,30 @@ def _parse_tool_calls(value: Any, where: str, name: str) -> list[dict[str, Any]]
     return calls
 
 
+def _row_template_kwargs(values: dict, where: str) -> dict[str, Any] | None:
+    """A row's ``chat_template_kwargs`` (an object or JSON text of one) as a dict, None when absent or empty."""
+    value = values.get("chat_template_kwargs")
+    if value is None or (isinstance(value, str) and not value.strip()):  # an empty CSV cell: none
+        return None
+    name, reason = "chat_template_kwargs", "invalid chat_template_kwargs"
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{where}, field {name!r}: not valid JSON ({exc.msg}); expected an object such as "
+                               "{\"enable_thinking\": false}", reason) from None
+    if isinstance(value, dict):
+        value = _without_nulls(value)
+    from src.data.chat_templates import jinja_literal, parse_template_kwargs
+
+    try:
+        kwargs = parse_template_kwargs(value)
+        jinja_literal(kwargs)  # JSON data only
+    except ValueError as exc:
+        raise DatasetError(f"{where}, field {name!r}: {str(exc).removeprefix(name + ': ')}", reason) from None
+    return kwargs or None
+
+
 def parse_record(values: Any, where: str) -> dict[str, Any]:
     """Validate one raw row and return ``{"instruction", "response", "system"}``, ``{"text"}`` or ``{"messages"}``.
 
@@ -638,9 +666,15 @@ def parse_record(values: Any, where: str) -> dict[str, Any]:
                     if not isinstance(tool, dict):
                         raise DatasetError(f"{where}, field 'tools[{n}]': expected an object (a JSON schema)", "invalid tools")
                 record["tools"] = _without_nulls(tools)
+            template_kwargs = _row_template_kwargs(values, where)
+            if template_kwargs:
+                record["chat_template_kwargs"] = template_kwargs
             return record
     instruction_key = _pick(values, INSTRUCTION_KEYS)
     if instruction_key is None and "text" in values:
+        if _row_template_kwargs(values, where):
+            raise DatasetError(f"{where}, field 'chat_template_kwargs': a pre-formatted 'text' row is not rendered by a "
+                               "chat template; give the row as instruction/response or messages", "invalid chat_template_kwargs")
         return {"text": _check_text(values, "text", where)}
     if instruction_key is None:
         raise DatasetError(
@@ -672,6 +706,9 @@ def parse_record(values: Any, where: str) -> dict[str, Any]:
     record = {"instruction": instruction, "response": response, "system": system or None}
     if values.get("reasoning_content") not in (None, ""):  # "" (no thinking, as exports write it) is no reasoning
         record["reasoning_content"] = _check_text(values, "reasoning_content", where)
+    template_kwargs = _row_template_kwargs(values, where)
+    if template_kwargs:
+        record["chat_template_kwargs"] = template_kwargs
     return record
 
 

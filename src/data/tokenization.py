@@ -9,7 +9,8 @@ Labels are built by position, never by token id: a padding token that equals EOS
 the trained EOS (TRL #1623).
 
 Conversations (``messages``) are one prompt/response pair per turn; every assistant turn is trained
-(or only the last, when asked).
+(or only the last, when asked). With ``instruction_template="tokenizer"`` the model's chat template cuts
+them (:mod:`src.data.chat_templates`), with a row's own ``chat_template_kwargs`` over the run's.
 
 A pre-formatted ``text`` record is split at the first occurrence of ``response_template``: the text up
 to and including it is the prompt (masked), the rest is the response (trained, then the end token).
@@ -272,6 +273,9 @@ class ExampleTokenizer:
 
     def segments(self, record: dict) -> list[tuple[str, str, bool]]:
         """``(kind, text, trained)`` segments of a record; kind is "prompt" or "response"."""
+        if record.get("chat_template_kwargs") and self.fmt.chat is None:
+            raise ValueError(f"the row's chat_template_kwargs need instruction_template='tokenizer' (variables of the "
+                             f"model's chat template); {self.fmt.name!r} has no template variables")
         if record.get("text") is not None:
             prompt, response = self.split_text(record["text"])
             return [("prompt", prompt, False), ("response", response, True)]
@@ -325,7 +329,8 @@ class ExampleTokenizer:
         return out
 
     def _chat_segments(self, record: dict) -> list[tuple[str, str, bool]]:
-        return self.fmt.chat.segments(self.chat_messages(record), record.get("tools"), self.train_on_last_turn_only)
+        return self.fmt.chat.segments(self.chat_messages(record), record.get("tools"), self.train_on_last_turn_only,
+                                      template_kwargs=record.get("chat_template_kwargs"))
 
     # -- ids -------------------------------------------------------------------------------------
     def assemble(self, segments: list[tuple[str, list[int], bool]], where: str = "") -> tuple[list[int], list[int], int]:
@@ -368,15 +373,20 @@ class ExampleTokenizer:
         """Prompt ids for generation: exactly the ids an example's prompt has at training time."""
         return self.prefix_ids + self._encode(self.prompt_text(instruction, system))
 
-    def encode_conversation_prompt(self, messages: list[dict]) -> list[int]:
+    def encode_conversation_prompt(self, messages: list[dict], template_kwargs: dict | None = None) -> list[int]:
         """Prompt ids for the next assistant turn of a conversation (``messages``: optional system message,
         then alternating user/assistant turns, ending with a user turn): exactly the ids that precede that
-        turn's response when the whole conversation is a training example."""
+        turn's response when the whole conversation is a training example. ``template_kwargs``: a row's own
+        chat template variables (``instruction_template="tokenizer"``), over the run's."""
         if not messages or messages[-1].get("role") not in ("user", "tool"):
             raise ValueError("encode_conversation_prompt: the conversation must end with a user message")
         if self.fmt.chat is not None:
-            text = self.fmt.chat.render(self.chat_messages({"messages": list(messages)}), add_generation_prompt=True)
+            text = self.fmt.chat.render(self.chat_messages({"messages": list(messages)}), add_generation_prompt=True,
+                                        template_kwargs=template_kwargs)
             return self.prefix_ids + self._encode(text)
+        if template_kwargs:
+            raise ValueError(f"chat_template_kwargs need instruction_template='tokenizer'; {self.fmt.name!r} has no "
+                             "template variables")
         segments = self.segments({"messages": list(messages) + [{"role": "assistant", "content": "-"}]})[:-1]
         ids = list(self.prefix_ids)
         for (kind, _, _), tokens in zip(segments, self.encode_texts([text for _, text, _ in segments])):

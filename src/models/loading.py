@@ -254,6 +254,15 @@ def apply_lora(model: Any, r: int, alpha: int, dropout: float, target_modules: l
     elif gradient_checkpointing:
         # With frozen embeddings, checkpointed blocks would see inputs without grad and return no grads.
         model.enable_input_require_grads()
+    if all_linear and moe:
+        # peft's own "all-linear" expands MoE models with target_parameters of its choosing, the router's weight
+        # among them: name the linear layers ourselves (every one but the output head and the routers).
+        import torch
+
+        head = model.get_output_embeddings()
+        target_modules = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                                 if isinstance(module, torch.nn.Linear) and module is not head} - set(routers))
+        all_linear = False
     lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                       target_modules="all-linear" if all_linear else (list(target_modules) or None),
                       target_parameters=expert_parameters or None, exclude_modules=routers or None,

@@ -36,12 +36,14 @@ logger = logging.getLogger(__name__)
 
 
 def _json_text_for_arrow(record: dict) -> dict:
-    """``record`` with its tool definitions and tool calls as JSON text (the loader parses them back)."""
-    if "tools" not in record and "messages" not in record:
+    """``record`` with its tool definitions, tool calls and template variables as JSON text (the loader parses them
+    back)."""
+    if "tools" not in record and "messages" not in record and "chat_template_kwargs" not in record:
         return record
     record = dict(record)
-    if record.get("tools") is not None:
-        record["tools"] = json.dumps(record["tools"], ensure_ascii=False)
+    for key in ("tools", "chat_template_kwargs"):
+        if record.get(key) is not None:
+            record[key] = json.dumps(record[key], ensure_ascii=False)
     if record.get("messages") is not None:
         record["messages"] = [{**m, "tool_calls": json.dumps(m["tool_calls"], ensure_ascii=False)} if m.get("tool_calls")
                               else m for m in record["messages"]]

@@ -445,7 +445,8 @@ def prompt_format_for(config: SFTConfig, tokenizer: Any = None):
 
         if tokenizer is None:
             raise ValueError("instruction_template='tokenizer': no tokenizer yet to read the chat template from")
-        chat = TokenizerChatFormat.from_tokenizer(tokenizer, parse_template_kwargs(config.chat_template_kwargs))
+        chat = TokenizerChatFormat.from_tokenizer(tokenizer, parse_template_kwargs(config.chat_template_kwargs),
+                                                  config.ignore_empty_think)
     return get_prompt_format(config.instruction_template, config.custom_template, config.resolved_response_template,
                              config.system_prompt, chat=chat)
 
