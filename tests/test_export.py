@@ -69,8 +69,9 @@ def test_export_refuses_an_existing_folder_and_names_it(lora_run, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(target) in err[0] and "--overwrite" in err[0]
     assert os.listdir(target) == ["notes.txt"]
-    assert train_sft.main(["export", "--model", str(run_dir), "--to", str(target), "--overwrite"]) == 0
-    assert os.path.isfile(target / "model.safetensors") and not os.path.exists(target / "notes.txt")
+    # --overwrite replaces an earlier export of ours, never a folder of the user's (tests/test_edges_runs.py)
+    assert train_sft.main(["export", "--model", str(run_dir), "--to", str(target), "--overwrite"]) == 2
+    assert "did not write" in capsys.readouterr().err and os.listdir(target) == ["notes.txt"]
 
 
 def test_export_of_a_full_run_and_of_a_folder_that_is_not_a_run(tiny_model_dir, pairs_file, tmp_path, capsys):

@@ -9,7 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Any
+
+import yaml
 
 
 def parse_config(cls: type, argv: list[str] | None = None) -> Any:
@@ -20,41 +23,43 @@ def parse_config(cls: type, argv: list[str] | None = None) -> Any:
     does: ``--field None`` sets an optional field to None, a bare ``--arabic_remove_diacritics``
     means true, and YAML 1.1 quirks are undone (``evaluation_strategy: no`` is read by YAML as
     False; ``lora_target_modules: q_proj`` as a string instead of a one-item list).
+
+    Every mistake is a ``ValueError`` of one line (never argparse's usage dump and exit): a YAML key given
+    twice names both lines; a YAML value of the wrong type (``per_device_train_batch_size: four``) names the
+    file, line and key; a flag's value of the wrong type names the flag; a value the config refuses names
+    the field, and the file and line when it came from the YAML file.
     """
     import argparse
     import typing
 
-    import yaml
     from transformers import HfArgumentParser
 
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     optional = {n for n, t in hints.items() if n in fields and type(None) in typing.get_args(t)}
     optional_bool = {n for n in optional if bool in typing.get_args(hints[n])}
-    list_fields = {n for n, t in hints.items() if n in fields and typing.get_origin(t) is list}
+    list_fields = {n for n, t in hints.items() if n in fields and list in
+                   (typing.get_origin(t), *(typing.get_origin(a) for a in typing.get_args(t)))}
     str_fields = {n for n, t in hints.items() if n in fields and (t is str or str in typing.get_args(t))}
 
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.error = _raise_argument_error  # one line, not a usage dump and exit
     pre.add_argument("--config", action="append", default=None)
     known, rest = pre.parse_known_args(argv)
     if known.config and len(known.config) > 1:
         raise ValueError(f"--config given {len(known.config)} times ({', '.join(known.config)}); give one file")
     known.config = known.config[0] if known.config else None
+    flagged = {t[2:].split("=", 1)[0].replace("-", "_") for t in rest if t.startswith("--")}
     rest, set_to_none = _preprocess_flags(rest, optional, optional_bool)
     parser = HfArgumentParser(cls, allow_abbrev=False)  # exact flag names: --learning_rat is an error
+    parser.error = _raise_argument_error
     parser.add_argument("--config", default=None, help="YAML file with field values; flags override it.")
+    lines: dict[str, int] = {}
     if known.config:
         if not os.path.isfile(known.config):
             raise ValueError(f"config file {known.config!r} does not exist.")
-        try:
-            with open(known.config, encoding="utf-8") as fh:
-                values = yaml.safe_load(fh) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            raise ValueError(f"{known.config}{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"{known.config}: not UTF-8 text ({exc.reason})") from None
+        values, lines = read_yaml(known.config)
+        values = {} if values is None else values
         if not isinstance(values, dict):
             raise ValueError(f"{known.config}: expected a mapping of field names to values, got {type(values).__name__}.")
         unknown = sorted(set(values) - set(fields))
@@ -74,6 +79,11 @@ def parse_config(cls: type, argv: list[str] | None = None) -> Any:
                 values[name] = [value]
             elif name in str_fields and isinstance(value, (list, dict)):
                 values[name] = json.dumps(value, ensure_ascii=False)  # a structured field (datasets) as JSON text
+            elif name in optional and value == "None":
+                values[name] = None  # as `--field None` on the command line
+            elif isinstance(value, str):
+                where = f"{known.config}, line {lines[name]}" if name in lines else known.config
+                values[name] = _convert_yaml_text(parser, hints[name], name, value, where)
         # Defaults from YAML; dataclass construction (and validation) happens once, after parsing.
         parser.set_defaults(**values)
     namespace, unknown = parser.parse_known_args(rest)
@@ -86,8 +96,103 @@ def parse_config(cls: type, argv: list[str] | None = None) -> Any:
                          + " (flag names must be exact; see --help)")
     kwargs = {name: getattr(namespace, name) for name, f in fields.items() if f.init}
     kwargs.update({name: None for name in set_to_none})
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        # "SFTConfig.seed=1.5 is invalid ...": say where the value came from when the YAML file gave it
+        named = re.match(r"\w*Config\.(\w+)", str(exc))
+        name = named.group(1) if named else None
+        if name in lines and name not in flagged and name not in set_to_none:
+            raise ValueError(f"{known.config}, line {lines[name]}: {exc}") from None
+        raise
 
+
+def read_yaml(path: str) -> tuple[Any, dict[str, int]]:
+    """The values of a YAML file and the line (from 1) of each top-level key; a ``ValueError`` naming the file
+    (and the line) for text that is not YAML, not UTF-8, unreadable, or that gives a key twice in one mapping
+    (YAML's own loader silently keeps the last)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            loader = _StrictLoader(fh)
+            try:
+                node = loader.get_single_node()
+                values = loader.construct_document(node) if node is not None else None
+            finally:
+                loader.dispose()
+    except _DuplicateKey as exc:
+        where = f"lines {exc.first} and {exc.second}" if exc.first != exc.second else f"twice on line {exc.first}"
+        raise ValueError(f"{path}: key {exc.key!r} is given twice ({where}); keep one") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not a config file (nested too deeply)") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    lines = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode):  # the last one is the value's (a merge puts its keys first)
+                lines[key.value] = key.start_mark.line + 1
+    return values, lines
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first: int, second: int):
+        super().__init__(key)
+        self.key, self.first, self.second = key, first, second
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping. Keys that a merge (``<<: *base``) brings
+    in may still be overridden: that is what merging is for."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key, seen[key], line)
+                    seen[key] = line
+                except TypeError:  # an unhashable key: YAML's own error follows
+                    continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def _raise_argument_error(message: str) -> None:
+    """``ArgumentParser.error`` as a ``ValueError``: "argument --seed: invalid int value: '1.5'"."""
+    raise ValueError(message)
+
+
+_KIND_WORDS = {int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _convert_yaml_text(parser: Any, hint: Any, name: str, value: str, where: str) -> Any:
+    """A YAML text value for field ``name`` given the type the command line would give it (``learning_rate: 2e-4``,
+    which YAML 1.1 reads as text, becomes 0.0002); a value that does not convert names ``where`` and the key."""
+    import argparse
+    import typing
+
+    action = parser._option_string_actions.get(f"--{name}")
+    convert = getattr(action, "type", None)
+    if convert is None or convert is str:
+        return value
+    try:
+        return convert(value)
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        kinds = [k for k in (hint, *typing.get_args(hint)) if k in _KIND_WORDS]
+        expected = _KIND_WORDS[kinds[0]] if kinds else getattr(convert, "__name__", "another value")
+        if type(None) in typing.get_args(hint):
+            expected += " or null"
+        raise ValueError(f"{where}: {name}: expected {expected}, got {value!r}") from None
 
 
 def load_config(cls: type, path: str) -> Any:

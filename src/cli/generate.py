@@ -4,6 +4,7 @@ with the run's own prompt format (``src.training.batch_generation``)."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from src.distributed import is_main_process
 
@@ -13,7 +14,8 @@ def run(argv: list[str]) -> int:
                                      description="Generate a response for every row of a JSONL file (resumable).")
     parser.add_argument("--model", required=True, help="a run folder (output_dir of training) or an exported folder")
     parser.add_argument("--input", required=True, help="JSONL rows with 'instruction' (and optional 'system', 'id')")
-    parser.add_argument("--output", required=True, help="JSONL output; rows already there are skipped")
+    parser.add_argument("--output", required=True, help="JSONL output; rows already there are skipped (each checked "
+                        "against the input row with its id)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_length", type=int, default=256, help="maximum new tokens per response")
     parser.add_argument("--do_sample", action="store_true", help="sample (implied by any sampling flag below)")
@@ -23,14 +25,31 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--repetition_penalty", type=float)
     parser.add_argument("--seed", type=int, help="seed for sampling")
     args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.max_length < 1:
+        raise ValueError(f"--batch_size and --max_length must be at least 1 (got {args.batch_size} and {args.max_length})")
     if not is_main_process():
         return 0  # one process generates; the file is not split across ranks
+    from src.training.batch_generation import GenerationInterrupted
+
+    try:
+        return _generate(args)
+    except GenerationInterrupted as exc:
+        left = exc.total - exc.done
+        print(f"interrupted (Ctrl-C): {exc.done} of {exc.total} rows are in {exc.output}; run the same command again "
+              f"to generate the other {left} (the rows written are kept)", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"interrupted (Ctrl-C) before any row was generated; {args.output} is unchanged", file=sys.stderr)
+        return 130
+
+
+def _generate(args: argparse.Namespace) -> int:
     from src.config import SFTConfig
-    from src.training.batch_generation import done_ids, generate_file, read_input_rows
+    from src.training.batch_generation import check_output, generate_file, read_input_rows
     from src.training.sft_trainer import SFTTrainer
 
     rows = read_input_rows(args.input)  # bad input is reported before a model is loaded
-    done_ids(args.output)  # and so is an output file that is not ours
+    check_output(rows, args.input, args.output)  # and so is an output that is the input, not ours, or for other rows
     trainer = SFTTrainer(SFTConfig(output_dir=args.model))
     trainer.load_model(args.model)
     sampling = {k: getattr(args, k) for k in ("temperature", "top_p", "top_k", "repetition_penalty")

@@ -102,8 +102,17 @@ def main(argv: list[str] | None = None) -> int:
         if is_main_process():
             print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # a second Ctrl-C during training, or one while loading, tokenizing, generating or chatting
+        if debug:
+            raise
+        if is_main_process():
+            print("interrupted: stopped at once (Ctrl-C); what was saved before stays (resume a training run with "
+                  "--resume_from_checkpoint last)", file=sys.stderr)
+        return 130
     except _user_error_types() as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        if is_main_process():  # every rank raises the same error (src.distributed.main_decides): print it once
+            print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -17,8 +17,9 @@ def run(argv: list[str]) -> int:
 
     config = parse_config(SFTConfig, argv)
     trainer = create_sft_trainer(config)
-    # Refuse a wrong folder before reading data or loading a model (nothing is written until training starts).
-    trainer.claim_output_dir(resuming=bool(config.resume_from_checkpoint), write=False)
+    # Refuse a wrong folder or checkpoint before reading data or loading a model (nothing is written until training
+    # starts).
+    trainer.preflight()
     trainer.prepare()
     has_validation = trainer.trainer.eval_dataset is not None
     before = trainer.evaluate_model() if has_validation else None

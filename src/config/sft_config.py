@@ -11,7 +11,11 @@ message exist once.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import os
+import struct
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -142,9 +146,14 @@ class BaseConfig:
                                default=False)
 
     resume_from_checkpoint: Optional[str] = _help(
-        "Continue an interrupted run: a checkpoint directory, or 'last' for the newest checkpoint-* in output_dir.",
+        "Continue an interrupted run: a checkpoint directory, or 'last' for the newest checkpoint-* in output_dir. The "
+        "run must have the checkpoint's settings: only how often it logs, evaluates and saves, where it reports and "
+        "how long it runs may change (src/training/persistence.py, RESUMABLE_SETTINGS); other changes are refused.",
         default=None,
     )
+    resume_allow_changes: Optional[list[str]] = _help(
+        "Settings that may differ from the checkpoint's when resuming (e.g. ['learning_rate']): the run continues with "
+        "the new values, and sft_metadata.json records the change.", default=None)
 
     # --- evaluation, saving, logging ----------------------------------------------------------------
     evaluation_strategy: str = _help("'no', 'steps' or 'epoch' (translated to eval_strategy).", default="epoch")
@@ -196,6 +205,12 @@ class BaseConfig:
         def bad(name: str, expected: str) -> None:
             raise ValueError(f"SFTConfig.{name}={getattr(self, name)!r} is invalid: expected {expected}.")
 
+        if self.bf16 == "auto":
+            self.bf16 = None  # one spelling of "auto" from here on
+        if self.bf16 is not None and not isinstance(self.bf16, bool):
+            bad("bf16", "True, False, or None/'auto' (on where the GPU supports bfloat16)")
+        _check_types(self, bad)  # every int, float and bool field, this class's and its subclasses'
+        self._check_ranges(bad)
         if not isinstance(self.model_name, str) or not self.model_name.strip():
             bad("model_name", "a hub id, a local model directory or 'local:tiny-qwen2'")
         from src.data.loading import check_data_path
@@ -212,37 +227,6 @@ class BaseConfig:
                 _ask("datasets", check_data_path, source.path)
         if not isinstance(self.output_dir, str) or not self.output_dir.strip():
             bad("output_dir", "a directory path")
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "save_steps", "logging_steps", "lora_r", "lora_alpha"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                bad(name, "a positive integer")
-        for name in ("learning_rate", "num_train_epochs"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                bad(name, "a positive number")
-        for name in ("warmup_ratio", "validation_split_ratio", "lora_dropout", "weight_decay", "max_grad_norm"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                bad(name, "a number")
-        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps == 0:
-            bad("max_steps", "-1 (use num_train_epochs) or a positive integer")
-        if not 0 <= self.warmup_ratio < 1:
-            bad("warmup_ratio", "a number in [0, 1)")
-        if not 0 <= self.validation_split_ratio < 1:
-            bad("validation_split_ratio", "a number in [0, 1)")
-        if not 0 <= self.lora_dropout < 1:
-            bad("lora_dropout", "a number in [0, 1)")
-        if self.max_grad_norm < 0:
-            bad("max_grad_norm", "a non-negative number (0 disables clipping)")
-        if self.weight_decay < 0:
-            bad("weight_decay", "a non-negative number")
-        if self.dataloader_num_workers < 0:
-            bad("dataloader_num_workers", "a non-negative integer")
-        if self.bf16 == "auto":
-            self.bf16 = None  # one spelling of "auto" from here on
-        if self.bf16 not in (None, True, False):
-            bad("bf16", "True, False, or None/'auto' (on where the GPU supports bfloat16)")
         if self.bf16 is True and self.fp16:
             bad("fp16", "False when bf16=True (choose one mixed precision)")
         if self.push_to_hub and not (isinstance(self.hub_model_id, str) and self.hub_model_id.strip()):
@@ -260,23 +244,10 @@ class BaseConfig:
                     "makes LoRA updates explode")
         if self.evaluation_strategy not in EVAL_STRATEGIES:
             bad("evaluation_strategy", f"one of {EVAL_STRATEGIES}")
-        if self.evaluation_strategy == "steps" and self.eval_steps is not None and self.eval_steps <= 0:
-            bad("eval_steps", "a positive integer")
         if self.load_best_model_at_end and self.evaluation_strategy == "no":
             bad("load_best_model_at_end", "False when evaluation_strategy='no' (there is nothing to compare)")
-        if self.early_stopping_patience is not None:
-            if isinstance(self.early_stopping_patience, bool) or not isinstance(self.early_stopping_patience, int) \
-                    or self.early_stopping_patience < 1:
-                bad("early_stopping_patience", "None or a positive integer")
-            if self.evaluation_strategy == "no":
-                bad("early_stopping_patience", "None when evaluation_strategy='no' (early stopping watches eval_loss)")
-        if self.early_stopping_threshold < 0:
-            bad("early_stopping_threshold", "a non-negative number")
-        if self.router_aux_loss_coef is not None and (isinstance(self.router_aux_loss_coef, bool) or not isinstance(
-                self.router_aux_loss_coef, (int, float)) or not 0 <= self.router_aux_loss_coef < float("inf")):
-            bad("router_aux_loss_coef", "None (the model's own) or a finite number >= 0 (0 turns it off)")
-        if self.neftune_noise_alpha is not None and not self.neftune_noise_alpha > 0:
-            bad("neftune_noise_alpha", "None or a positive number")
+        if self.early_stopping_patience is not None and self.evaluation_strategy == "no":
+            bad("early_stopping_patience", "None when evaluation_strategy='no' (early stopping watches eval_loss)")
         if self.attn_implementation not in (None, "auto", "sdpa", "eager", "flash_attention_2", "flex_attention"):
             bad("attn_implementation", "None/'auto', 'sdpa', 'eager', 'flash_attention_2' or 'flex_attention'")
         from src.training.losses import check_loss_settings
@@ -288,6 +259,40 @@ class BaseConfig:
             raise ValueError(f"SFTConfig.fsdp_config: config file {self.fsdp_config!r} does not exist.")
         if self.fsdp_config is not None and self.deepspeed is not None:
             raise ValueError("SFTConfig.fsdp_config: None when deepspeed is set (choose one sharding engine).")
+
+    def _check_ranges(self, bad: Any) -> None:
+        """The range of each number (its type is checked already: ``_check_types``). ``bad(name, expected)`` raises."""
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "save_steps", "logging_steps", "lora_r", "lora_alpha"):
+            if getattr(self, name) < 1:
+                bad(name, "a positive integer")
+        for name in ("eval_steps", "save_total_limit", "early_stopping_patience"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                # save_total_limit 0 or -1 would keep every checkpoint: None says that
+                bad(name, "None or a positive integer")
+        if not 0 <= self.seed < 2 ** 32:
+            bad("seed", "an integer in [0, 2**32 - 1] (transformers.set_seed also seeds numpy, which takes no other)")
+        if self.max_steps == 0 or self.max_steps < -1:
+            bad("max_steps", "-1 (use num_train_epochs) or a positive integer")
+        if self.dataloader_num_workers < 0:
+            bad("dataloader_num_workers", "a non-negative integer")
+        if not (_float32(self.learning_rate) > 0 and self.learning_rate <= MAX_LEARNING_RATE):
+            bad("learning_rate", f"a positive number (non-zero in float32) of at most {MAX_LEARNING_RATE:g}; a larger "
+                "one is almost certainly a typo (2e4 for 2e-4) and makes training diverge")
+        if not self.num_train_epochs > 0:
+            bad("num_train_epochs", "a positive number")
+        for name in ("warmup_ratio", "validation_split_ratio", "lora_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                bad(name, "a number in [0, 1)")
+        if self.max_grad_norm < 0:
+            bad("max_grad_norm", "a non-negative number (0 disables clipping)")
+        for name in ("weight_decay", "early_stopping_threshold"):
+            if getattr(self, name) < 0:
+                bad(name, "a non-negative number")
+        if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
+            bad("router_aux_loss_coef", "None (the model's own) or a finite number >= 0 (0 turns it off)")
+        if self.neftune_noise_alpha is not None and not self.neftune_noise_alpha > 0:
+            bad("neftune_noise_alpha", "None or a positive number")
 
     @property
     def resolved_bf16(self) -> bool:
@@ -394,10 +399,6 @@ class SFTConfig(BaseConfig):
             if self.instruction_template != "tokenizer":
                 raise ValueError("SFTConfig.chat_template_kwargs: applies to instruction_template='tokenizer' only "
                                  f"(got instruction_template={self.instruction_template!r})")
-        if not isinstance(self.ignore_empty_think, bool):
-            raise ValueError(f"SFTConfig.ignore_empty_think={self.ignore_empty_think!r} is invalid: expected true or false.")
-        if isinstance(self.max_seq_length, bool) or not isinstance(self.max_seq_length, int) or self.max_seq_length < 8:
-            raise ValueError(f"SFTConfig.max_seq_length={self.max_seq_length!r} is invalid: expected an integer >= 8.")
         if self.overlong_policy not in OVERLONG_POLICIES:
             raise ValueError(f"SFTConfig.overlong_policy={self.overlong_policy!r} is invalid: expected one of {OVERLONG_POLICIES}.")
         _ask("normalization", self.normalizer)
@@ -412,12 +413,17 @@ class SFTConfig(BaseConfig):
             if self.eval_generation_samples:
                 raise ValueError("SFTConfig.eval_generation_samples: 0 with stream_data=True (the validation rows are "
                                  "only on disk, tokenized)")
-        if self.eval_generation_samples < 0 or self.eval_generation_max_length < 1:
-            raise ValueError("SFTConfig.eval_generation_samples must be >= 0 and eval_generation_max_length >= 1.")
-        if self.pad_to_multiple_of is not None and (
-            isinstance(self.pad_to_multiple_of, bool) or not isinstance(self.pad_to_multiple_of, int) or self.pad_to_multiple_of <= 0
-        ):
-            raise ValueError(f"SFTConfig.pad_to_multiple_of={self.pad_to_multiple_of!r} is invalid: expected a positive integer.")
+
+    def _check_ranges(self, bad: Any) -> None:
+        super()._check_ranges(bad)
+        if self.max_seq_length < 8:
+            bad("max_seq_length", "an integer >= 8")
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
+            bad("pad_to_multiple_of", "None or a positive integer")
+        if self.eval_generation_samples < 0:
+            bad("eval_generation_samples", "a non-negative integer (0: no generation-based evaluation)")
+        if self.eval_generation_max_length < 1:
+            bad("eval_generation_max_length", "a positive integer")
 
     def normalizer(self):
         """The :class:`~src.data.normalization.ArabicNormalizer` this config describes."""
@@ -441,6 +447,51 @@ class SFTConfig(BaseConfig):
         from src.data.templates import default_response_template
 
         return self.response_template or default_response_template(self.instruction_template, self.custom_template)
+
+
+# Bounds a value must keep to be what the user meant (each is named in its error).
+MAX_LEARNING_RATE = 10.0  # far above any optimizer's useful range: a larger value is a typo (2e4 for 2e-4)
+_KINDS = {int: "an integer", float: "a finite number (float32: |x| <= 3.4e38)", bool: "true or false"}
+
+
+def _float32(value: float) -> float:
+    """``value`` as float32 holds it (what training computes with); ``OverflowError`` when it does not fit."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _field_kinds(cls: type) -> dict[str, tuple[type, bool]]:
+    """``{field: (int, float or bool, whether None is allowed)}`` for every such field of ``cls``, from its annotations."""
+    kinds = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        kind = hint if hint in _KINDS else (args[0] if len(args) == 1 and args[0] in _KINDS else None)
+        if kind is not None:
+            kinds[name] = (kind, type(None) in typing.get_args(hint))
+    return kinds
+
+
+def _check_types(config: Any, bad: Any) -> None:
+    """The one type check of every number and switch: an int field holds an ``int`` (not ``True``, not ``1.5``); a
+    float field an ``int`` or ``float`` that is finite in float32 (``1e39`` is finite in Python, but every weight
+    would be inf after the first update); a bool field ``True`` or ``False``; None only where the field allows it."""
+    for name, (kind, optional) in _field_kinds(type(config)).items():
+        value = getattr(config, name)
+        if value is None and optional:
+            continue
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+            ok = False
+        elif kind is float:
+            try:
+                ok = math.isfinite(_float32(value))
+            except OverflowError:
+                ok = False
+        else:
+            ok = True
+        if not ok:
+            bad(name, ("None or " if optional else "") + _KINDS[kind])
 
 
 def _ask(field_name: str, check: Any, *args: Any) -> Any:

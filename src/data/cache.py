@@ -16,12 +16,23 @@ Arrow stream that ``datasets`` memory-maps, and ``meta.json``). The key is a BLA
 - ``CACHE_VERSION`` (bump it whenever the output of ``src/data`` tokenization, packing or loading
   changes) and the ``tokenizers``/``transformers`` versions.
 
-A hit is verified before use: ``meta.json`` must carry the same key and version, the data file its
-recorded size, and the memory-mapped table the recorded columns, row count and token and example sums.
-``meta.json`` also holds the ``TokenizeReport`` counts, which a hit restores exactly. An entry is written
-into a temporary directory next to it and renamed into place only when complete, so a run killed
-mid-write leaves a ``.tmp-*`` directory that is never read (and is removed a day later); an entry that
-fails verification is ignored, rebuilt and replaced. Every lookup logs one line: hit or miss.
+A hit is verified before use: ``meta.json`` must carry the same key and version and a checksum of every data
+file of the entry, each file its recorded size and checksum (xxHash XXH3-128 when ``xxhash`` is installed, as
+``datasets`` requires, else BLAKE2b; the whole file is read, 8 MiB at a time, on every hit: about 0.1 s per GB
+from the page cache), and the memory-mapped table the recorded columns, row count and token and example sums.
+``meta.json`` also holds the ``TokenizeReport`` counts, which a hit restores exactly. An entry is written into a
+temporary directory next to it, its metadata last (checksums of the finished data files, written to a temporary
+name and renamed), and the directory renamed into place only when complete, so a run killed mid-write leaves a
+``.tmp-*`` directory that is never read (and is removed a day later); an entry that fails verification (edited,
+truncated, written by an older version without checksums) is ignored with a warning naming it and what is
+wrong, rebuilt and replaced. Every lookup logs one line: hit or miss.
+
+A cache folder that cannot be written (a full disk, a read-only folder, a file where the folder should be)
+costs the cache, not the run: the split is tokenized in memory as without ``cache_dir``, with one warning per
+folder and reason that names the folder, the reason and the setting to change; whatever was half-written is
+removed. Entries already in a read-only folder are still read. Under ``torchrun`` every rank that finds no
+entry does the same, so every rank trains on the same rows. Only :mod:`src.data.streaming`, whose rows exist
+nowhere but in the cache, raises :class:`DatasetCacheError` (a ``ValueError``) instead.
 
 With a tokenizer that has no ``tokenizers`` backend, or a ``normalize`` function that cannot describe
 itself (only ``ArabicNormalizer``-like objects with ``to_dict`` can), the cache is skipped with a
@@ -30,7 +41,9 @@ warning and the data is tokenized as without ``cache_dir``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -52,6 +65,124 @@ TMP_PREFIX = ".tmp-" + ENTRY_PREFIX
 STALE_TMP_SECONDS = 24 * 3600
 RECORDS_PER_HASH_CHUNK = 10_000
 COUNT_KEYS = ("examples", "truncated", "dropped", "trained_tokens", "total_tokens")
+CHECKSUM_CHUNK_BYTES = 8 << 20  # read (and hashed) this much of an entry's data file at a time
+SETTING_ADVICE = ("set dataset_cache_dir (or $ARABIC_QWEN_SFT_CACHE, when it is 'auto') to a writable folder with "
+                  "free space, or to None to keep everything in memory")
+_warned: set[tuple[str, str]] = set()  # (folder, reason) pairs this process already warned about
+
+
+class DatasetCacheError(ValueError):
+    """The dataset cache folder cannot be written: it is full, read-only, or a file. Names the folder, the reason and
+    the setting to change (a ``ValueError``: one line, exit 2, from the command line)."""
+
+    def __init__(self, cache_dir: str, error: OSError, note: str = "", advice: str = SETTING_ADVICE):
+        self.cache_dir, self.error, self.reason = cache_dir, error, unusable_reason(cache_dir, error)
+        super().__init__(f"dataset cache folder {cache_dir} cannot be used: {self.reason}{note}; {advice}")
+
+
+def unusable_reason(cache_dir: str, error: OSError) -> str:
+    """Why writing into ``cache_dir`` failed with ``error``, in words."""
+    detail = error.strerror or str(error)
+    if os.path.lexists(cache_dir) and not os.path.isdir(cache_dir):
+        return "it is a file, not a folder"
+    if isinstance(error, NotADirectoryError) or error.errno == errno.ENOTDIR:
+        return f"part of its path is a file, not a folder ({detail})"
+    if error.errno == errno.ENOSPC:
+        return f"the disk is full ({detail})"
+    if error.errno == getattr(errno, "EDQUOT", None):
+        return f"the disk quota is used up ({detail})"
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"it is not writable ({detail})"
+    return f"it cannot be written ({type(error).__name__}: {detail})"
+
+
+@contextlib.contextmanager
+def cache_writes(cache_dir: str, note: str = ""):
+    """Turn an ``OSError`` of the block (the cache's own writing) into :class:`DatasetCacheError`."""
+    try:
+        yield
+    except OSError as exc:
+        raise DatasetCacheError(cache_dir, exc, note) from exc
+
+
+def _warn_unusable(error: DatasetCacheError, split: str) -> None:
+    """One warning per folder and reason; the later splits of the run only say so at INFO."""
+    seen = (os.path.abspath(error.cache_dir), error.reason.split(" (")[0])
+    if seen in _warned:
+        logger.info("%s: dataset cache folder %s cannot be used (%s): tokenizing in memory", split, error.cache_dir,
+                    error.reason)
+        return
+    _warned.add(seen)
+    logger.warning("%s: dataset cache folder %s cannot be used: %s; tokenizing in memory instead, nothing is cached "
+                   "(training goes on). To cache, %s", split, error.cache_dir, error.reason, SETTING_ADVICE)
+
+
+# -- checksums ---------------------------------------------------------------------------------------
+
+
+def checksum_algorithm() -> str:
+    """The checksum new entries get: XXH3-128 (about 9 GB/s here) with ``xxhash``, else BLAKE2b (about 0.6 GB/s)."""
+    try:
+        import xxhash  # noqa: F401 - a dependency of datasets
+    except ImportError:  # pragma: no cover
+        return "blake2b"
+    return "xxh3_128"
+
+
+def _new_digest(algorithm: Any) -> Any:
+    if algorithm == "xxh3_128":
+        try:
+            import xxhash
+        except ImportError:  # pragma: no cover
+            return None
+        return xxhash.xxh3_128()
+    if algorithm == "blake2b":
+        return hashlib.blake2b(digest_size=20)
+    return None
+
+
+def file_checksum(path: str, algorithm: str) -> str:
+    """The ``algorithm`` checksum of the whole file, read ``CHECKSUM_CHUNK_BYTES`` at a time into one buffer."""
+    digest = _new_digest(algorithm)
+    if digest is None:
+        raise ValueError(f"unknown checksum algorithm {algorithm!r}")
+    buffer = bytearray(CHECKSUM_CHUNK_BYTES)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as fh:
+        while size := fh.readinto(buffer):
+            digest.update(view[:size])
+    return digest.hexdigest()
+
+
+def _data_files(folder: str) -> list[str]:
+    """The data files of an entry folder: every file but the metadata."""
+    return sorted(name for name in os.listdir(folder)
+                  if name != META_FILE and os.path.isfile(os.path.join(folder, name)))
+
+
+def _files_problem(entry: str, meta: dict) -> str | None:
+    """What is wrong with the entry's data files against the sizes and checksums of its metadata (None: nothing).
+    Files the metadata does not list are not read and not checked."""
+    files, algorithm = meta.get("files"), meta.get("checksum")
+    if not isinstance(files, dict) or DATA_FILE not in files or not algorithm:
+        return "its metadata has no checksums of its data files (an entry of an older version, or incomplete)"
+    if _new_digest(algorithm) is None:
+        return f"its checksums are {algorithm!r}, which this installation cannot compute"
+    for name, recorded in files.items():  # the cheap checks first
+        path = os.path.join(entry, name)
+        if not isinstance(recorded, dict) or not isinstance(recorded.get(algorithm), str) or \
+                not isinstance(recorded.get("bytes"), int) or name != os.path.basename(name) or name == META_FILE:
+            return f"its metadata lists {name!r} without a valid size and checksum"
+        if not os.path.isfile(path):
+            return f"{name}, listed in its metadata, is missing"
+        if os.path.getsize(path) != recorded["bytes"]:
+            return f"{name} has {os.path.getsize(path)} bytes, the metadata says {recorded['bytes']}"
+    for name, recorded in files.items():
+        actual = file_checksum(os.path.join(entry, name), algorithm)
+        if actual != recorded[algorithm]:
+            return (f"{name} fails its {algorithm} checksum ({actual[:16]}..., the metadata says "
+                    f"{recorded[algorithm][:16]}...): it changed after it was written")
+    return None
 
 
 # -- fingerprints ------------------------------------------------------------------------------------
@@ -149,7 +280,11 @@ class ArrowSink:
         self.batches: list = []
         self.num_rows = 0
         self._file = open(path, "wb") if path else None
-        self._writer = pa.ipc.new_stream(self._file, self.schema) if path else None
+        try:
+            self._writer = pa.ipc.new_stream(self._file, self.schema) if path else None
+        except BaseException:
+            self._file.close()
+            raise
 
     def write(self, batch: Any) -> None:
         self.num_rows += batch.num_rows
@@ -159,12 +294,25 @@ class ArrowSink:
             self.batches.append(batch)
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+        """Finish the stream and put it on disk (``fsync``): a full disk shows here at the latest."""
+        if self._writer is None:
+            return
+        writer, self._writer = self._writer, None
+        try:
+            writer.close()
             self._file.flush()
             os.fsync(self._file.fileno())
+        finally:
             self._file.close()
-            self._writer = None
+
+    def abandon(self) -> None:
+        """Close without caring whether the end of the stream reaches the disk (the file is about to be removed)."""
+        writer, self._writer = self._writer, None
+        for close in ((writer.close,) if writer is not None else ()) + ((self._file.close,) if self._file else ()):
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - a full disk again, most likely; the error that matters is raised
+                pass
 
     def dataset(self) -> Any:
         from src.data.packing import dataset_from_batches
@@ -200,8 +348,9 @@ def _remove_stale_tmp(cache_dir: str) -> None:
 # -- reading -----------------------------------------------------------------------------------------
 
 
-def load_entry(entry: str, key: str, packing: bool) -> tuple[Any, dict] | None:
-    """The verified dataset and metadata of a cache entry; None (with a warning) when it is not usable."""
+def load_entry(entry: str, key: str, packing: bool, warn: bool = True) -> tuple[Any, dict] | None:
+    """The verified dataset and metadata of a cache entry; None (with a warning naming the entry and what is wrong,
+    or an INFO line without ``warn``) when it is not usable."""
     import pyarrow.compute as pc
     from datasets import Dataset
 
@@ -214,14 +363,14 @@ def load_entry(entry: str, key: str, packing: bool) -> tuple[Any, dict] | None:
         with open(os.path.join(entry, META_FILE), encoding="utf-8") as fh:
             meta = json.load(fh)
         problem = None
-        if meta.get("cache_version") != CACHE_VERSION or meta.get("key") != key:
+        if not isinstance(meta, dict) or meta.get("cache_version") != CACHE_VERSION or meta.get("key") != key:
             problem = "its metadata names another key or cache version"
-        elif os.path.getsize(data_path) != meta["data_bytes"]:
-            problem = f"{DATA_FILE} has {os.path.getsize(data_path)} bytes, the metadata says {meta['data_bytes']}"
         elif not isinstance(meta.get("counts"), dict) or \
                 not all(isinstance(meta["counts"].get(k), int) for k in COUNT_KEYS):
             problem = "its metadata lacks the report counts"
         else:
+            problem = _files_problem(entry, meta)  # sizes and checksums of every data file: the whole files are read
+        if problem is None:
             dataset = Dataset.from_file(data_path)
             counts = meta["counts"]
             expected = list(PACKED_COLUMNS if packing else UNPACKED_COLUMNS)
@@ -237,7 +386,10 @@ def load_entry(entry: str, key: str, packing: bool) -> tuple[Any, dict] | None:
     except Exception as exc:  # noqa: BLE001 - any unreadable entry is rebuilt
         problem = f"{type(exc).__name__}: {exc}"
     if problem:
-        logger.warning("ignoring dataset cache entry %s (%s); rebuilding it", entry, problem)
+        if warn:
+            logger.warning("ignoring dataset cache entry %s (%s); rebuilding it", entry, problem)
+        else:
+            logger.info("replacing dataset cache entry %s (%s)", entry, problem)
         return None
     return dataset, meta
 
@@ -248,17 +400,14 @@ def load_entry(entry: str, key: str, packing: bool) -> tuple[Any, dict] | None:
 def tokenize_cached(records: list[dict], example_tokenizer: Any, split: str, report: Any, cache_dir: str | os.PathLike,
                     *, packing: bool, batch_size: int = 1000, num_threads: int | None = None) -> Any:
     """``tokenize_records`` with ``cache_dir``: memory-map a verified entry, or build one atomically."""
-    from src.data.tokenization import apply_counts, write_tokenized
+    from src.data.tokenization import apply_counts
 
     cache_dir = os.fspath(cache_dir)
     settings, why_not = cache_settings(records, example_tokenizer, packing)
     if settings is None:
         logger.warning("%s: dataset cache not used: %s", split, why_not)
-        sink = ArrowSink(None, packed=packing)
-        counts = write_tokenized(records, example_tokenizer, split, sink, packing=packing, batch_size=batch_size,
-                                 num_threads=num_threads)
-        apply_counts(report, split, counts, example_tokenizer, len(records))
-        return sink.dataset()
+        return _tokenize_in_memory(records, example_tokenizer, split, report, packing=packing, batch_size=batch_size,
+                                   num_threads=num_threads)
     key = cache_key(settings)
     entry = os.path.join(cache_dir, ENTRY_PREFIX + key)
     found = load_entry(entry, key, packing)
@@ -269,17 +418,51 @@ def tokenize_cached(records: list[dict], example_tokenizer: Any, split: str, rep
         return dataset
 
     logger.info("%s: dataset cache miss, tokenizing %d records into %s", split, len(records), entry)
+    try:
+        with cache_writes(cache_dir):
+            dataset, counts = _build_entry(records, example_tokenizer, split, report, cache_dir, key, entry, settings,
+                                           packing=packing, batch_size=batch_size, num_threads=num_threads)
+    except DatasetCacheError as exc:  # a full disk, a read-only folder, a file: the cache is lost, not the run
+        _warn_unusable(exc, split)
+        return _tokenize_in_memory(records, example_tokenizer, split, report, packing=packing, batch_size=batch_size,
+                                   num_threads=num_threads)
+    apply_counts(report, split, counts, example_tokenizer, len(records))
+    return dataset
+
+
+def _tokenize_in_memory(records: list[dict], example_tokenizer: Any, split: str, report: Any, *, packing: bool,
+                        batch_size: int, num_threads: int | None) -> Any:
+    from src.data.tokenization import apply_counts, write_tokenized
+
+    sink = ArrowSink(None, packed=packing)
+    counts = write_tokenized(records, example_tokenizer, split, sink, packing=packing, batch_size=batch_size,
+                             num_threads=num_threads)
+    apply_counts(report, split, counts, example_tokenizer, len(records))
+    return sink.dataset()
+
+
+def _build_entry(records: list[dict], example_tokenizer: Any, split: str, report: Any, cache_dir: str, key: str,
+                 entry: str, settings: dict, *, packing: bool, batch_size: int,
+                 num_threads: int | None) -> tuple[Any, dict]:
+    """Tokenize into a temporary folder and commit it as ``entry``: the memory-mapped dataset and the report counts
+    (not yet added to ``report``). Any ``OSError`` is the cache folder's; nothing of the attempt is left behind."""
+    from src.data.tokenization import apply_counts, write_tokenized
+
     tmp = new_entry_dir(cache_dir, key)
     try:
         sink = ArrowSink(os.path.join(tmp, DATA_FILE), packed=packing)
         try:
             counts = write_tokenized(records, example_tokenizer, split, sink, packing=packing, batch_size=batch_size,
                                      num_threads=num_threads)
-        finally:
-            sink.close()
-        apply_counts(report, split, counts, example_tokenizer, len(records))  # raises on an empty split: nothing kept
-        return commit_entry(tmp, entry, key, packing, split=split, num_rows=sink.num_rows, counts=counts,
-                            settings=settings, tokenizer=example_tokenizer.tokenizer)[0]
+        except BaseException:
+            sink.abandon()
+            raise
+        sink.close()
+        if not counts["examples"]:
+            apply_counts(report, split, counts, example_tokenizer, len(records))  # raises: an empty split, nothing kept
+        dataset = commit_entry(tmp, entry, key, packing, split=split, num_rows=sink.num_rows, counts=counts,
+                               settings=settings, tokenizer=example_tokenizer.tokenizer)[0]
+        return dataset, counts
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already when it was renamed into place
 
@@ -294,7 +477,11 @@ def new_entry_dir(cache_dir: str, key: str) -> str:
 def commit_entry(tmp: str, entry: str, key: str, packing: bool, *, split: str, num_rows: int, counts: dict,
                  settings: dict, tokenizer: Any, extra: dict | None = None) -> tuple[Any, dict]:
     """Write the metadata of the finished entry in ``tmp``, rename it into place and read it back (memory-mapped).
-    ``extra`` adds fields to the metadata (what a streamed source's loading counted)."""
+    ``extra`` adds fields to the metadata (what a streamed source's loading counted). The metadata is written
+    last: the size and checksum of every data file in ``tmp``, to a temporary name renamed to ``meta.json``."""
+    algorithm = checksum_algorithm()
+    files = {name: {"bytes": os.path.getsize(os.path.join(tmp, name)),
+                    algorithm: file_checksum(os.path.join(tmp, name), algorithm)} for name in _data_files(tmp)}
     meta = {
         "cache_version": CACHE_VERSION,
         "key": key,
@@ -306,16 +493,30 @@ def commit_entry(tmp: str, entry: str, key: str, packing: bool, *, split: str, n
         "tokenizer_name": getattr(tokenizer, "name_or_path", None),
         "settings": settings,
         **(extra or {}),
+        "checksum": algorithm,
+        "files": files,
     }
-    with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as fh:
-        json.dump(meta, fh, ensure_ascii=False, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
+    _write_json_atomic(os.path.join(tmp, META_FILE), meta)
     _commit(tmp, entry, key, packing)
     found = load_entry(entry, key, packing)
     if found is None:  # pragma: no cover - only if the entry is damaged between writing and reading it
         raise RuntimeError(f"dataset cache entry {entry} could not be read back right after writing it")
     return found
+
+
+def _write_json_atomic(path: str, data: dict) -> None:
+    """``data`` as JSON at ``path``, complete or not at all: written to a temporary name, synced, renamed."""
+    part = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.part")
+    try:
+        with open(part, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, ensure_ascii=False, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(part, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(part)
+        raise
 
 
 def _commit(tmp: str, entry: str, key: str, packing: bool) -> None:
@@ -328,8 +529,9 @@ def _commit(tmp: str, entry: str, key: str, packing: bool) -> None:
         except OSError:
             if not os.path.exists(entry):
                 raise
-        # Another process finished the same entry first (keep it), or a broken one is in the way (move it aside).
-        if load_entry(entry, key, packing) is not None:
+        # Another process finished the same entry first (keep it), or a broken one is in the way (move it aside;
+        # the lookup that missed has warned about it already).
+        if load_entry(entry, key, packing, warn=False) is not None:
             return
         trash = f"{os.path.dirname(entry)}/.stale-{os.path.basename(entry)}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:

@@ -30,7 +30,8 @@ file, the line (or row index) and the field. With ``skip_invalid_rows`` the row 
 and :class:`LoadReport` counts it by reason; nothing is dropped silently. Hostile input is refused the same way:
 
 - a value is *empty* when nothing is left after removing whitespace, direction marks, zero-width characters
-  (U+FEFF included) and tatweel (:func:`is_blank`, whatever the run's normalization preset): "empty value";
+  (U+FEFF included), every other character that shows nothing (Unicode's default-ignorable and format characters:
+  ``INVISIBLE_RANGES``) and tatweel (:func:`is_blank`, whatever the run's normalization preset): "empty value";
 - control characters other than tab, newline, carriage return and NEL, and lone surrogates: "control
   character" / "invalid Unicode";
 - a JSON object holding a key twice (a row, or a turn inside it): "duplicate key";
@@ -57,14 +58,25 @@ INSTRUCTION_KEYS = ("instruction", "prompt", "question", "query")
 RESPONSE_KEYS = ("response", "output", "completion", "answer")
 SPLIT_NAMES = ("train", "validation")
 REPLACEMENT_CHAR = "\ufffd"
-# Characters that show nothing: direction marks and embeddings/isolates (U+200E, U+200F, U+061C,
-# U+202A-U+202E, U+2066-U+2069), zero-width characters (U+200B-U+200D, U+2060, U+FEFF/BOM) and tatweel.
-# A value holding only these and whitespace is empty, whatever normalization preset a run uses.
-INVISIBLE_CHARS = ("\u200e\u200f\u061c\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
-                   "\u200b\u200c\u200d\u2060\ufeff\u0640")
-_INVISIBLE_TABLE = {ord(c): None for c in INVISIBLE_CHARS}
+# Characters that show nothing, as ranges of code points: every Default_Ignorable_Code_Point of Unicode
+# (DerivedCoreProperties.txt: direction marks and embeddings/isolates, zero-width characters, U+FEFF/BOM, the soft
+# hyphen, the combining grapheme joiner U+034F, the Hangul fillers U+115F, U+1160, U+3164 and U+FFA0, variation
+# selectors, tags, invisible operators and the code points Unicode reserves as ignorable), the other format
+# characters (category Cf) but the prepended concatenation marks (U+0600-U+0605, U+06DD, ..., which show a sign),
+# the Braille blank U+2800 and tatweel. A value holding only these and whitespace is empty, whatever normalization
+# preset a run uses. tests/test_edges_config.py checks the table against unicodedata's Cf and the regex module's
+# Default_Ignorable_Code_Point.
+INVISIBLE_RANGES = (
+    (0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x0640, 0x0640), (0x115F, 0x1160), (0x17B4, 0x17B5),
+    (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x206F), (0x2800, 0x2800), (0x3164, 0x3164),
+    (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFFB), (0x13430, 0x1343F), (0x1BCA0, 0x1BCA3),
+    (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF),
+)
+INVISIBLE_CHARS = "".join(chr(c) for first, last in INVISIBLE_RANGES for c in range(first, last + 1))
+_INVISIBLE_CLASS = "".join(chr(a) if a == b else f"{chr(a)}-{chr(b)}" for a, b in INVISIBLE_RANGES)
+_INVISIBLE_RE = re.compile(f"[{_INVISIBLE_CLASS}]+")
 # The first character that shows something (``\s`` is ``str.isspace``, as in ``str.split``).
-_VISIBLE_RE = re.compile(f"[^\\s{INVISIBLE_CHARS}]")
+_VISIBLE_RE = re.compile(f"[^\\s{_INVISIBLE_CLASS}]")
 # C0 and C1 control characters (and DEL), except the line breaks: tab, newline, carriage return and NEL
 # (U+0085, a Unicode line separator that JSON strings may hold, like U+2028/U+2029).
 CONTROL_CHARS = "\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x84\x86-\x9f"
@@ -85,8 +97,9 @@ class DatasetError(ValueError):
 
 
 def visible_text(value: str) -> str:
-    """``value`` without whitespace, direction marks, zero-width characters and tatweel (see ``INVISIBLE_CHARS``)."""
-    return "".join(value.translate(_INVISIBLE_TABLE).split())
+    """``value`` without whitespace and the characters that show nothing (direction marks, zero-width characters,
+    tatweel ...: ``INVISIBLE_RANGES``)."""
+    return "".join(_INVISIBLE_RE.sub("", value).split())
 
 
 def is_blank(value: str) -> bool:
@@ -494,10 +507,11 @@ def _check_text(values: dict, key: str, where: str, field_name: str | None = Non
 
 def _invisible_note(value: str) -> str:
     """For a value that is not plain whitespace: which invisible characters it holds, e.g. " (only U+200F, U+0640)"."""
-    shown = sorted({c for c in value if c in INVISIBLE_CHARS})
+    shown = sorted(set("".join(_INVISIBLE_RE.findall(value))))
     if not shown:
         return ""
-    return f" (only whitespace and invisible characters: {', '.join(f'U+{ord(c):04X}' for c in shown)})"
+    names = [f"U+{ord(c):04X}" for c in shown[:8]] + ([f"... ({len(shown)} different)"] if len(shown) > 8 else [])
+    return f" (only whitespace and invisible characters: {', '.join(names)})"
 
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",

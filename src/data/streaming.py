@@ -16,7 +16,10 @@ holds every validated record, and before packing every token id, in memory. This
 Entries are the tokenized-data cache's (:mod:`src.data.cache`): keyed by the file's content hash, how it is
 split, the tokenizer, the template and every setting; memory-mapped by ``datasets``; built once (under
 ``torchrun`` the main process builds, the other ranks read, and each rank's sampler reads only its rows) and
-reused by the next run when nothing changed. Rows are tokenized on one thread, in file order.
+reused by the next run when nothing changed. Rows are tokenized on one thread, in file order. The rows exist
+nowhere but in the cache, so a cache folder that cannot be written (a full disk, read-only, a file) is a
+:class:`~src.data.cache.DatasetCacheError` naming the folder, the reason and the settings to change, and the
+half-written entries are removed; the in-memory path falls back to memory instead.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from src.data.cache import (
     DATA_FILE,
     ENTRY_PREFIX,
     ArrowSink,
+    DatasetCacheError,
     cache_key,
     cache_settings,
     commit_entry,
@@ -46,6 +50,8 @@ from src.data.tokenization import IGNORE_INDEX, TokenizeReport, apply_counts, em
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation")
+STREAM_ADVICE = ("set dataset_cache_dir (or $ARABIC_QWEN_SFT_CACHE, when it is 'auto') to a writable folder with room for "
+                 "the tokenized data, or turn stream_data off to tokenize in memory")
 
 
 def file_fingerprint(path: str) -> str:
@@ -92,14 +98,19 @@ class _SplitWriter:
     def __init__(self, tmp: str, packing: bool):
         self.tmp, self.packing = tmp, packing
         self.sink = ArrowSink(os.path.join(tmp, DATA_FILE), packed=packing)
+        self.ids = self.trained = None
+        try:
+            if packing:
+                self.ids = open(os.path.join(tmp, "ids.int32"), "wb")
+                self.trained = open(os.path.join(tmp, "trained.bool"), "wb")
+        except BaseException:
+            self.abandon()
+            raise
         self.counts = empty_counts()
         self.records = 0
         self.buffer: list[dict] = []
         self.buffered_chars = 0
         self.lengths: list[np.ndarray] = []
-        if packing:
-            self.ids = open(os.path.join(tmp, "ids.int32"), "wb")
-            self.trained = open(os.path.join(tmp, "trained.bool"), "wb")
 
     def add(self, chunk: Any) -> None:
         from src.data.packing import unpacked_batch
@@ -108,17 +119,26 @@ class _SplitWriter:
         if not len(chunk.lengths):
             return
         if self.packing:
-            chunk.input_ids.astype(np.int32).tofile(self.ids)
-            (chunk.labels != IGNORE_INDEX).tofile(self.trained)
+            # file.write, not ndarray.tofile: a full disk then raises ENOSPC (tofile only says "n requested, m written")
+            self.ids.write(np.ascontiguousarray(chunk.input_ids, dtype=np.int32).data)
+            self.trained.write(np.ascontiguousarray(chunk.labels != IGNORE_INDEX).data)
             self.lengths.append(chunk.lengths.astype(np.int64))
         else:
             self.sink.write(unpacked_batch(chunk.input_ids, chunk.labels, chunk.lengths))
 
+    def abandon(self) -> None:
+        """Close every file without finishing it (after an error; the temporary folder is removed next)."""
+        for raw in (self.ids, self.trained):
+            if raw is not None:
+                try:
+                    raw.close()
+                except OSError:  # its buffer did not reach a full disk: the file is removed anyway
+                    pass
+        self.sink.abandon()
+
     def discard(self) -> None:
-        if self.packing:
-            self.ids.close()
-            self.trained.close()
-        self.sink.close()
+        """Drop this split (it got no rows): its files go with the temporary folder, unfinished."""
+        self.abandon()
 
     def finish(self, max_seq_length: int) -> None:
         from src.data.packing import packed_batches
@@ -171,9 +191,12 @@ def stream_splits(path: str, example_tokenizer: Any, cache_dir: str, *, packing:
 
     logger.info("%s: streaming and tokenizing into %s", path, cache_dir)
     load_report = LoadReport()
-    tmps = {split: new_entry_dir(cache_dir, keys[split]) for split in SPLITS}
+    tmps: dict[str, str] = {}
+    writers: dict[str, _SplitWriter] = {}
     try:
-        writers = {split: _SplitWriter(tmps[split], packing) for split in SPLITS}
+        for split in SPLITS:
+            tmps[split] = new_entry_dir(cache_dir, keys[split])
+            writers[split] = _SplitWriter(tmps[split], packing)
         held = None if eval_path else held_out_lines(path, validation_split_ratio, seed)
         sources = [(path, held)] + ([(eval_path, "validation")] if eval_path else [])
         for source_path, routing in sources:
@@ -212,6 +235,16 @@ def stream_splits(path: str, example_tokenizer: Any, cache_dir: str, *, packing:
                                          tokenizer=example_tokenizer.tokenizer, extra=extra)[0]
         if not has_validation:
             writers["validation"].discard()
+    except BaseException as exc:
+        for writer in writers.values():
+            writer.abandon()
+        sources_read = {os.path.abspath(p) for p in (path, eval_path) if p}
+        if isinstance(exc, OSError) and (exc.filename is None or os.path.abspath(os.fsdecode(exc.filename)) not in sources_read):
+            # A full, read-only or misplaced cache folder. The tokenized rows exist only there (they may not fit in
+            # memory): no in-memory fallback, one clear error (a ValueError).
+            raise DatasetCacheError(cache_dir, exc, note=" (stream_data writes the tokenized rows there)",
+                                    advice=STREAM_ADVICE) from exc
+        raise
     finally:
         for tmp in tmps.values():
             shutil.rmtree(tmp, ignore_errors=True)  # gone already when renamed into place

@@ -22,12 +22,61 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.mo
 TINY_MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
+def _is_hub_id(name: str) -> bool:
+    """Whether ``name`` can be a hub model id: 'name' or 'org/name' of ASCII letters, digits, '-', '_' and '.', not
+    starting or ending with '-' or '.', without '--' or '..', at most 96 characters (huggingface_hub's own rule)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not name.isascii():
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
 def _looks_local(name: str) -> bool:
-    """A name that can only be a filesystem path (a hub id is 'name' or 'org/name'), or whose first part is a
-    local folder (``models/my-run`` when ``models/`` exists: a mistyped path, not a hub id)."""
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
+    """A name that can only be a filesystem path: one that cannot be a hub id (more than one '/', a leading '.', '/'
+    or '~', a backslash, a space, a character or length a hub id does not allow: ``_is_hub_id``), or whose first part
+    is a local folder (``models/my-run`` when ``models/`` exists: a mistyped path, not a hub id). Such a name that
+    does not exist fails at once instead of waiting on the network."""
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or not _is_hub_id(name):
         return True
     return "/" in name and os.path.isdir(name.split("/", 1)[0])
+
+
+def _where_missing(path: str) -> str:
+    """Where a path that does not exist stops existing: " (no folder 'mdels' in /work)"."""
+    current = os.path.normpath(os.path.expanduser(path))
+    while True:
+        parent = os.path.dirname(current)
+        if parent == current:
+            return ""
+        if not parent or os.path.exists(parent):
+            break
+        current = parent
+    if parent and not os.path.isdir(parent):
+        return f" ({parent!r} is a file, not a folder)"
+    return f" (no folder {os.path.basename(current)!r} in {parent!r})" if parent else \
+        f" (no folder {os.path.basename(current)!r} in the current folder, {os.getcwd()})"
+
+
+def _offline_flag() -> str | None:
+    """``"HF_HUB_OFFLINE=1"`` (or ``"TRANSFORMERS_OFFLINE=1"``) when the hub may not be reached, else None."""
+    from huggingface_hub import constants
+
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(variable, "").upper() in constants.ENV_VARS_TRUE_VALUES:
+            return f"{variable}=1"
+    return "HF_HUB_OFFLINE=1" if constants.is_offline_mode() else None
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the local hub cache holds ``repo_id``'s config (a model's, or a LoRA adapter's)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in ("config.json", "adapter_config.json"))
 
 
 def _built_model_type(path: str) -> str | None:
@@ -75,8 +124,10 @@ def resolve_model_path(model_name: str, output_dir: str, corpus_path: str | None
       ``local:tiny-qwen3-moe``, ``local:tiny-qwen3.5``, ``local:tiny-qwen3.5-moe``): builds the tiny random-init
       model once into ``<output_dir>/base_model`` (reused afterwards) and returns that directory;
     - an existing directory: returned as is (it must hold ``config.json``);
-    - a path-like name that does not exist: :class:`ModelLoadError`;
-    - anything else is a hub id, returned unchanged for ``from_pretrained``.
+    - a name that cannot be a hub id (``_looks_local``) and does not exist: :class:`ModelLoadError` at once, naming the
+      first missing folder (no network is tried);
+    - a hub id, returned unchanged for ``from_pretrained``; offline (``HF_HUB_OFFLINE=1``), one that is not in the
+      hub cache is a :class:`ModelLoadError` at once.
     """
     if model_name.startswith("local:"):
         if model_name not in TINY_MODELS:
@@ -94,10 +145,23 @@ def resolve_model_path(model_name: str, output_dir: str, corpus_path: str | None
         ):
             raise ModelLoadError(f"model directory {model_name!r} has no config.json; expected a saved transformers model")
         return expanded
-    if _looks_local(model_name) or os.path.exists(expanded):
+    if os.path.exists(expanded):
+        raise ModelLoadError(f"model path {model_name!r} is a file; expected a local model directory, a hub id like "
+                             f"'Qwen/Qwen2.5-7B', or {TINY_MODEL_NAME!r}")
+    if _looks_local(model_name):
         raise ModelLoadError(
-            f"model path {model_name!r} does not exist; expected a local model directory, a hub id like "
-            f"'Qwen/Qwen2.5-7B', or {TINY_MODEL_NAME!r}"
+            f"model path {model_name!r} does not exist{_where_missing(model_name)}; expected a local model directory, "
+            f"a hub id like 'Qwen/Qwen2.5-7B' ('name' or 'org/name' of letters, digits, '-', '_' and '.'), or "
+            f"{TINY_MODEL_NAME!r}"
+        )
+    offline = _offline_flag()
+    if offline and not _in_hub_cache(model_name):
+        from huggingface_hub import constants
+
+        raise ModelLoadError(
+            f"model {model_name!r} is not in the hub cache ({constants.HF_HUB_CACHE}) nor a local folder, and {offline} "
+            f"is set, so nothing is downloaded: download it where there is network (huggingface-cli download "
+            f"{model_name}), give a local model directory, or unset {offline.split('=')[0]}"
         )
     return model_name
 

@@ -28,7 +28,14 @@ from src.models.loading import (
     resolve_model_path,
 )
 from src.training import persistence
-from src.training.guards import DivergenceCallback, InterruptCallback, TrainingDiverged, TrainingInterrupted, interrupt_signals
+from src.training.guards import (
+    DivergenceCallback,
+    InterruptCallback,
+    TrainingDiverged,
+    TrainingInterrupted,
+    check_finite_weights,
+    interrupt_signals,
+)
 from src.training.losses import SFTLoss, build_loss
 from src.training.training_args import training_arguments_kwargs
 
@@ -251,8 +258,14 @@ class BaseTrainer(ABC):
             from src.training.export import check_hub_reachable
 
             check_hub_reachable(self.config.hub_model_id, output_dir)  # before hours of training, not after
-        checkpoint = self._resume_checkpoint()
-        self.claim_output_dir(resuming=checkpoint is not None)
+        checkpoint, changed = self.resume_plan()
+        resume = None
+        if checkpoint is not None:
+            resume = {"from": os.path.abspath(checkpoint), "step": persistence.checkpoint_step(checkpoint),
+                      "changed": changed}
+            logger.info("Resuming from %s (step %d)%s", checkpoint, resume["step"],
+                        "; changed: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()) if changed else "")
+        self.claim_output_dir(resuming=checkpoint is not None, resume=resume)
         try:
             trainer = self.prepare()
             step = persistence.checkpoint_step(checkpoint) if checkpoint is not None else None
@@ -266,6 +279,10 @@ class BaseTrainer(ABC):
                                "the final model (the run stopped before its final save)", checkpoint, step,
                                trainer.args.max_steps)
                 trainer._load_from_checkpoint(checkpoint)
+                from transformers import TrainerState
+
+                # the checkpoint's log history, for the loss plot and model card of the final save
+                trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
                 self.training_completed_at = persistence.utc_now()
                 self.final_metrics = self.evaluate_model() if trainer.eval_dataset is not None else {}
                 self.save_model()
@@ -299,6 +316,13 @@ class BaseTrainer(ABC):
             if self.config.push_to_hub:
                 self.push_to_hub()
             return self.train_result
+        except Exception as exc:
+            if not persistence.no_space_left(exc):
+                raise
+            last = persistence.last_complete_checkpoint(output_dir)
+            raise ValueError(f"No space left on device while writing to {output_dir} ({type(exc).__name__}); the last "
+                             f"complete checkpoint is {last or 'none'}. Free space, then resume with "
+                             "resume_from_checkpoint='last'") from None
         finally:
             persistence.release_output_dir(output_dir)
 
@@ -320,7 +344,22 @@ class BaseTrainer(ABC):
         trainer = self.prepare()
         return {k: float(v) for k, v in trainer.evaluate(eval_dataset).items()}
 
-    def claim_output_dir(self, resuming: bool = False, write: bool = True) -> None:
+    def resume_plan(self) -> tuple[Optional[str], dict]:
+        """The checkpoint this run continues (None: a new run) and the settings that changed since it was written;
+        a checkpoint of a run with other settings is refused (``persistence.check_resume``), before anything loads."""
+        checkpoint = self._resume_checkpoint()
+        if checkpoint is None:
+            return None, {}
+        allowed = getattr(self.config, "resume_allow_changes", None) or ()
+        return checkpoint, persistence.check_resume(checkpoint, self.config.to_dict(), allowed)
+
+    def preflight(self) -> None:
+        """Every check that needs no data and no model, writing nothing: the checkpoint to resume and its settings,
+        and the output folder (the command line runs it before reading any data)."""
+        checkpoint, _ = self.resume_plan()
+        self.claim_output_dir(resuming=checkpoint is not None, write=False)
+
+    def claim_output_dir(self, resuming: bool = False, write: bool = True, resume: Optional[dict] = None) -> None:
         """Check and claim ``config.output_dir`` once, before anything is loaded (``persistence.claim_output_dir``);
         the lock is released when training ends or, after evaluation-only use, when the process exits.
         ``write=False`` only checks: the command line refuses a wrong folder before reading any data, and
@@ -329,7 +368,7 @@ class BaseTrainer(ABC):
         if output_dir in self._claimed:
             return
         persistence.claim_output_dir(output_dir, self._get_training_method(), self.config.overwrite_output_dir, resuming,
-                                     write=write)
+                                     write=write, config=self.config.to_dict(), resume=resume)
         if not write:
             return
         self._claimed.add(output_dir)
@@ -386,6 +425,8 @@ class BaseTrainer(ABC):
         """
         if self.model is None:
             raise ValueError("save_model: there is no model yet; call train() or load_model() first")
+        check_finite_weights(self.trainer.model if self.trainer is not None else self.model,
+                             self.trainer.accelerator if self.trainer is not None else None, "the final model")
         persistence.save_run(self, output_dir or self.config.output_dir)
 
     def read_metadata(self, path: str) -> dict[str, Any]:
@@ -415,6 +456,10 @@ class BaseTrainer(ABC):
                 base = os.path.join(path, base)
             if not base:
                 raise ModelLoadError(f"load_model: {path!r} holds a LoRA adapter but its metadata names no base model")
+            if (os.path.isabs(base) or base == "base_model") and not os.path.isdir(base):
+                raise ModelLoadError(f"load_model: {path} is a LoRA adapter on the base model folder {base}, which is "
+                                     "missing (moved or deleted); put the base model back there, or export the run "
+                                     "(train_sft.py export) where its base exists")
             base_model = load_causal_lm(base, trust_remote_code=trust, attn_implementation=self.config.attn_implementation,
                                         bf16=self.config.resolved_bf16, dtype=dtype)
             self.model = PeftModel.from_pretrained(base_model, path)

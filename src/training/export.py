@@ -6,8 +6,11 @@ and ``sft_metadata.json`` (the run's, marked as exported and merged), so plain `
 serving engines that read the same files (vLLM) load it without peft, and ``load_model`` still restores
 the formatting settings. Weights keep the checkpoint's own precision unless ``dtype`` says otherwise.
 
-The target is written to a temporary sibling and renamed into place when complete; an existing target is
-refused unless ``overwrite``.
+The target is written to a temporary sibling and put in place when complete: renamed, or, over an earlier
+export, swapped with it in one atomic exchange (``renameat2(RENAME_EXCHANGE)`` on Linux), so a kill at any
+moment leaves the previous export or the new one whole, never neither. An existing target is refused unless
+``overwrite``, and even then export follows training's ownership rules: it never replaces a folder that holds
+files this project did not write, nor one that contains the run being exported.
 """
 
 from __future__ import annotations
@@ -35,10 +38,7 @@ def export_run(model_dir: str, target: str, *, overwrite: bool = False, dtype: s
 
     if dtype not in DTYPES:
         raise ValueError(f"export: dtype={dtype!r} is invalid: expected one of {DTYPES}")
-    if os.path.abspath(target) == os.path.abspath(model_dir):
-        raise ValueError(f"export: the target {target} is the run itself; choose another folder")
-    if os.path.exists(target) and not (os.path.isdir(target) and not os.listdir(target)) and not overwrite:
-        raise FileExistsError(f"export: {target} already exists and is not empty; choose another folder or pass --overwrite")
+    check_target(model_dir, target, overwrite)
     trainer = SFTTrainer(SFTConfig(output_dir=target, trust_remote_code=trust_remote_code))
     trainer.load_model(model_dir, dtype="auto" if dtype == "auto" else getattr(torch, dtype))
     model = trainer.model
@@ -66,14 +66,63 @@ def export_run(model_dir: str, target: str, *, overwrite: bool = False, dtype: s
         if os.path.isfile(card):
             shutil.copy2(card, os.path.join(tmp, "README.md"))
         with open(os.path.join(tmp, persistence.metadata_filename("sft")), "w", encoding="utf-8") as fh:
-            json.dump(metadata, fh, ensure_ascii=False, indent=2)
-        if os.path.exists(target):
-            shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
-        os.replace(tmp, target)
+            json.dump(persistence.json_safe(metadata), fh, ensure_ascii=False, indent=2, allow_nan=False)
+        _put_in_place(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("Exported %s%s to %s", model_dir, " (LoRA merged into its base)" if merged else "", target)
     return target
+
+
+def check_target(model_dir: str, target: str, overwrite: bool) -> None:
+    """Refuse a target that is, or contains, the run; an existing one unless ``overwrite``; and, even with it, one
+    holding files this project did not write (an export or run of ours may be replaced, nothing else)."""
+    source, dest = os.path.realpath(model_dir), os.path.realpath(target)
+    if dest == source:
+        raise ValueError(f"export: the target {target} is the run itself; choose another folder")
+    if os.path.commonpath([source, dest]) == dest:
+        raise ValueError(f"export: the target {target} contains the run {model_dir}; replacing it would delete the run. "
+                         "Choose a folder outside it")
+    if not os.path.exists(target) or (os.path.isdir(target) and not os.listdir(target)):
+        return
+    if not overwrite:
+        raise FileExistsError(f"export: {target} already exists and is not empty; choose another folder or pass --overwrite")
+    if not os.path.isdir(target):
+        raise FileExistsError(f"export: {target} is a file; export writes a folder and never replaces a file it did not write")
+    if not os.path.isfile(os.path.join(target, persistence.metadata_filename("sft"))):
+        shown = ", ".join(sorted(os.listdir(target))[:5])
+        raise FileExistsError(f"export: {target} holds files this project did not write ({shown}); --overwrite replaces an "
+                              "earlier export only, never a folder of yours: choose another folder")
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where that is not available."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _put_in_place(tmp: str, target: str) -> None:
+    """``tmp`` becomes ``target``: a rename, or an atomic exchange with the earlier export (then deleted)."""
+    if os.path.isdir(target) and os.listdir(target):
+        if _exchange(tmp, target):
+            return  # tmp now holds the earlier export; the caller removes it
+        old = f"{os.path.abspath(target).rstrip(os.sep)}.old-{os.getpid()}"
+        os.replace(target, old)  # no atomic exchange here: the earlier export waits beside the target meanwhile
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    os.replace(tmp, target)
 
 
 # What a run folder holds besides the model: checkpoints (optimizer states, RNG), the run's lock and marker, an

@@ -9,7 +9,9 @@
 - **Divergence**: before every optimizer step the gradients are checked; a non-finite gradient (which a
   non-finite loss always gives) raises :class:`TrainingDiverged` naming the step *before* the update
   is applied, so the weights in memory and every checkpoint on disk stay finite, and the final model is
-  not saved.
+  not saved. After an update, weights can still overflow (a finite gradient times a learning rate that
+  float32 cannot hold): :func:`check_finite_weights` runs before every checkpoint and before the final save,
+  so non-finite weights are never saved, and never named the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -122,3 +124,24 @@ def interrupt_signals(callback: InterruptCallback) -> Iterator[None]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def check_finite_weights(model: Any, accelerator: Any = None, what: str = "the model") -> None:
+    """Raise :class:`TrainingDiverged` when any weight is NaN or infinite (every rank checks its own shards: DeepSpeed's
+    ``ds_tensor`` partitions, FSDP2's local tensors; the ranks agree through one all-reduce)."""
+    bad = None
+    for name, param in model.named_parameters():
+        data = getattr(param, "ds_tensor", None)
+        data = data if data is not None else param.data
+        data = data.to_local() if hasattr(data, "to_local") else data
+        if data.numel() and not torch.isfinite(data).all():
+            bad = name
+            break
+    flag = torch.tensor([1.0 if bad else 0.0], device=next(model.parameters()).device)
+    if accelerator is not None and accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, "sum")
+    if flag.item():
+        where = f" ({bad})" if bad else " (on another rank)"
+        raise TrainingDiverged(f"the weights are not finite after the last update{where}: {what} was not saved. The update "
+                               "overflowed them (a learning_rate too large for the model's dtype?); lower the "
+                               "learning_rate, then resume from the last checkpoint")

@@ -80,6 +80,26 @@ class SFTHFTrainer(Trainer):
                     state_dict = {k: v for k, v in state_dict.items() if k != target}
         return super()._save(output_dir, state_dict)
 
+    def _save_checkpoint(self, model, trial):
+        """The stock checkpoint, but never of non-finite weights (an update that overflowed them is refused with
+        :class:`~src.training.guards.TrainingDiverged`, so no non-finite checkpoint exists to resume from or be named
+        the last good one), and old checkpoints rotated by step number: transformers orders them by modification
+        time, so a half-deleted old checkpoint counted as the newest and complete newer ones were deleted."""
+        from transformers.trainer_utils import rotate_checkpoints
+
+        from src.training.guards import check_finite_weights
+
+        check_finite_weights(self.model, self.accelerator, f"checkpoint-{self.state.global_step}")
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.should_save:
+            rotate_checkpoints(output_dir=self.args.output_dir, save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         micro_batches = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
         self.sft_loss.last_aux = None
