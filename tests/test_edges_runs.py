@@ -166,11 +166,19 @@ def test_checkpoints_rotate_by_step_not_by_modification_time(tiny_model_dir, dat
 
 
 def test_our_own_temporary_folders_never_make_a_folder_foreign(tmp_path):
+    from src.models.loading import _remove_dead_builds
+
     (tmp_path / "base_model.tmp-4242").mkdir()
     (tmp_path / ".sft_run.lock.tmp-77").write_text("{", encoding="utf-8")
     assert persistence.foreign_files(str(tmp_path), "sft") == []
     (tmp_path / "mine.txt").write_text("x", encoding="utf-8")
     assert persistence.foreign_files(str(tmp_path), "sft") == ["mine.txt"]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / f"base_model.tmp-{dead.stdout.strip()}").mkdir()  # a build whose process is gone
+    (tmp_path / f"base_model.tmp-{os.getpid()}").mkdir()  # a live one (this process)
+    _remove_dead_builds(str(tmp_path / "base_model"))
+    assert not (tmp_path / f"base_model.tmp-{dead.stdout.strip()}").exists()
+    assert (tmp_path / f"base_model.tmp-{os.getpid()}").exists()
 
 
 def test_a_final_save_killed_between_its_renames_is_finished(tiny_model_dir, data, tmp_path, monkeypatch):
@@ -316,8 +324,9 @@ def test_ctrl_c_while_tokenizing_is_one_line_and_exit_130(tiny_model_dir, data, 
 
 @pytest.mark.slow
 def test_sigkill_at_a_random_moment_leaves_the_previous_or_the_new_result_whole(tiny_model_dir, data, tmp_path):
-    """Property: SIGKILL a training run (into a folder holding a finished run, overwriting it) and an export (over an
-    earlier export) at random moments; afterwards the folder loads, as the previous result or the new one."""
+    """Property: SIGKILL a training run (into a folder holding a finished run, overwriting it), an export (over an
+    earlier export) and a batch generation at random moments; afterwards the folder loads, as the previous result or
+    the new one, and the generation finishes to exactly what an uninterrupted one writes."""
     import random
 
     from transformers import AutoModelForCausalLM
@@ -354,3 +363,47 @@ def test_sigkill_at_a_random_moment_leaves_the_previous_or_the_new_result_whole(
         exporter.kill()
         exporter.wait()
         AutoModelForCausalLM.from_pretrained(str(export))  # the earlier export or the new one, whole
+    # generate: killed at random moments, the same command finishes the file exactly as an uninterrupted run writes it
+    questions = write_jsonl(tmp_path / "q.jsonl", [{"id": str(i), "instruction": p["instruction"]}
+                                                   for i, p in enumerate(PAIRS * 4)])
+    generate = [sys.executable, os.path.join(ROOT, "train_sft.py"), "generate", "--model", str(reference), "--input",
+                questions, "--batch_size", "2", "--max_length", "8"]
+    whole = tmp_path / "whole.jsonl"
+    assert subprocess.run(generate + ["--output", str(whole)], env=env, capture_output=True).returncode == 0
+    partial = tmp_path / "partial.jsonl"
+    for _ in range(3):
+        process = subprocess.Popen(generate + ["--output", str(partial)], env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(3.0, 9.0))
+        process.kill()
+        process.wait()
+    assert subprocess.run(generate + ["--output", str(partial)], env=env, capture_output=True).returncode == 0
+    assert partial.read_bytes() == whole.read_bytes()
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_of_two_ranks_ends_with_143_and_one_line(tiny_model_dir, tmp_path):
+    """torchrun turns a SIGTERM into its own traceback and exit 1; `train_sft.py launch` ends like a single run."""
+    import signal
+
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS * 20)
+    out = tmp_path / "o"
+    args = [sys.executable, os.path.join(ROOT, "train_sft.py"), "launch", "--nproc_per_node", "2", "--master_port",
+            str(__import__("tests.test_distributed", fromlist=["free_port"]).free_port()), "--",
+            "--model_name", tiny_model_dir, "--dataset_path", data, "--output_dir", str(out), "--use_lora", "false",
+            "--max_steps", "500", "--logging_steps", "1", "--evaluation_strategy", "no", "--validation_split_ratio", "0",
+            "--dataloader_pin_memory", "false", "--gradient_checkpointing", "false", "--per_device_train_batch_size", "1"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    seen, deadline = [], time.time() + 240
+    for line in proc.stdout:  # wait until training steps are being logged
+        seen.append(line)
+        if "'loss'" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=240)
+    output = "".join(seen) + rest
+    assert proc.returncode == 143, output[-3000:]
+    assert "Traceback" not in output
+    assert len([line for line in output.splitlines() if line.startswith("interrupted: SIGTERM")]) == 1
+    assert persistence.last_complete_checkpoint(str(out)) is not None

@@ -5,6 +5,7 @@
     python train_sft.py export --model RUN_DIR --to DIR
     python train_sft.py generate --model RUN_DIR --input rows.jsonl --output out.jsonl
     python train_sft.py chat --model RUN_DIR
+    python train_sft.py launch --nproc_per_node N -- [training options]
 
 A new command is a module in ``src/cli`` with ``run(argv) -> int`` and one line in ``COMMANDS``.
 User errors (bad config, bad data, missing model, refused overwrite) exit with status 2 and one line on
@@ -28,6 +29,7 @@ COMMANDS = {
     "generate": ("src.cli.generate", "generate a response for every row of a JSONL file (batched, resumable)"),
     "chat": ("src.cli.chat", "chat with a trained run (streamed answers, multi-turn, /reset /system /exit)"),
     "evaluate": ("src.cli.evaluate", "score a trained run on benchmark tasks with lm-evaluation-harness"),
+    "launch": ("src.cli.launch", "torchrun over several processes, ending like a single run (exit 143 on SIGTERM)"),
 }
 DEFAULT_COMMAND = "train"
 

@@ -111,10 +111,30 @@ def _build_tiny(path: str, corpus_path: str | None, seed: int, family: str = "qw
         shutil.rmtree(path)
     logger.info("Building the tiny random-init %s model and tokenizer in %s", family, path)
     texts = corpus_texts(corpus_path) if corpus_path and corpus_path.endswith(".jsonl") else None
+    _remove_dead_builds(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     build_tiny_model(family, texts, tmp, seed=seed)
     os.replace(tmp, path)
+
+
+def _remove_dead_builds(path: str) -> None:
+    """Remove ``<path>.tmp-<pid>`` folders of builds whose process is gone (killed, or stopped by a full disk)."""
+    import glob
+    import shutil
+
+    for leftover in glob.glob(glob.escape(path) + ".tmp-*"):
+        pid = leftover.rsplit(".tmp-", 1)[1]
+        alive = True
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            alive = False
+        except (ValueError, PermissionError):
+            pass
+        if not alive:
+            logger.info("removing %s, left by a tiny-model build that did not finish", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def resolve_model_path(model_name: str, output_dir: str, corpus_path: str | None = None, seed: int = 0) -> str:

@@ -1,0 +1,41 @@
+"""``train_sft.py launch [torchrun options] -- [training options]``: torchrun, ending as a training run ends.
+
+torchrun itself turns a SIGTERM (what schedulers send) into its own traceback and exit status 1, after its workers
+have already stopped cleanly and saved a checkpoint. This command runs torchrun's own launcher
+(``torch.distributed.run``) in-process with ``train_sft.py`` as the training script, and ends the way a
+single-process run ends: exit 130 (SIGINT) or 143 (SIGTERM) when the launcher was signalled, the
+workers' own exit status when one failed (2 for a user error, printed once by the main rank), 0 otherwise. On a signal
+the one line is the main rank's (the step, the checkpoint and the resume command); the launcher adds nothing::
+
+    python train_sft.py launch --nproc_per_node 4 -- --config configs/my_run.yaml
+"""
+
+from __future__ import annotations
+
+import os
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "train_sft.py")
+
+
+def run(argv: list[str]) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args
+    from torch.distributed.run import run as torchrun
+
+    if "--" not in argv:
+        raise ValueError("launch: put '--' between torchrun's options and the training options, e.g. "
+                         "train_sft.py launch --nproc_per_node 4 -- --config run.yaml")
+    split = argv.index("--")
+    launcher, training = argv[:split], argv[split + 1:]
+    args = parse_args([*launcher, SCRIPT, *training])
+    try:
+        torchrun(args)
+    except SignalException as exc:
+        # torchrun has passed the signal on; the main rank has printed the one line (step, checkpoint, resume command)
+        return 128 + int(exc.sigval)
+    except ChildFailedError as exc:
+        failure = next(iter(exc.failures.values()), None) if exc.failures else None
+        code = getattr(failure, "exitcode", 1) or 1
+        return code if code > 0 else 128 - code  # a worker killed by a signal: -N -> 128 + N
+    return 0
