@@ -407,3 +407,20 @@ def test_sigterm_to_the_launcher_of_two_ranks_ends_with_143_and_one_line(tiny_mo
     assert "Traceback" not in output
     assert len([line for line in output.splitlines() if line.startswith("interrupted: SIGTERM")]) == 1
     assert persistence.last_complete_checkpoint(str(out)) is not None
+
+
+@pytest.mark.slow
+def test_a_user_error_under_two_ranks_is_printed_once(tiny_model_dir, data, tmp_path):
+    from tests.test_distributed import free_port
+
+    args = [sys.executable, os.path.join(ROOT, "train_sft.py"), "launch", "--nproc_per_node", "2", "--master_port",
+            str(free_port()), "--", "--model_name", tiny_model_dir, "--dataset_path", data, "--output_dir",
+            str(tmp_path / "o"), "--resume_from_checkpoint", "last"]  # nothing to resume: a user error on every rank
+    result = subprocess.run(args, env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert [line for line in output.splitlines() if line.startswith("error:")] == [
+        f"error: resume_from_checkpoint='last' found no checkpoint to resume from: {tmp_path / 'o'} has no complete "
+        "checkpoint-* directory"]
+    assert "Traceback" not in output
