@@ -60,22 +60,38 @@ class TokenizerMismatchError(ValueError):
 
 @dataclass
 class TokenizeReport:
-    """Counts of what tokenization did to over-long examples, per split."""
+    """Counts of what tokenization did to over-long examples, per split.
+
+    Why an over-long example was dropped follows from the policy (:func:`drop_reason`): under ``"drop"`` every
+    over-long example goes; under ``"truncate"`` only those with nothing left to train once cut to
+    ``max_seq_length`` (the prompt, with any untrained earlier turns, fills it alone)."""
 
     examples: Counter = field(default_factory=Counter)
     truncated: Counter = field(default_factory=Counter)
     dropped: Counter = field(default_factory=Counter)
     trained_tokens: Counter = field(default_factory=Counter)
     total_tokens: Counter = field(default_factory=Counter)
+    overlong_policy: str | None = None  # of the splits counted (set by apply_counts)
 
     def summary(self) -> str:
         parts = []
         for split in self.examples:
             part = f"{split}: {self.examples[split]} examples, {self.total_tokens[split]} tokens ({self.trained_tokens[split]} trained)"
             if self.truncated[split] or self.dropped[split]:
-                part += f", {self.truncated[split]} truncated, {self.dropped[split]} dropped as over-long"
+                part += f", {self.truncated[split]} truncated"
+                if self.dropped[split]:
+                    part += f", {self.dropped[split]} dropped ({drop_reason(self.overlong_policy)})"
             parts.append(part)
         return "; ".join(parts)
+
+
+def drop_reason(overlong_policy: str | None) -> str:
+    """Why an over-long example is dropped under ``overlong_policy`` (a phrase after "dropped because")."""
+    if overlong_policy == "drop":
+        return "over-long (overlong_policy='drop' drops every over-long example)"
+    if overlong_policy == "truncate":
+        return "the prompt alone fills max_seq_length: nothing left to train after truncation"
+    return "over-long"
 
 
 def special_prefix_ids(tokenizer: Any) -> list[int]:
@@ -614,11 +630,14 @@ def apply_counts(report: TokenizeReport, split: str, counts: dict[str, int], exa
         if counts[name]:  # as the per-example loop did: a split with none gets no entry
             getattr(report, name)[split] += counts[name]
     report.examples[split] = counts["examples"]
-    if report.truncated[split] or report.dropped[split]:
+    report.overlong_policy = example_tokenizer.overlong_policy
+    truncated, dropped = report.truncated[split], report.dropped[split]
+    if truncated or dropped:
+        # Counted by reason: under "truncate" a row is dropped (not truncated) when its prompt alone fills the window.
+        reason = f"; dropped: {dropped} because {drop_reason(example_tokenizer.overlong_policy)}" if dropped else ""
         logger.warning(
-            "%s: %d examples longer than max_seq_length=%d were truncated and %d dropped (overlong_policy=%r)",
-            split, report.truncated[split], example_tokenizer.max_seq_length, report.dropped[split],
-            example_tokenizer.overlong_policy,
+            "%s: %d examples longer than max_seq_length=%d were truncated and %d dropped (overlong_policy=%r)%s",
+            split, truncated, example_tokenizer.max_seq_length, dropped, example_tokenizer.overlong_policy, reason,
         )
     if not counts["examples"]:
         raise ValueError(f"{split}: no examples left after applying overlong_policy (all {n_records} were over-long)")

@@ -18,6 +18,10 @@ Each family is built with its own config class (``Qwen3Config``, ``Qwen3MoeConfi
 real checkpoint of that architecture. The Qwen3.5 ones are hybrid: three Gated DeltaNet (linear attention)
 layers, then one full-attention layer (``config.layer_types``), as the real models interleave them. They use
 the project's templates by default, not Qwen's (a clone has no ``../shared``).
+
+A run with ``model_name: local:tiny-qwen2`` and ``tokenizer_name`` (a local Qwen tokenizer folder, a hub id) gets the
+tiny model built with that tokenizer's vocabulary instead (``BaseTrainer.setup_model``): a small model that reads
+real text with the real Qwen token ids, for a fast trial.
 """
 
 from __future__ import annotations
@@ -113,13 +117,20 @@ def tiny_config(family: str, vocab_size: int, *, max_position_embeddings: int = 
         bos_token_id=None, eos_token_id=eos_id, pad_token_id=eos_id, **values)
 
 
+def embedding_rows(tokenizer: Any) -> int:
+    """Embedding rows a model needs for every id of ``tokenizer`` (added tokens included): 151,665 for Qwen2.5's."""
+    return max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
+
+
 def build_tiny_model(family: str = "qwen2", texts: Iterable[str] | None = None, output_dir: str | None = None, *,
                      vocab_size: int = 4000, seed: int = 0, max_position_embeddings: int = 4096, tokenizer: Any = None,
                      **dims):
     """Build a random-init causal LM of ``family`` (see :data:`TINY_FAMILIES`) and its tokenizer; save both to
     ``output_dir`` if given.
 
-    The tokenizer is trained on ``texts`` unless one is given. ``dims`` override the family's sizes
+    The tokenizer is trained on ``texts`` unless one is given; a given one (a real Qwen tokenizer) decides the
+    vocabulary: one embedding row per id (tied to the LM head), so its 151,665 ids make about 19M of the parameters
+    at the default width. ``dims`` override the family's sizes
     (``hidden_size``, ``num_hidden_layers``, ...). The weights are a deterministic function of ``seed``.
     """
     import torch
@@ -127,8 +138,10 @@ def build_tiny_model(family: str = "qwen2", texts: Iterable[str] | None = None, 
 
     if tokenizer is None:
         tokenizer = train_bpe_tokenizer(texts if texts is not None else corpus_texts(), vocab_size=vocab_size)
-    eos_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    config = tiny_config(family, len(tokenizer), max_position_embeddings=max_position_embeddings, eos_id=eos_id, **dims)
+    vocab = tokenizer.get_vocab()
+    eos_id = vocab["<|endoftext|>"] if "<|endoftext|>" in vocab else tokenizer.eos_token_id
+    config = tiny_config(family, embedding_rows(tokenizer), max_position_embeddings=max_position_embeddings,
+                         eos_id=eos_id, **dims)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)

@@ -11,12 +11,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from abc import ABC, abstractmethod
 from typing import Any, Optional
+
+from transformers import TrainerCallback
 
 from src.config import BaseConfig
 from src.models.architectures import check_architecture, is_moe, model_config, router_aux_loss_coef
 from src.models.loading import (
+    TINY_MODEL_FILES,
     ModelLoadError,
     apply_lora,
     check_bf16,
@@ -27,6 +31,7 @@ from src.models.loading import (
     quantization_config,
     resolve_model_path,
 )
+from src.models.tiny import TINY_MODELS
 from src.training import persistence
 from src.training.guards import (
     DivergenceCallback,
@@ -90,6 +95,8 @@ class BaseTrainer(ABC):
         self.training_completed_at: Optional[str] = None
         self.train_result: Any = None
         self.final_metrics: dict[str, float] = {}
+        # set when early stopping ended training before max_steps/epochs (EarlyStopReport): step, reason, best checkpoint
+        self.early_stopped: Optional[dict[str, Any]] = None
         self._saved_dirs: set[str] = set()  # folders this trainer wrote or claimed (no overwrite refusal there)
         self._claimed: set[str] = set()
         self.interrupt = InterruptCallback()
@@ -163,11 +170,19 @@ class BaseTrainer(ABC):
         from transformers import set_seed
 
         set_seed(self.config.seed)
-        self.base_model_path = resolve_model_path(
-            self.config.model_name, self.config.output_dir, self.config.dataset_path, self.config.seed
-        )
         trust = self.config.trust_remote_code
-        self.tokenizer = load_tokenizer(self.config.tokenizer_name or self.base_model_path, trust_remote_code=trust)
+        if self.config.model_name in TINY_MODELS and self.config.tokenizer_name:
+            # A small model with a real tokenizer's vocabulary (a fast trial on real text): built for that tokenizer.
+            self.tokenizer = load_tokenizer(self.config.tokenizer_name, trust_remote_code=trust)
+            self.base_model_path = build_tiny_for_tokenizer(self.config.model_name, self.tokenizer,
+                                                            self.config.output_dir, self.config.seed)
+        else:
+            if self.config.model_name in TINY_MODELS:
+                drop_tiny_built_for_tokenizer(os.path.join(self.config.output_dir, "base_model"))
+            self.base_model_path = resolve_model_path(
+                self.config.model_name, self.config.output_dir, self.config.dataset_path, self.config.seed
+            )
+            self.tokenizer = load_tokenizer(self.config.tokenizer_name or self.base_model_path, trust_remote_code=trust)
         c = self.config
         quantized = c.load_in_4bit or c.load_in_8bit
         if quantized:
@@ -176,6 +191,7 @@ class BaseTrainer(ABC):
         model = load_causal_lm(self.base_model_path, trust_remote_code=trust, attn_implementation=c.attn_implementation,
                                bf16=c.resolved_bf16, bf16_weights=c.use_lora,
                                quantization=quantization_config(c.load_in_4bit, c.load_in_8bit) if quantized else None)
+        check_vocabulary_fits(self.tokenizer, model, c.tokenizer_name or self.base_model_path, c.model_name)
         if c.use_lora:
             model = apply_lora(model, c.lora_r, c.lora_alpha, c.lora_dropout, c.lora_target_modules,
                                c.gradient_checkpointing, use_dora=c.use_dora, use_rslora=c.use_rslora,
@@ -222,7 +238,9 @@ class BaseTrainer(ABC):
         if self.config.early_stopping_patience is not None:
             from transformers import EarlyStoppingCallback
 
-            callbacks.append(EarlyStoppingCallback(self.config.early_stopping_patience, self.config.early_stopping_threshold))
+            early_stopping = EarlyStoppingCallback(self.config.early_stopping_patience,
+                                                   self.config.early_stopping_threshold)
+            callbacks += [early_stopping, EarlyStopReport(self, early_stopping)]
         return callbacks
 
     # -- the pipeline --------------------------------------------------------------------------------
@@ -239,6 +257,10 @@ class BaseTrainer(ABC):
         if self.model is None:
             self.setup_model()
         self.trainer = self.create_trainer(dataset, self.get_training_arguments(), self.get_callbacks())
+        alpha = getattr(self.config, "neftune_noise_alpha", None)
+        if alpha is not None:
+            logger.info("NEFTune on: uniform noise (alpha=%g, scaled by 1/sqrt(sequence length x hidden size)) is added "
+                        "to the input embeddings in training steps only; evaluation and generation see none", alpha)
         if self.config.fsdp_config and not self.trainer.is_fsdp_enabled:
             raise ValueError(f"SFTConfig.fsdp_config={self.config.fsdp_config!r}: accelerate did not select FSDP on this "
                              "machine, so the model would not be sharded; refusing to train unsharded")
@@ -473,6 +495,147 @@ class BaseTrainer(ABC):
         self._configure_architecture()
         self._check_tokenizer()
         logger.info("Loaded %s from %s", "LoRA adapter" if self.config.use_lora else "model", path)
+
+
+TINY_TOKENIZER_MARKER = "tiny_tokenizer.json"  # in a tiny base model built for tokenizer_name: which vocabulary
+
+
+def _vocabulary_fingerprint(tokenizer: Any) -> str:
+    import hashlib
+
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def build_tiny_for_tokenizer(model_name: str, tokenizer: Any, output_dir: str, seed: int) -> str:
+    """``<output_dir>/base_model``: the tiny random-init model of ``model_name`` (``local:tiny-qwen2``, ...) with one
+    embedding row per id of ``tokenizer`` (a real Qwen tokenizer: 151,665 rows), the tokenizer saved beside it.
+
+    A complete folder built for the same family and vocabulary is reused; anything else there (the default tiny
+    build, another tokenizer's) is this project's own build and is built again: into a temporary sibling, renamed
+    into place, so a folder is never half-built. Under torchrun the main process builds, the others wait."""
+    import shutil
+
+    from src.distributed import main_process_first
+    from src.models.tiny import build_tiny_model, tiny_config
+
+    family = TINY_MODELS[model_name]
+    path = os.path.join(output_dir, "base_model")
+    wanted = {"family": family, "vocab_size": len(tokenizer), "vocabulary_sha256": _vocabulary_fingerprint(tokenizer),
+              "tokenizer": getattr(tokenizer, "name_or_path", None)}
+    with main_process_first():
+        built = _read_json(os.path.join(path, TINY_TOKENIZER_MARKER))
+        complete = all(os.path.isfile(os.path.join(path, f)) for f in TINY_MODEL_FILES)
+        if complete and built is not None and all(built.get(k) == wanted[k] for k in ("family", "vocab_size",
+                                                                                       "vocabulary_sha256")):
+            return path
+        if os.path.isdir(path):
+            logger.warning("%s holds another tiny build (%s): building local:tiny-%s for the tokenizer %s", path,
+                           f"for the tokenizer {built.get('tokenizer')}" if built else "with its own tokenizer", family,
+                           wanted["tokenizer"])
+            shutil.rmtree(path)
+        logger.info("Building the tiny random-init %s model in %s with the vocabulary of %s (%d tokens: %s parameters "
+                    "in the embeddings)", family, path, wanted["tokenizer"], len(tokenizer),
+                    f"{len(tokenizer) * tiny_config(family, 8).hidden_size:,}")
+        tmp = f"{path}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        build_tiny_model(family, None, tmp, tokenizer=tokenizer, seed=seed)
+        with open(os.path.join(tmp, TINY_TOKENIZER_MARKER), "w", encoding="utf-8") as fh:
+            json.dump(wanted, fh, ensure_ascii=False, indent=2)
+        os.replace(tmp, path)
+    return path
+
+
+def drop_tiny_built_for_tokenizer(path: str) -> None:
+    """Remove a tiny base model built for a tokenizer_name that this run no longer gives, so the default tiny model
+    (with its own tokenizer) is built there again instead of the other vocabulary being reused."""
+    import shutil
+
+    from src.distributed import is_main_process, main_process_first
+
+    with main_process_first():
+        if is_main_process() and os.path.isfile(os.path.join(path, TINY_TOKENIZER_MARKER)):
+            logger.warning("%s was built for tokenizer_name=%s; this run gives none: building the default tiny model "
+                           "again", path, (_read_json(os.path.join(path, TINY_TOKENIZER_MARKER)) or {}).get("tokenizer"))
+            shutil.rmtree(path)
+
+
+def _read_json(path: str) -> Optional[dict]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            value = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def check_vocabulary_fits(tokenizer: Any, model: Any, tokenizer_name: str, model_name: str) -> None:
+    """Refuse, before any training, a tokenizer with ids the model has no embedding row for (the forward pass would
+    end in ``IndexError: index out of range in self`` on the first such token, or never see it)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is None:
+        return
+    vocab = tokenizer.get_vocab()
+    largest = max(max(vocab.values(), default=-1), len(tokenizer) - 1)
+    if largest >= rows:
+        hint = (" (local:tiny-* models are built with the vocabulary of tokenizer_name when it is given)"
+                if model_name in TINY_MODELS else "")
+        raise ModelLoadError(
+            f"tokenizer {tokenizer_name!r} has ids up to {largest:,} but model {model_name!r} has only {rows:,} "
+            f"embedding rows: its ids past {rows - 1:,} cannot be embedded; use the tokenizer the model was trained "
+            f"with (leave tokenizer_name unset) or a model built for this tokenizer{hint}")
+
+
+class EarlyStopReport(TrainerCallback):
+    """Says in one log line when early stopping ends training, why, and which checkpoint the run keeps, and records it
+    as ``owner.early_stopped`` (saved in the run's metadata and model card, printed in the end-of-run summary).
+    transformers' ``EarlyStoppingCallback`` only sets ``should_training_stop``: the progress bar stops where it is.
+
+    Goes after that callback in the list (it reads what the evaluation decided). The line comes once the stopping
+    step's checkpoint is saved (``on_save``; ``on_train_end`` without one): only then are the best metric and
+    checkpoint final (the stopping evaluation itself may be the best, by less than the threshold)."""
+
+    def __init__(self, owner: "BaseTrainer", early_stopping: Any):
+        self.owner = owner
+        self.early_stopping = early_stopping
+        self.training = False
+        self.pending: Optional[dict[str, Any]] = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.training, self.pending = True, None
+        self.owner.early_stopped = None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        patience = self.early_stopping.early_stopping_patience
+        if not (self.training and control.should_training_stop and self.owner.early_stopped is None
+                and self.pending is None and self.early_stopping.early_stopping_patience_counter >= patience
+                and state.global_step < state.max_steps):
+            return  # not stopping, stopped already, or at the last step anyway (not early)
+        metric = args.metric_for_best_model or "eval_loss"
+        metric = metric if metric.startswith("eval_") else f"eval_{metric}"
+        self.pending = {"step": state.global_step, "max_steps": state.max_steps, "metric": metric, "patience": patience,
+                        "threshold": self.early_stopping.early_stopping_threshold,
+                        "last_value": (metrics or {}).get(metric)}
+
+    def on_save(self, args, state, control, **kwargs):
+        self._report(state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._report(state)
+        self.training = False
+
+    def _report(self, state) -> None:
+        if self.pending is None:
+            return
+        info, self.pending = self.pending, None
+        best = state.best_model_checkpoint
+        match = re.search(r"checkpoint-(\d+)$", os.path.normpath(best)) if best else None
+        info.update(best_value=state.best_metric, best_step=int(match.group(1)) if match else None, best_checkpoint=best)
+        self.owner.early_stopped = info
+        from src.training.report import early_stop_text
+
+        logger.info("Early stopping: %s", early_stop_text(info))
 
 
 REPORTER_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "mlflow", "comet_ml": "comet_ml",

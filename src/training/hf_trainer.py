@@ -17,10 +17,19 @@ It overrides only what must change:
 - ``evaluate`` weights every trained token equally across batches (the stock loop averages
   per-batch means), so packed and unpacked evaluation of the same examples give the same
   ``eval_loss``; it adds ``eval_perplexity``. It uses the same loss object as training.
+- TensorBoard writes under ``<output_dir>/runs`` even when an evaluation logs before training starts (the stock
+  callback opens its writer on the first log line, in ``./runs`` of the working directory, when that line comes
+  before ``on_train_begin``: see ``_deferred_tensorboard_class``), and the evaluation of the untrained model
+  (step 0) stays in the log history that the loss plot and model card read (the stock ``train()`` starts a new,
+  empty history).
+- reloading a checkpoint (resume, best checkpoint) does not warn about the tied LM head it never holds
+  (``lm_head.weight`` of a model with ``tie_word_embeddings``): only missing keys that are really missing.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import time
 from typing import Any, Optional
@@ -30,6 +39,8 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from src.training.losses import SFTLoss, safe_perplexity, token_loss_sum
+
+logger = logging.getLogger(__name__)
 
 
 class SFTHFTrainer(Trainer):
@@ -53,6 +64,11 @@ class SFTHFTrainer(Trainer):
         # MoE: the router loss of this process's micro-batches since the last log line (mean per step), see log()
         self._aux_sum: Optional[torch.Tensor] = None
         self._aux_logged_step = 0
+        # the log line of the evaluation of the untrained model (step 0, before train()): see _KeepStepZeroEval
+        self._eval_before_training: Optional[dict] = None
+        self._training = False
+        self.add_callback(_KeepStepZeroEval(self))
+        _defer_tensorboard(self)
 
     @property
     def engine(self) -> str:
@@ -99,6 +115,27 @@ class SFTHFTrainer(Trainer):
         if self.args.should_save:
             rotate_checkpoints(output_dir=self.args.output_dir, save_total_limit=limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        self._training = True
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self._training = False
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        """The stock warning about a checkpoint's missing and unexpected keys, less the keys that are missing by
+        design: a weight tied to another one that the checkpoint does hold (the LM head of a model with
+        ``tie_word_embeddings``: ``save_pretrained`` writes the shared tensor once). Any other missing key warns."""
+        from torch.nn.modules.module import _IncompatibleKeys
+
+        missing = list(load_result.missing_keys)
+        expected = tied_missing_keys(self.model, missing)
+        if expected:
+            logger.debug("checkpoint without %s: tied to the input embeddings (tie_word_embeddings), as expected",
+                         ", ".join(expected))
+            load_result = _IncompatibleKeys([k for k in missing if k not in expected], list(load_result.unexpected_keys))
+        super()._issue_warnings_after_load(load_result)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         micro_batches = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
@@ -230,9 +267,107 @@ class SFTHFTrainer(Trainer):
         if self.state.epoch is not None:
             metrics["epoch"] = self.state.epoch
         self.log(metrics)
+        if eval_dataset is None and metric_key_prefix == "eval" and not self._training and self.state.global_step == 0 \
+                and self.state.log_history:
+            self._eval_before_training = dict(self.state.log_history[-1])  # the untrained model on the validation split
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         self._memory_tracker.stop_and_update_metrics(metrics)
         return metrics
+
+
+def tied_missing_keys(model: Any, missing: list[str]) -> list[str]:
+    """The keys of ``missing`` that a model with tied word embeddings does not need from a checkpoint: parameters that
+    are the same tensor as another parameter that was loaded (``lm_head.weight`` is ``embed_tokens.weight``)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    text_config = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    if not missing or not getattr(text_config, "tie_word_embeddings", False):
+        return []
+    params = dict(model.named_parameters(remove_duplicate=False))
+    names: dict[int, list[str]] = {}
+    for name, param in params.items():
+        names.setdefault(id(param), []).append(name)
+    skipped = set(missing)
+    return [key for key in missing if key in params
+            and any(other not in skipped for other in names[id(params[key])] if other != key)]
+
+
+def _defer_tensorboard(trainer: Trainer) -> None:
+    """Replace transformers' TensorBoard callback (when ``report_to`` has one) by ``DeferredTensorBoard``
+    (:func:`_deferred_tensorboard_class`), keeping its place in the callback list."""
+    try:
+        from transformers.integrations.integration_utils import TensorBoardCallback
+    except ImportError:  # pragma: no cover - transformers moved it: the test of the event files says so
+        return
+    callbacks = trainer.callback_handler.callbacks
+    for i, callback in enumerate(callbacks):
+        if type(callback) is TensorBoardCallback:
+            deferred = _deferred_tensorboard_class()(tb_writer=callback.tb_writer)
+            deferred.logging_dir = callback.logging_dir
+            callbacks[i] = deferred
+
+
+@functools.lru_cache(maxsize=None)
+def _deferred_tensorboard_class() -> type:
+    from transformers.integrations.integration_utils import TensorBoardCallback
+
+    class DeferredTensorBoard(TensorBoardCallback):
+        """transformers' TensorBoard callback, minus its writer in the working directory.
+
+        The stock callback decides its folder (``<output_dir>/runs/<date>_<host>``) in ``on_train_begin``; a line
+        logged before (an evaluation before training, as the command line runs it) opened a writer on
+        ``SummaryWriter``'s default, ``./runs`` of the working directory, which then took every training line too.
+        Here the lines logged before training are kept and written, at their step (0), once training has begun: into
+        the run's folder, and only after the run has claimed ``output_dir`` (nothing is written into a folder that
+        another run holds or that will be refused). Lines after training (the final evaluation) go to the same
+        folder. An evaluation that no training follows is not written to TensorBoard (its metrics are returned)."""
+
+        def __init__(self, tb_writer=None):
+            super().__init__(tb_writer)
+            self.before_training: list[tuple[int, dict]] = []
+            self.began = False
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.began = True
+            super().on_train_begin(args, state, control, **kwargs)
+            pending, self.before_training = self.before_training, []
+            for step, logs in pending:
+                super().on_log(args, _StepOf(step), control, logs=logs)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not self.began and self.tb_writer is None:
+                if state.is_world_process_zero:
+                    self.before_training.append((state.global_step, dict(logs or {})))
+                return
+            super().on_log(args, state, control, logs=logs, **kwargs)
+
+    return DeferredTensorBoard
+
+
+class _StepOf:
+    """The two fields of ``TrainerState`` that ``TensorBoardCallback.on_log`` reads, for a line logged earlier."""
+
+    is_world_process_zero = True
+
+    def __init__(self, global_step: int):
+        self.global_step = global_step
+
+
+class _KeepStepZeroEval(TrainerCallback):
+    """Puts the evaluation of the untrained model (``evaluate()`` before ``train()``, as the command line runs it) at
+    the head of the new run's log history, where the stock ``train()`` leaves it out: the loss plot, the model card
+    and every checkpoint's ``trainer_state.json`` then start at step 0. Not on resume (the history is the
+    checkpoint's), nor when the history already has a step-0 evaluation."""
+
+    def __init__(self, trainer: "SFTHFTrainer"):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        entry, self.trainer._eval_before_training = self.trainer._eval_before_training, None
+        if entry is None or state.global_step != 0:
+            return
+        if not any(e.get("step") == 0 and "eval_loss" in e for e in state.log_history):
+            state.log_history.insert(0, entry)
 
 
 class _HookSignature:

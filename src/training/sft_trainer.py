@@ -387,6 +387,8 @@ class SFTTrainer(BaseTrainer):
             "attention": (self.attention or AttentionChoice(implementation=self.attn_implementation())).as_metadata(),
             "packed_layout": self.packed_layout().as_metadata(),
             "architecture": describe(self.model),
+            # early stopping ended training before max_steps: at which step, why, which checkpoint was kept
+            "early_stopped": self.early_stopped or False,
         })
         if self.tokenize_report is not None:
             meta["examples"] = dict(self.tokenize_report.examples)
