@@ -149,3 +149,86 @@ def is_arabic_word(word: str) -> bool:
     arabic = len(ARABIC_LETTER_RE.findall(word))
     letters = sum(1 for ch in word if ch.isalpha())
     return arabic > 0 and arabic * 2 >= letters
+
+
+# -- the same normalization outside training: a filter for prompts sent to a serving stack --------------------------
+METADATA_FILE = "sft_metadata.json"
+TEXT_FIELDS = ("content", "instruction", "input", "prompt", "question", "query", "system", "reasoning_content")
+
+
+def normalizer_for_run(run_dir: str) -> ArabicNormalizer:
+    """The normalizer a saved run or export trained with (its ``sft_metadata.json``: the preset and every switch), as
+    ``load_model`` restores it; a run saved before normalization existed trained on untouched text (``none``)."""
+    import json
+    import os
+
+    path = os.path.join(run_dir, METADATA_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"{run_dir} has no {METADATA_FILE}: not a run or export of this project (use --preset instead)")
+    with open(path, encoding="utf-8") as fh:
+        metadata = json.load(fh)
+    saved = metadata.get("normalization") if isinstance(metadata, dict) else None
+    if not isinstance(saved, dict):
+        preset = (metadata.get("config") or {}).get("normalization", "none") if isinstance(metadata, dict) else "none"
+        return build_normalizer(preset)
+    return build_normalizer(saved.get("preset", "none"), **{k: saved[k] for k in SWITCHES if k in saved})
+
+
+def normalize_record(value: Any, normalizer: ArabicNormalizer) -> Any:
+    """A JSON record with the text of its message and prompt fields (:data:`TEXT_FIELDS`, at any depth, e.g. an
+    OpenAI request's ``messages[*].content``) normalized; names, roles, tool calls and other fields kept."""
+    if isinstance(value, list):
+        return [normalize_record(v, normalizer) for v in value]
+    if isinstance(value, dict):
+        return {k: normalizer(v) if k in TEXT_FIELDS and isinstance(v, str) else normalize_record(v, normalizer)
+                for k, v in value.items()}
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m src.data.normalization (--model RUN_DIR | --preset light) [--jsonl] < in > out``."""
+    import argparse
+    import json
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m src.data.normalization", allow_abbrev=False,
+                                     description="Normalize text on stdin as a trained run normalized its training text "
+                                                 "(serving stacks do not: their chat templates render text as given).")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", metavar="RUN_DIR", help="a run or export folder: its sft_metadata.json's normalization")
+    source.add_argument("--preset", help=f"a preset instead: one of {', '.join(PRESETS)}")
+    parser.add_argument("--jsonl", action="store_true",
+                        help=f"stdin is JSON lines: normalize the fields {', '.join(TEXT_FIELDS)} (at any depth), keep "
+                             "the rest")
+    args = parser.parse_args(argv)
+    try:
+        normalizer = normalizer_for_run(args.model) if args.model else build_normalizer(args.preset)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    stdin = open(sys.stdin.fileno(), encoding="utf-8", errors="strict", newline="", closefd=False)
+    stdout = open(sys.stdout.fileno(), "w", encoding="utf-8", newline="", closefd=False)
+    try:
+        if not args.jsonl:
+            stdout.write(normalizer(stdin.read()))
+            return 0
+        for number, line in enumerate(stdin, 1):
+            if not line.strip():
+                stdout.write(line)
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                print(f"error: stdin line {number} is not JSON ({exc.msg}); drop --jsonl for plain text", file=sys.stderr)
+                return 2
+            stdout.write(json.dumps(normalize_record(record, normalizer), ensure_ascii=False) + "\n")
+    except UnicodeDecodeError as exc:
+        print(f"error: stdin is not UTF-8 text ({exc.reason} at byte {exc.start})", file=sys.stderr)
+        return 2
+    finally:
+        stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

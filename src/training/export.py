@@ -11,6 +11,12 @@ export, swapped with it in one atomic exchange (``renameat2(RENAME_EXCHANGE)`` o
 moment leaves the previous export or the new one whole, never neither. An existing target is refused unless
 ``overwrite``, and even then export follows training's ownership rules: it never replaces a folder that holds
 files this project did not write, nor one that contains the run being exported.
+
+Every export is also made readable by transformers 4.x-era readers and llama.cpp's converter
+(:func:`src.training.serving.make_portable`). ``formats`` adds, inside the folder, ``model.gguf`` (``gguf``: llama.cpp's
+own ``convert_hf_to_gguf.py`` from a checkout the user names) and an Ollama ``Modelfile`` (``ollama``:
+:mod:`src.training.ollama`) whose template writes prompts as training did; ``FROM`` is the GGUF when there is one,
+else the folder itself.
 """
 
 from __future__ import annotations
@@ -26,19 +32,57 @@ from src.training import persistence
 logger = logging.getLogger(__name__)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+FORMATS = ("hf", "gguf", "ollama")
+GGUF_NAME = "model.gguf"
+CONVERSION_LOG = "gguf_conversion.log"
+
+
+def parse_formats(values: Any) -> tuple[str, ...]:
+    """``--format`` values (repeated, or comma-separated) as a tuple of :data:`FORMATS`; ``hf`` is always written."""
+    if isinstance(values, str):
+        values = [values]
+    names = [name.strip() for value in values or () for name in str(value).split(",") if name.strip()]
+    bad = [name for name in names if name not in FORMATS]
+    if bad:
+        raise ValueError(f"export: --format {bad[0]!r} is invalid: expected one or more of {', '.join(FORMATS)} "
+                         "(comma-separated or repeated)")
+    return tuple(name for name in FORMATS if name == "hf" or name in names)
+
+
+def check_formats(formats: Any, llama_cpp: str | None = None, llama_cpp_python: str | None = None,
+                  gguf_outtype: str | None = None) -> tuple[str, ...]:
+    """The formats to write (:func:`parse_formats`), once what they need is there: for ``gguf`` the llama.cpp checkout,
+    its converter and the ``gguf`` package (:func:`src.training.serving.check_llama_cpp`); one-line errors."""
+    from src.training import serving
+
+    formats = parse_formats(formats)
+    if gguf_outtype is not None and gguf_outtype not in serving.GGUF_OUTTYPES:
+        raise ValueError(f"export: --gguf_outtype {gguf_outtype!r} is invalid: expected one of {serving.GGUF_OUTTYPES}")
+    if "gguf" in formats:
+        serving.check_llama_cpp(llama_cpp, llama_cpp_python)
+    elif llama_cpp or gguf_outtype or llama_cpp_python:
+        raise ValueError("export: --llama_cpp, --llama_cpp_python and --gguf_outtype go with --format gguf")
+    return formats
 
 
 def export_run(model_dir: str, target: str, *, overwrite: bool = False, dtype: str = "auto",
-               trust_remote_code: bool = False) -> str:
-    """Write ``model_dir`` (a run saved by ``save_model``) as a merged, peft-free model folder at ``target``."""
+               trust_remote_code: bool = False, formats: Any = ("hf",), llama_cpp: str | None = None,
+               llama_cpp_python: str | None = None, gguf_outtype: str | None = None) -> str:
+    """Write ``model_dir`` (a run saved by ``save_model``) as a merged, peft-free model folder at ``target``; with
+    ``formats`` also ``model.gguf`` (``gguf``, converted by the llama.cpp checkout ``llama_cpp``) and an Ollama
+    ``Modelfile`` (``ollama``) in it. What each format needs is checked before anything is merged."""
     import torch
 
     from src.config import SFTConfig
+    from src.training import ollama, serving
     from src.training.sft_trainer import SFTTrainer
 
     if dtype not in DTYPES:
         raise ValueError(f"export: dtype={dtype!r} is invalid: expected one of {DTYPES}")
+    formats = check_formats(formats, llama_cpp, llama_cpp_python, gguf_outtype)
     check_target(model_dir, target, overwrite)
+    if "ollama" in formats:  # before minutes of merging: a system prompt a Modelfile cannot carry
+        ollama.check_modelfile_text(persistence.read_metadata(model_dir, "sft").get("system_prompt"))
     trainer = SFTTrainer(SFTConfig(output_dir=target, trust_remote_code=trust_remote_code))
     trainer.load_model(model_dir, dtype="auto" if dtype == "auto" else getattr(torch, dtype))
     model = trainer.model
@@ -54,10 +98,12 @@ def export_run(model_dir: str, target: str, *, overwrite: bool = False, dtype: s
         "merged_lora_adapter": merged,
         "exported_at": persistence.utc_now(),
         "export_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "export_formats": list(formats),
     })
     tmp = f"{os.path.abspath(target).rstrip(os.sep)}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
+    failure = None
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         trainer.tokenizer.save_pretrained(tmp)
@@ -67,10 +113,30 @@ def export_run(model_dir: str, target: str, *, overwrite: bool = False, dtype: s
             shutil.copy2(card, os.path.join(tmp, "README.md"))
         with open(os.path.join(tmp, persistence.metadata_filename("sft")), "w", encoding="utf-8") as fh:
             json.dump(persistence.json_safe(metadata), fh, ensure_ascii=False, indent=2, allow_nan=False)
+        serving.make_portable(tmp)
+        source = "."
+        if "gguf" in formats:
+            log = os.path.join(tmp, CONVERSION_LOG)
+            try:
+                serving.convert_to_gguf(tmp, llama_cpp, os.path.join(tmp, GGUF_NAME), outtype=gguf_outtype,
+                                        python=llama_cpp_python, log_path=log)
+                os.remove(log)
+                source = "./" + GGUF_NAME
+            except ValueError as exc:  # the transformers folder is whole: it is kept, the failure reported below
+                failure = exc
+        if "ollama" in formats and failure is None:
+            preset = (metadata.get("normalization") or {}).get("preset", "none")
+            ollama.write_modelfile(tmp, trainer.example_tokenizer(), trainer.stop_token_ids(), source,
+                                   normalization=preset)
         _put_in_place(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("Exported %s%s to %s", model_dir, " (LoRA merged into its base)" if merged else "", target)
+    if failure is not None:
+        raise ValueError(f"export: {target} holds the transformers export, but {failure}; the converter's output is in "
+                         f"{os.path.join(target, CONVERSION_LOG)}") from None
+    logger.info("Exported %s%s to %s%s", model_dir, " (LoRA merged into its base)" if merged else "", target,
+                "".join(f", with {name}" for name in (GGUF_NAME, ollama.MODELFILE)
+                        if os.path.isfile(os.path.join(target, name))))
     return target
 
 
@@ -131,11 +197,47 @@ NOT_UPLOADED = ("checkpoint-*", "checkpoint-*/**", ".sft_run*", ".saving*", ".sa
                 "eval_generations.jsonl", "*.lock")
 
 
+HUB_TIMEOUT_S = 5.0
+
+
+def hub_endpoint() -> str:
+    """The hub the upload would go to: ``huggingface_hub``'s configured endpoint (``HF_ENDPOINT``)."""
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def probe_hub(endpoint: str, timeout: float = HUB_TIMEOUT_S) -> str | None:
+    """``None`` when ``endpoint`` answers a HEAD request within ``timeout`` seconds (with any status below 500);
+    otherwise why not, in a few words. Uses ``huggingface_hub``'s own HTTP session (its proxies and headers)."""
+    from huggingface_hub.utils import get_session
+
+    try:
+        response = get_session().head(endpoint, timeout=timeout)
+    except Exception as exc:  # connection refused, DNS, timeout, proxy: whatever the installed HTTP client raises
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return f"{type(exc).__name__}: {first}"[:200]
+    if response.status_code >= 500:
+        return f"it answered HTTP {response.status_code}"
+    return None
+
+
 def check_hub_reachable(repo_id: str, folder: str) -> None:
-    """Refuse a push that cannot happen (offline), before the work whose result it would upload."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise ValueError(f"cannot push {folder} to the hub repository {repo_id!r}: HF_HUB_OFFLINE=1 is set (offline); "
-                         f"run without pushing, then upload the folder when online: huggingface-cli upload {repo_id} {folder}")
+    """Refuse a push that cannot happen (offline, or the hub unreachable), before the work whose result it would
+    upload: ``HF_HUB_OFFLINE`` set (now, or when ``huggingface_hub`` was imported: its session then refuses every
+    request), or no answer from the hub endpoint within :data:`HUB_TIMEOUT_S` seconds."""
+    from huggingface_hub import constants
+
+    later = f"run without pushing, then upload the folder when online: huggingface-cli upload {repo_id} {folder}"
+    offline = os.environ.get("HF_HUB_OFFLINE")
+    if offline == "1" or constants.HF_HUB_OFFLINE:  # the constant: huggingface_hub's reading of it at import
+        raise ValueError(f"cannot push {folder} to the hub repository {repo_id!r}: HF_HUB_OFFLINE={offline or '1'} is set "
+                         "(offline); " + later)
+    endpoint = hub_endpoint()
+    reason = probe_hub(endpoint)
+    if reason is not None:
+        raise ValueError(f"cannot push {folder} to the hub repository {repo_id!r}: the hub at {endpoint} is unreachable "
+                         f"(offline? {reason}; checked with a {HUB_TIMEOUT_S:g} s timeout); " + later)
 
 
 def push_folder(folder: str, repo_id: str, private: bool = True) -> str:
@@ -167,13 +269,24 @@ def parse_and_export(argv: list[str]) -> Any:
     parser.add_argument("--push_to_hub", action="store_true", help="also upload the exported folder to the hub")
     parser.add_argument("--hub_model_id", help="the hub repository ('org/name') for --push_to_hub")
     parser.add_argument("--public", action="store_true", help="create the hub repository public (default: private)")
+    parser.add_argument("--format", action="append", default=None, metavar="FORMAT",
+                        help="also write, inside the folder: gguf (model.gguf, converted by llama.cpp; needs --llama_cpp), "
+                             "ollama (a Modelfile: FROM model.gguf with gguf, else the folder); comma-separated or "
+                             "repeated, e.g. --format gguf,ollama. The transformers folder (hf) is always written")
+    parser.add_argument("--llama_cpp", metavar="DIR", help="a llama.cpp checkout: its convert_hf_to_gguf.py converts")
+    parser.add_argument("--llama_cpp_python", metavar="PYTHON",
+                        help="the interpreter that runs the converter (default: this one), e.g. llama.cpp's own venv")
+    parser.add_argument("--gguf_outtype", metavar="TYPE",
+                        help="the converter's --outtype: f32, f16, bf16, q8_0 or auto (default: the converter's own)")
     args = parser.parse_args(argv)
     if args.push_to_hub and not args.hub_model_id:
         raise ValueError("export: --push_to_hub needs --hub_model_id org/name")
+    formats = check_formats(args.format or ["hf"], args.llama_cpp, args.llama_cpp_python, args.gguf_outtype)
     if args.push_to_hub:  # before minutes of merging, not after
         check_hub_reachable(args.hub_model_id, args.to)
     target = export_run(args.model, args.to, overwrite=args.overwrite, dtype=args.dtype,
-                        trust_remote_code=args.trust_remote_code)
+                        trust_remote_code=args.trust_remote_code, formats=formats, llama_cpp=args.llama_cpp,
+                        llama_cpp_python=args.llama_cpp_python, gguf_outtype=args.gguf_outtype)
     if args.push_to_hub:
         push_folder(target, args.hub_model_id, private=not args.public)
     return target
