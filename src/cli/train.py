@@ -13,6 +13,7 @@ from src.distributed import is_main_process
 
 def run(argv: list[str]) -> int:
     from src.config import SFTConfig
+    from src.training.report import early_stop_text, preview
     from src.training.sft_trainer import create_sft_trainer
 
     config = parse_config(SFTConfig, argv)
@@ -43,9 +44,11 @@ def run(argv: list[str]) -> int:
               f"exact match {after['eval_gen_exact_match']:.0%}")
     if trainer.padding_efficiency is not None:
         print(f"Padding efficiency    : {trainer.padding_efficiency:.2%}")
+    if trainer.early_stopped:
+        print(f"Stopped early         : {early_stop_text(trainer.early_stopped)}")
     for instruction, response in zip(samples, responses):
         print("-" * 72)
-        print(f"Q: {instruction}")
+        print(f"Q: {preview(instruction)}")  # its start: a reading-comprehension prompt is 1,500 characters
         print(f"A: {response}")
     print("=" * 72)
     return 0
