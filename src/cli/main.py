@@ -117,4 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if is_main_process():  # every rank raises the same error (src.distributed.main_decides): print it once
             print(f"error: {exc}", file=sys.stderr)
+        else:
+            import time
+
+            time.sleep(5)  # torchrun stops every rank at the first exit: let the main process print the one line first
         return 2
