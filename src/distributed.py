@@ -118,3 +118,14 @@ def exit_rank(code: int) -> None:
         except (OSError, ValueError):  # pragma: no cover - a closed or broken stream
             pass
     os._exit(code)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -6,7 +6,7 @@ import logging
 import os
 from typing import Any
 
-from src.distributed import main_process_first
+from src.distributed import main_process_first, pid_alive
 from src.models.tiny import TINY_MODEL_NAME, TINY_MODELS, build_tiny_model, corpus_texts
 
 logger = logging.getLogger(__name__)
@@ -125,14 +125,7 @@ def _remove_dead_builds(path: str) -> None:
 
     for leftover in glob.glob(glob.escape(path) + ".tmp-*"):
         pid = leftover.rsplit(".tmp-", 1)[1]
-        alive = True
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            alive = False
-        except (ValueError, PermissionError):
-            pass
-        if not alive:
+        if pid.isdigit() and not pid_alive(int(pid)):
             logger.info("removing %s, left by a tiny-model build that did not finish", leftover)
             shutil.rmtree(leftover, ignore_errors=True)
 

@@ -524,7 +524,7 @@ def build_tiny_for_tokenizer(model_name: str, tokenizer: Any, output_dir: str, s
     wanted = {"family": family, "vocab_size": len(tokenizer), "vocabulary_sha256": _vocabulary_fingerprint(tokenizer),
               "tokenizer": getattr(tokenizer, "name_or_path", None)}
     with main_process_first():
-        built = _read_json(os.path.join(path, TINY_TOKENIZER_MARKER))
+        built = persistence.read_json_object(os.path.join(path, TINY_TOKENIZER_MARKER))
         complete = all(os.path.isfile(os.path.join(path, f)) for f in TINY_MODEL_FILES)
         if complete and built is not None and all(built.get(k) == wanted[k] for k in ("family", "vocab_size",
                                                                                        "vocabulary_sha256")):
@@ -556,17 +556,8 @@ def drop_tiny_built_for_tokenizer(path: str) -> None:
     with main_process_first():
         if is_main_process() and os.path.isfile(os.path.join(path, TINY_TOKENIZER_MARKER)):
             logger.warning("%s was built for tokenizer_name=%s; this run gives none: building the default tiny model "
-                           "again", path, (_read_json(os.path.join(path, TINY_TOKENIZER_MARKER)) or {}).get("tokenizer"))
+                           "again", path, (persistence.read_json_object(os.path.join(path, TINY_TOKENIZER_MARKER)) or {}).get("tokenizer"))
             shutil.rmtree(path)
-
-
-def _read_json(path: str) -> Optional[dict]:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            value = json.load(fh)
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def check_vocabulary_fits(tokenizer: Any, model: Any, tokenizer_name: str, model_name: str) -> None:

@@ -45,7 +45,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any, Iterable, Optional
 
-from src.distributed import barrier, is_main_process, main_decides, world_size
+from src.distributed import barrier, is_main_process, main_decides, pid_alive, world_size
 
 logger = logging.getLogger(__name__)
 
@@ -88,14 +88,19 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def run_record(folder: str) -> Optional[dict]:
-    """The run marker of ``folder`` (who writes it, the run's settings, its resumes), or None."""
+def read_json_object(path: str) -> Optional[dict]:
+    """The JSON object in ``path``, or None when it is missing, unreadable, not JSON or not an object."""
     try:
-        with open(os.path.join(folder, RUN_MARKER), encoding="utf-8") as fh:
-            record = json.load(fh)
+        with open(path, encoding="utf-8") as fh:
+            value = json.load(fh)
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) else None
+    return value if isinstance(value, dict) else None
+
+
+def run_record(folder: str) -> Optional[dict]:
+    """The run marker of ``folder`` (who writes it, the run's settings, its resumes), or None."""
+    return read_json_object(os.path.join(folder, RUN_MARKER))
 
 
 def _settings(config: dict) -> dict:
@@ -360,16 +365,6 @@ def write_jsonl(path: str, rows: Iterable[dict]) -> Optional[str]:
 
 
 # -- owning the output folder ----------------------------------------------------------------------
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _process_start(pid: int) -> Optional[float]:
     """When process ``pid`` started, in seconds since the epoch (Linux ``/proc``), or None where that cannot be
     read. A pid alone does not identify a process: after a container restart, pid 1 (or any pid of the old run)
@@ -391,7 +386,7 @@ def _lock_holder_alive(lock: dict) -> bool:
         pid = int(lock.get("pid", 0))
     except (TypeError, ValueError):
         return False
-    if pid <= 0 or not _pid_alive(pid):
+    if pid <= 0 or not pid_alive(pid):
         return False
     actual = _process_start(pid)
     if actual is None:
@@ -406,11 +401,7 @@ def _lock_holder_alive(lock: dict) -> bool:
 
 
 def read_lock(output_dir: str) -> Optional[dict]:
-    try:
-        with open(os.path.join(output_dir, LOCK_FILE), encoding="utf-8") as fh:
-            return json.load(fh)
-    except (OSError, ValueError):
-        return None
+    return read_json_object(os.path.join(output_dir, LOCK_FILE))
 
 
 def no_space_left(exc: BaseException) -> bool:
