@@ -4,14 +4,27 @@ Used by every layer that writes files (the tiny model build in ``src.models``, t
 ``src.training``, the CLI's printing), so it depends on nothing of the project. Before the Trainer
 exists, ranks are read from the launcher's environment (``RANK``/``WORLD_SIZE`` of torchrun, accelerate,
 DeepSpeed); waiting uses the process group that accelerate initialises, created on first need.
+
+It also holds what every process decides about its output and its CPU share, since both depend on the rank:
+
+- the library's own logging (``src.*`` loggers): INFO lines on the main process through a handler of the ``src``
+  logger, used only while no handler of the application would take the record (as transformers does for its own
+  logger; the root logger is never configured here), ERROR and above on the other ranks;
+- known noise of libraries that we cause (``quiet_library_noise``);
+- the number of CPU threads a training process uses (``configure_cpu_threads``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
-from typing import Callable, Iterator
+import time
+import warnings
+from typing import Callable, Iterator, Optional
+
+_STARTED = time.monotonic()  # about when this process started (cpu_thread_plan)
 
 
 def world_size() -> int:
@@ -129,3 +142,244 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# -- logging -----------------------------------------------------------------------------------------------------------
+LIBRARY_LOGGER = "src"
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+class LibraryHandler(logging.StreamHandler):
+    """The ``src`` logger's default output (stderr): writes a record only when no other handler on its way up (the
+    application's, pytest's, the command line's root handler) takes it, so an application that configures logging
+    gets each line once, in its own format, and one that configures nothing still sees what the library reports."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        self.setFormatter(logging.Formatter(LOG_FORMAT))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logger: Optional[logging.Logger] = logging.getLogger(record.name)
+        while logger is not None:
+            if any(handler is not self for handler in logger.handlers):
+                return
+            if not logger.propagate:
+                break
+            logger = logger.parent  # type: ignore[assignment]
+        self.stream = sys.stderr  # the current stderr (a test, or the application, may have replaced it)
+        super().emit(record)
+
+
+def configure_library_logging(level: Optional[int] = None) -> None:
+    """Give the ``src`` logger its default handler (``LibraryHandler``, once) and a level: ``level``, else INFO on the
+    main process and ERROR on the other ranks (each rank would repeat the main process's warnings) unless the
+    application has set one. Called on import of this module; the command line calls it with its level."""
+    logger = logging.getLogger(LIBRARY_LOGGER)
+    if not any(isinstance(handler, LibraryHandler) for handler in logger.handlers):
+        logger.addHandler(LibraryHandler())
+    if level is not None:
+        logger.setLevel(level)
+    elif logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO if is_main_process() else logging.ERROR)
+
+
+class _LibraryNoiseFilter(logging.Filter):
+    """Drops known noise of a library's logger: the given messages everywhere, and (``quiet_below``) records under a
+    level on the ranks other than the main one."""
+
+    def __init__(self, messages: tuple[str, ...] = (), quiet_below: int = logging.NOTSET) -> None:
+        super().__init__()
+        self.messages, self.quiet_below = messages, quiet_below
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < self.quiet_below and not is_main_process():
+            return False
+        message = record.getMessage()
+        return not any(message.startswith(m) for m in self.messages)
+
+
+# DeepSpeed's logger has its own handler: what it says before training on a machine without a GPU.
+DEEPSPEED_NOISE = ("Setting accelerator to CPU",)
+# peft's PeftModel asks every model we wrap for ``is_gradient_checkpointing``, which transformers 5 deprecates.
+DEPRECATIONS_OF_OTHERS = (r"`is_gradient_checkpointing` is deprecated",)
+
+
+def quiet_library_noise(other_ranks: bool = False) -> None:
+    """Silence what other libraries print because of how we use them (idempotent):
+
+    - DeepSpeed's "Setting accelerator to CPU" warning, printed once per process by every run on a machine
+      without a GPU once DeepSpeed is installed (accelerate and transformers import it): training on CPU is what the
+      run asked for, and the CPU-thread log line says so;
+    - transformers' FutureWarning for ``is_gradient_checkpointing``, raised by peft's own call when we wrap a model
+      in LoRA adapters (not our call: nothing in ``src`` reads it);
+
+    - DeepSpeed's warnings on the ranks other than the main one (each would repeat the main process's);
+
+    and with ``other_ranks`` (the command line), on every process but the main one, every library's warnings and
+    progress bars: Python warnings, transformers' and datasets' loggers, and torch's C++ warnings where torch is not
+    imported yet.
+    """
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _LibraryNoiseFilter) for f in deepspeed_logger.filters):
+        deepspeed_logger.addFilter(_LibraryNoiseFilter(DEEPSPEED_NOISE, quiet_below=logging.ERROR))
+    for message in DEPRECATIONS_OF_OTHERS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+    if not other_ranks or is_main_process():
+        return
+    warnings.simplefilter("ignore")
+    if "torch" not in sys.modules:
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    # already imported (an application that launched us in-process): the environment above comes too late for them
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        import datasets
+
+        datasets.utils.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+
+
+# -- CPU threads --------------------------------------------------------------------------------------------------------
+def _affinity_cpus() -> list[int]:
+    """The CPUs this process may run on (its affinity mask: a container's or taskset's share)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on: the CPUs of its affinity mask counted as physical cores (hyper-threads of one
+    core share its arithmetic units), capped by a cgroup CPU quota."""
+    cores = set()
+    for cpu in _affinity_cpus():
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as fh:
+                cores.add(fh.read().strip())
+        except OSError:
+            cores.add(str(cpu))
+    count = len(cores) or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as fh:
+            quota, period = fh.read().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return count
+
+
+def busy_cores(seconds: float = 0.5) -> Optional[float]:
+    """How many of this process's CPUs other work keeps busy now: their busy share over ``seconds`` (``/proc/stat``;
+    this process sleeps meanwhile, so it counts nothing of its own), in cores. None where it cannot be measured."""
+    cpus = _affinity_cpus()
+
+    def sample() -> dict[int, tuple[int, int]]:
+        times = {}
+        with open("/proc/stat") as fh:
+            for line in fh:
+                if line.startswith("cpu") and line[3:4].isdigit():
+                    name, *values = line.split()
+                    ticks = [int(v) for v in values[:8]]
+                    times[int(name[3:])] = (sum(ticks), ticks[3] + ticks[4])  # total, idle + iowait
+        return times
+
+    try:
+        before = sample()
+        time.sleep(seconds)
+        after = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    busy = 0.0
+    for cpu in cpus:
+        if cpu in before and cpu in after and after[cpu][0] > before[cpu][0]:
+            total, idle = after[cpu][0] - before[cpu][0], after[cpu][1] - before[cpu][1]
+            busy += (total - idle) / total
+    return busy * available_cores() / max(1, len(cpus))  # in physical cores
+
+
+def _set_by_launcher(name: str) -> bool:
+    """Whether environment variable ``name`` was set by torchrun for its workers rather than by the user: torchrun sets
+    OMP_NUM_THREADS=1 for every worker when the user did not set it. True when the launcher's own starting environment
+    (``/proc/<parent>/environ``) lacks it; False when it has it or cannot be read (then it counts as the user's)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_WORLD_SIZE" not in os.environ:
+        return False
+    try:
+        with open(f"/proc/{os.getppid()}/environ", "rb") as fh:
+            parent = fh.read().split(b"\0")
+    except OSError:
+        return False
+    return not any(entry.startswith(name.encode() + b"=") for entry in parent)
+
+
+def cpu_thread_plan() -> tuple[int, str]:
+    """How many intra-op threads a CPU training process uses, and why (for the log line).
+
+    An OMP_NUM_THREADS the user set is kept. Otherwise the cores this process may use (``available_cores``) are
+    shared among the processes of this machine (``LOCAL_WORLD_SIZE`` under torchrun), and cores busy with other work
+    (``busy_cores``, less the other processes of this run) are left to it: two threads on two cores, one of them
+    taken by another program, wait for each other at every operation (measured on a loaded 2-core machine: the demo's
+    training 13x slower than with one thread), while one thread too few costs at most its share (1.7x on the same
+    machine idle). Where the busy share cannot be measured, the 1-minute load average stands for it, less this run's
+    own part (each process has been running since it started: 1 - exp(-seconds / 60) of a task).
+    """
+    import math
+
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    given = os.environ.get("OMP_NUM_THREADS")
+    if given and not _set_by_launcher("OMP_NUM_THREADS"):
+        try:
+            return max(1, int(given)), f"OMP_NUM_THREADS={given}"
+        except ValueError:
+            pass
+    cores = available_cores()
+    threads = max(1, cores // local)
+    why = f"{cores} core{'s' if cores > 1 else ''}" + (f" for {local} processes" if local > 1 else "")
+    busy = busy_cores()
+    if busy is not None:
+        other = max(0.0, busy - (local - 1))  # the other ranks of this run may be busy at this moment
+        seen = f"{busy:.1f} busy now"
+    else:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):  # not available on this system
+            load = 0.0
+        other = max(0.0, load - local * (1 - math.exp(-(time.monotonic() - _STARTED) / 60)))
+        seen = f"load average {load:.1f}"
+    free = int(cores - other + 0.5)
+    if free < cores:
+        threads = max(1, min(threads, free // local))
+        why += f", {seen}: cores busy with other work left to it"
+    return threads, why + "; OMP_NUM_THREADS overrides"
+
+
+_cpu_threads: Optional[int] = None
+
+
+def configure_cpu_threads() -> Optional[int]:
+    """Set torch's intra-op thread count for training on CPU (``cpu_thread_plan``) and say so in one log line (main
+    process); None, changing nothing, where training runs on a GPU. Decided once per process: later calls return the
+    same count."""
+    global _cpu_threads
+    import torch
+
+    if torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        return None
+    if _cpu_threads is None:
+        threads, why = cpu_thread_plan()
+        torch.set_num_threads(threads)
+        _cpu_threads = threads
+        logging.getLogger(__name__).info("Training on CPU with %d thread%s per process (%s)", threads,
+                                         "s" if threads > 1 else "", why)
+    return _cpu_threads
+
+
+configure_library_logging()
+quiet_library_noise()

@@ -12,9 +12,19 @@ the one line is the main rank's (the step, the checkpoint and the resume command
 
 from __future__ import annotations
 
+import logging
 import os
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "train_sft.py")
+
+
+class _UserErrorExit(logging.Filter):
+    """Drops torchrun's report of a worker that exited 2 (a user error, already printed in one line) and of the
+    SIGTERM it then sends the other workers; any other failure (a crash, a signal such as the OOM killer's) is kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("failed (exitcode: 2)" in message or "closing signal SIGTERM" in message)
 
 
 def run(argv: list[str]) -> int:
@@ -29,6 +39,12 @@ def run(argv: list[str]) -> int:
     split = argv.index("--")
     launcher, training = argv[:split], argv[split + 1:]
     args = parse_args([*launcher, SCRIPT, *training])
+    # torchrun sets OMP_NUM_THREADS=1 for its workers, with a banner, when it is not set; set here, the banner goes,
+    # and each worker still replaces it with its share of the cores (src.distributed.cpu_thread_plan tells it from
+    # the user's own, which the launcher's starting environment would hold).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # A worker that exits 2 has printed its one-line user error (main rank); torchrun's own line about it is noise.
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_UserErrorExit())
     try:
         torchrun(args)
     except SignalException as exc:

@@ -11,7 +11,8 @@ A new command is a module in ``src/cli`` with ``run(argv) -> int`` and one line 
 User errors (bad config, bad data, missing model, refused overwrite) exit with status 2 and one line on
 stderr; ``--debug`` shows the traceback. A run stopped by Ctrl-C or SIGTERM prints one line with the
 resume command and exits 130 or 143; diverging training prints one line and exits 1. Under torchrun only
-the main process logs at INFO level and prints.
+the main process logs at INFO level and prints; the others print errors only. ``--help`` lists the commands, then
+the training fields in their groups.
 """
 
 from __future__ import annotations
@@ -44,10 +45,14 @@ def _user_error_types() -> tuple[type, ...]:
 
 
 def configure_logging() -> None:
-    from src.distributed import is_main_process
+    """INFO lines on the main process; on the other ranks errors only, ours and every library's (each rank would
+    repeat the main process's warnings and progress bars; ``src.distributed.quiet_library_noise``)."""
+    from src.distributed import LOG_FORMAT, configure_library_logging, is_main_process, quiet_library_noise
 
-    logging.basicConfig(level=logging.INFO if is_main_process() else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    level = logging.INFO if is_main_process() else logging.ERROR
+    logging.basicConfig(level=level, format=LOG_FORMAT)
+    configure_library_logging(level)
+    quiet_library_noise(other_ranks=True)
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -82,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     name = argv[0] if argv and argv[0] in COMMANDS else DEFAULT_COMMAND
     if argv and argv[0] == name:
         argv = argv[1:]
+    if name == DEFAULT_COMMAND and any(a in ("-h", "--help") for a in argv):
+        from src.cli.args import format_help
+        from src.config import SFTConfig
+
+        print(format_help(SFTConfig, COMMANDS))  # the commands first, then the fields in their groups
+        return 0
     configure_logging()
     command = importlib.import_module(COMMANDS[name][0])
     from src.distributed import is_main_process, shutdown

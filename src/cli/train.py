@@ -8,7 +8,7 @@ gathers them from all ranks), by every process in step.
 from __future__ import annotations
 
 from src.cli.args import parse_config
-from src.distributed import is_main_process
+from src.distributed import configure_cpu_threads, is_main_process
 
 
 def run(argv: list[str]) -> int:
@@ -22,6 +22,7 @@ def run(argv: list[str]) -> int:
     # starts).
     trainer.preflight()
     trainer.prepare()
+    configure_cpu_threads()  # before evaluating and training: CPU threads chosen for this machine, said in one line
     has_validation = trainer.trainer.eval_dataset is not None
     before = trainer.evaluate_model() if has_validation else None
     trainer.train()

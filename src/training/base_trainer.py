@@ -18,6 +18,7 @@ from typing import Any, Optional
 from transformers import TrainerCallback
 
 from src.config import BaseConfig
+from src.distributed import configure_cpu_threads
 from src.models.architectures import check_architecture, is_moe, model_config, router_aux_loss_coef
 from src.models.loading import (
     TINY_MODEL_FILES,
@@ -170,6 +171,10 @@ class BaseTrainer(ABC):
         from transformers import set_seed
 
         set_seed(self.config.seed)
+        c = self.config
+        quantized = c.load_in_4bit or c.load_in_8bit
+        check_quantization(c.load_in_4bit, c.load_in_8bit)  # before a tiny base model is built into output_dir
+        check_liger(c.use_liger_kernel)
         trust = self.config.trust_remote_code
         if self.config.model_name in TINY_MODELS and self.config.tokenizer_name:
             # A small model with a real tokenizer's vocabulary (a fast trial on real text): built for that tokenizer.
@@ -183,11 +188,6 @@ class BaseTrainer(ABC):
                 self.config.model_name, self.config.output_dir, self.config.dataset_path, self.config.seed
             )
             self.tokenizer = load_tokenizer(self.config.tokenizer_name or self.base_model_path, trust_remote_code=trust)
-        c = self.config
-        quantized = c.load_in_4bit or c.load_in_8bit
-        if quantized:
-            check_quantization(c.load_in_4bit, c.load_in_8bit)
-        check_liger(c.use_liger_kernel)
         model = load_causal_lm(self.base_model_path, trust_remote_code=trust, attn_implementation=c.attn_implementation,
                                bf16=c.resolved_bf16, bf16_weights=c.use_lora,
                                quantization=quantization_config(c.load_in_4bit, c.load_in_8bit) if quantized else None)
@@ -252,7 +252,9 @@ class BaseTrainer(ABC):
         _check_reporters(self.config.report_to)
         if self.model is None:
             check_bf16(self.config.resolved_bf16)  # before loading any data
+            check_quantization(self.config.load_in_4bit, self.config.load_in_8bit)
         check_fsdp_possible(self.config.fsdp_config)
+        configure_cpu_threads()  # CPU training: threads chosen for this machine, said in one line
         dataset = self.dataset if self.dataset is not None else self.load_dataset()
         if self.model is None:
             self.setup_model()

@@ -12,6 +12,7 @@ Results go into the run's ``sft_metadata.json`` under ``benchmarks`` (main proce
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from typing import Any
@@ -61,6 +62,11 @@ def check_tasks(tasks: list[str]) -> None:
                          "of lm-evaluation-harness")
 
 
+def _model_object_notice(record: logging.LogRecord) -> bool:
+    """A logging filter: False for lm-eval's notice that ``pretrained`` is not a model name (see run_benchmarks)."""
+    return not record.getMessage().startswith("`pretrained` model kwarg is not of type")
+
+
 def run_benchmarks(trainer: Any, tasks: list[str], batch_size: int = 8, limit: int | None = None) -> dict[str, dict]:
     """Score ``trainer``'s loaded model on ``tasks``; returns ``{task: {metric: value}}``."""
     try:
@@ -82,7 +88,15 @@ def run_benchmarks(trainer: Any, tasks: list[str], batch_size: int = 8, limit: i
         if unknown:
             raise ValueError(f"evaluate: unknown task(s) {unknown}; local tasks: {sorted(LOCAL_TASKS)}, or any task "
                              "of lm-evaluation-harness")
-        lm = HFLM(pretrained=model, tokenizer=trainer.tokenizer, batch_size=batch_size)
+        # lm-eval warns whenever `pretrained` is a model object (other model arguments ignored; not for accelerate
+        # launch or parallelize=True). We pass the loaded run on purpose (offline, merged as trained), none of that
+        # applies: the one line would read as a problem with the run.
+        harness_logger = logging.getLogger("lm_eval.models.huggingface")
+        harness_logger.addFilter(_model_object_notice)
+        try:
+            lm = HFLM(pretrained=model, tokenizer=trainer.tokenizer, batch_size=batch_size)
+        finally:
+            harness_logger.removeFilter(_model_object_notice)
         results = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=0,
                                   random_seed=0, numpy_random_seed=0, torch_random_seed=0, log_samples=False)
     scores = {}

@@ -8,7 +8,8 @@ only place that knows the installed names:
 - ``group_by_length`` -> ``train_sampling_strategy="group_by_length"`` (or ``"random"``);
 - ``gradient_checkpointing`` -> ``activation_checkpointing`` (transformers >= 5.x; the old name where it is
   the only one), with non-reentrant checkpointing;
-- ``warmup_ratio`` -> a fractional ``warmup_steps`` (transformers 5 reads a value below 1 as a ratio).
+- ``warmup_ratio`` -> a fractional ``warmup_steps`` (transformers 5 reads a value below 1 as a ratio);
+- ``ddp_find_unused_parameters`` None -> False (``ddp_find_unused_parameters``: every parameter gets a gradient).
 
 Every key is checked against the installed ``TrainingArguments``: a key it does not accept raises
 :class:`TrainingArgumentsMismatch` naming it, never a silent drop (tests/test_training_args.py pins the
@@ -58,6 +59,19 @@ LIGER_KERNELS = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy"
                  "fused_linear_cross_entropy": False}
 
 
+def ddp_find_unused_parameters(config: Any) -> bool:
+    """DDP's ``find_unused_parameters``: the config's value, else False.
+
+    Every trainable parameter gets a gradient in every step of our training: the loss always runs the LM head, on
+    an empty chunk when a micro-batch trains no token (``src.training.losses``); LoRA adapters sit on modules
+    every forward runs; MoE experts are 3-D parameters of which each step uses some rows. transformers' own choice
+    (None: True unless gradient checkpointing is on) makes DDP walk the autograd graph after every backward and warn
+    on every rank that it found nothing. Should a model ever leave a parameter without a gradient, DDP stops with an
+    error naming it (then set ``ddp_find_unused_parameters: true``); it does not train wrongly.
+    """
+    return False if config.ddp_find_unused_parameters is None else bool(config.ddp_find_unused_parameters)
+
+
 def training_arguments_kwargs(config: Any, environment: dict[str, Any] | None = None) -> dict[str, Any]:
     """Keyword arguments for the installed ``TrainingArguments`` from an ``SFTConfig``.
 
@@ -90,7 +104,7 @@ def training_arguments_kwargs(config: Any, environment: dict[str, Any] | None = 
         logging_steps=config.logging_steps,
         report_to=[r.strip() for r in config.report_to.split(",")] if config.report_to else "none",
         run_name=config.run_name,
-        ddp_find_unused_parameters=config.ddp_find_unused_parameters,
+        ddp_find_unused_parameters=ddp_find_unused_parameters(config),
         ddp_backend=config.ddp_backend,
         deepspeed=config.deepspeed,
         fsdp=True if config.fsdp_config else None,
