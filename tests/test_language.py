@@ -75,3 +75,72 @@ def test_summary_and_gate():
     check_foreign_script_rate(summary, 0.5, "eval")
     with pytest.raises(ValueError, match=r"eval: 2 of 4 answers \(50.0%\) contain foreign-script runs \(CJK 1, LATIN 1\)"):
         check_foreign_script_rate(summary, 0.25, "eval")
+
+
+# -- end to end: generation evaluation and the generate command -----------------------------------------------------
+DRIFT = [
+    {"instruction": "ما عاصمة مصر؟", "response": "عاصمة مصر هي القاهرة."},
+    {"instruction": "ما عاصمة الصين؟", "response": "عاصمة الصين 北京 بكين."},  # drifts into Chinese
+    {"instruction": "اطبع مرحبا", "response": "استخدم `print` في Python."},  # code and a technical term: not drift
+    {"instruction": "ترجم: صباح الخير", "response": "Good morning"},  # an Arabic prompt answered in English
+]
+
+
+@pytest.fixture(scope="module")
+def drifting_run(tiny_model_dir, tmp_path_factory):
+    """A tiny model that memorised DRIFT, trained with a language gate it fails (2 of 4 answers flagged > 25%)."""
+    from src.training.sft_trainer import create_sft_trainer
+    from tests.helpers import make_config, write_jsonl
+
+    tmp = tmp_path_factory.mktemp("drift")
+    data = write_jsonl(tmp / "drift.jsonl", DRIFT)
+    config = make_config(tiny_model_dir, data, tmp / "run", eval_dataset_path=data, max_steps=150,
+                         per_device_train_batch_size=4, eval_generation_samples=4, eval_generation_max_length=40,
+                         max_foreign_script_rate=0.25)
+    trainer = create_sft_trainer(config)
+    with pytest.raises(ValueError, match=r"generation eval \(final model\): 2 of 4 answers \(50.0%\) contain "
+                                         r"foreign-script runs \(CJK 1, LATIN 1\), above max_foreign_script_rate=0.25"):
+        trainer.train()
+    return trainer, tmp
+
+
+def test_generation_eval_measures_language_marks_rows_and_the_gate_fails_after_saving(drifting_run):
+    import json
+    import os
+
+    trainer, _ = drifting_run
+    out = trainer.config.output_dir
+    rows = [json.loads(line) for line in open(os.path.join(out, "eval_generations.jsonl"), encoding="utf-8")]
+    assert [r["prediction"] for r in rows] == [d["response"] for d in DRIFT]  # memorised: the figures are exact
+    assert [r["flagged"] for r in rows] == [False, True, False, True]
+    assert rows[1]["language"]["foreign_runs"] == [{"script": "CJK", "text": "北京"}]
+    assert rows[3]["language"]["answered_in_arabic"] is False and rows[0]["language"]["answered_in_arabic"] is True
+    meta = json.load(open(os.path.join(out, "sft_metadata.json"), encoding="utf-8"))  # saved before the gate failed
+    language = meta["language_consistency"]
+    assert language["foreign_script_rate"] == 0.5 and language["foreign_runs_by_script"] == {"CJK": 1, "LATIN": 1}
+    assert language["answered_in_arabic"] == 0.75
+    assert meta["final_metrics"]["eval_gen_foreign_script_rate"] == 0.5
+    assert meta["final_metrics"]["eval_gen_answered_in_arabic"] == 0.75
+    card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
+    assert "## Arabic language consistency" in card and "answers with foreign-script runs: 2 of 4 (50.0%, CJK 1, LATIN 1)" in card
+    assert os.path.isfile(os.path.join(out, "model.safetensors"))
+
+
+def test_generate_command_marks_each_answer_and_gates(drifting_run, capsys):
+    import json
+
+    import train_sft
+    from tests.helpers import write_jsonl
+
+    trainer, tmp = drifting_run
+    inputs = write_jsonl(tmp / "in.jsonl", [{"instruction": d["instruction"]} for d in DRIFT])
+    output = tmp / "out.jsonl"
+    argv = ["generate", "--model", trainer.config.output_dir, "--input", inputs, "--output", str(output),
+            "--max_length", "40"]
+    assert train_sft.main(argv + ["--max_foreign_script_rate", "0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert "Language of the 4 answers: " in printed and "2 of 4 (50.0%, CJK 1, LATIN 1)" in printed
+    rows = [json.loads(line) for line in open(output, encoding="utf-8")]
+    assert [r["language"]["flagged"] for r in rows] == [False, True, False, True]
+    assert train_sft.main(argv + ["--max_foreign_script_rate", "0.25"]) == 1  # every row already there: re-measured
+    assert "above max_foreign_script_rate=0.25" in capsys.readouterr().err

@@ -24,9 +24,13 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--top_k", type=int)
     parser.add_argument("--repetition_penalty", type=float)
     parser.add_argument("--seed", type=int, help="seed for sampling")
+    parser.add_argument("--max_foreign_script_rate", type=float, help="fail (exit 1) when more than this share of the "
+                        "answers in the output contain a foreign-script run (src.data.language); the file is kept")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.max_length < 1:
         raise ValueError(f"--batch_size and --max_length must be at least 1 (got {args.batch_size} and {args.max_length})")
+    if args.max_foreign_script_rate is not None and not 0 <= args.max_foreign_script_rate <= 1:
+        raise ValueError(f"--max_foreign_script_rate must be a share between 0 and 1 (got {args.max_foreign_script_rate})")
     if not is_main_process():
         return 0  # one process generates; the file is not split across ranks
     from src.training.batch_generation import GenerationInterrupted
@@ -45,7 +49,8 @@ def run(argv: list[str]) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from src.config import SFTConfig
-    from src.training.batch_generation import check_output, generate_file, read_input_rows
+    from src.data.language import check_foreign_script_rate, describe_language
+    from src.training.batch_generation import check_output, generate_file, output_language, read_input_rows
     from src.training.sft_trainer import SFTTrainer
 
     rows = read_input_rows(args.input)  # bad input is reported before a model is loaded
@@ -59,4 +64,12 @@ def _generate(args: argparse.Namespace) -> int:
     counts = generate_file(trainer, args.input, args.output, batch_size=args.batch_size, max_length=args.max_length,
                            seed=args.seed, rows=rows, **sampling)
     print(f"Generated {counts['generated']} rows into {args.output} ({counts['skipped']} already there)")
+    summary = output_language(args.output)
+    print(f"Language of the {summary['answers']} answers: {describe_language(summary)}")
+    if args.max_foreign_script_rate is not None:
+        try:
+            check_foreign_script_rate(summary, args.max_foreign_script_rate, args.output)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     return 0

@@ -374,6 +374,11 @@ class SFTConfig(BaseConfig):
         "exact match (after normalization); the generations go to <output_dir>/eval_generations.jsonl.", default=0
     )
     eval_generation_max_length: int = _help("Maximum new tokens per answer in generation-based evaluation.", default=128)
+    max_foreign_script_rate: Optional[float] = _help(
+        "A gate on the generation-based evaluation's Arabic language consistency (src.data.language): the final "
+        "evaluation fails (after the model is saved, before any push) when more than this share of answers contain a "
+        "foreign-script run (Chinese, Cyrillic, an English sentence, ...). None: measured and reported, no gate.",
+        default=None)
 
     # --- preprocessing ---
     stream_data: bool = _help(
@@ -424,6 +429,8 @@ class SFTConfig(BaseConfig):
             bad("eval_generation_samples", "a non-negative integer (0: no generation-based evaluation)")
         if self.eval_generation_max_length < 1:
             bad("eval_generation_max_length", "a positive integer")
+        if self.max_foreign_script_rate is not None and not 0 <= self.max_foreign_script_rate <= 1:
+            bad("max_foreign_script_rate", "None or a share between 0 and 1")
 
     def normalizer(self):
         """The :class:`~src.data.normalization.ArabicNormalizer` this config describes."""

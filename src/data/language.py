@@ -143,6 +143,27 @@ def language_summary(rows: list[dict]) -> dict:
     }
 
 
+def language_metrics(summary: dict, prefix: str = "eval_gen_") -> dict[str, float]:
+    """The summary's figures as flat metrics (numbers only, for the Trainer's metrics, the model card and the
+    loggers): ``<prefix>arabic_share``, ``<prefix>foreign_script_rate``, ``<prefix>answered_in_arabic``."""
+    out = {f"{prefix}foreign_script_rate": float(summary["foreign_script_rate"])}
+    for key in ("arabic_share", "answered_in_arabic"):
+        if summary[key] is not None:
+            out[f"{prefix}{key}"] = float(summary[key])
+    return out
+
+
+def describe_language(summary: dict) -> str:
+    """One log line's worth: Arabic share, answers with foreign-script runs (by script), Arabic prompts answered in
+    Arabic."""
+    share = "n/a" if summary["arabic_share"] is None else f"{summary['arabic_share']:.1%}"
+    scripts = ", ".join(f"{s} {n}" for s, n in summary["foreign_runs_by_script"].items())
+    answered = ("" if summary["answered_in_arabic"] is None else
+                f"; Arabic prompts answered in Arabic: {summary['answered_in_arabic']:.1%}")
+    return (f"Arabic letters {share}; answers with foreign-script runs: {summary['flagged']} of {summary['answers']} "
+            f"({summary['foreign_script_rate']:.1%}{', ' + scripts if scripts else ''}){answered}")
+
+
 def check_foreign_script_rate(summary: dict, limit: Optional[float], where: str) -> None:
     """The gate: a ``ValueError`` when ``summary``'s foreign-script rate is above ``limit`` (None: no gate)."""
     if limit is not None and summary["foreign_script_rate"] > limit:

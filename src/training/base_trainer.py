@@ -116,6 +116,9 @@ class BaseTrainer(ABC):
         """Method-specific fields of the saved metadata file."""
         return {}
 
+    def check_quality_gates(self) -> None:
+        """Gates on the final evaluation that make a finished run fail (after its model is saved); none here."""
+
     def restore_from_metadata(self, metadata: dict[str, Any]) -> None:
         """Copy the settings a saved run needs into ``self.config`` (subclasses add theirs)."""
         self.config.use_lora = bool(metadata.get("use_lora", self.config.use_lora))
@@ -337,6 +340,7 @@ class BaseTrainer(ABC):
             self.save_model()
             if failure is not None:
                 raise failure
+            self.check_quality_gates()  # after saving (nothing is lost), before anything is pushed
             if self.config.push_to_hub:
                 self.push_to_hub()
             return self.train_result

@@ -32,6 +32,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from src.data.language import answer_language, language_summary
+
 logger = logging.getLogger(__name__)
 
 HOW_TO_START_OVER = "to start over, choose a new --output or delete {output}"
@@ -259,6 +261,19 @@ def encode_rows(trainer: Any, rows: list[dict], input_path: str, max_length: int
     return prompts
 
 
+def output_language(output: str) -> dict:
+    """The Arabic language consistency (``src.data.language.language_summary``) of every row in ``output``, those of
+    earlier runs included (rows written before the language figures existed are measured from their text)."""
+    read_output(output)  # a damaged file is an error naming its line, as for resuming
+    measured = []
+    with open(output, "rb") as fh:
+        for raw in fh:
+            row, reason = _parse_output_line(raw) if raw.strip() else (None, "empty")
+            if row is not None:
+                measured.append(row.get("language") or answer_language(row["instruction"], row["response"]))
+    return language_summary(measured)
+
+
 def generate_file(trainer: Any, input_path: str, output: str, *, batch_size: int = 8, max_length: int = 256,
                   seed: Optional[int] = None, rows: Optional[list[dict]] = None, **generation_kwargs: Any) -> dict[str, int]:
     """Generate a response for every input row not yet in ``output``; returns counts (generated, skipped).
@@ -298,6 +313,7 @@ def generate_file(trainer: Any, input_path: str, output: str, *, batch_size: int
                     out = {"id": row["id"], "instruction": row["instruction"], "response": response}
                     if reasoning:
                         out["reasoning"] = reasoning
+                    out["language"] = answer_language(row["instruction"], response)  # src.data.language
                     lines.append(json.dumps(out, ensure_ascii=False) + "\n")
                 fh.write("".join(lines))  # one write per batch, flushed; a row cut by a kill is redone on resume
                 fh.flush()

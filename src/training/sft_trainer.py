@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from src.config import SFTConfig
+from src.data.language import answer_language, check_foreign_script_rate, describe_language, language_metrics, language_summary
 from src.data.loading import load_records
 from src.data.packing import SFTDataCollator, padding_efficiency
 from src.data.streaming import StreamedData
@@ -50,6 +51,7 @@ class SFTTrainer(BaseTrainer):
         super().__init__(config)
         self.tokenize_report: Optional[TokenizeReport] = None
         self.padding_efficiency: Optional[float] = None
+        self.language_consistency: Optional[dict] = None  # of the last generation-based evaluation (src.data.language)
         self.attention = None  # the AttentionChoice of the last create_trainer (src.training.attention)
         self._layout: Optional[tuple[tuple, PackedLayout]] = None  # (model, packing, attention) -> layout
 
@@ -300,14 +302,25 @@ class SFTTrainer(BaseTrainer):
         reasoning, predictions = zip(*map(split_reasoning, predictions)) if predictions else ((), ())  # score answers
         metrics, exact = generation.generation_metrics(list(predictions), [r["response"] for r in chosen],
                                                        self.config.normalizer())
+        # Arabic language consistency of each answer (src.data.language): flagged rows are marked in the file.
+        languages = [answer_language(r["instruction"], p) for r, p in zip(chosen, predictions)]
+        self.language_consistency = language_summary(languages)
+        metrics.update(language_metrics(self.language_consistency))
         output_file = output_file or os.path.join(self.config.output_dir, "eval_generations.jsonl")
         write_jsonl(output_file, ({"instruction": r["instruction"], "reference": r["response"], "prediction": p,
-                                   "exact_match": hit, **({"reasoning": t} if t else {})}
-                                  for r, p, t, hit in zip(chosen, predictions, reasoning, exact)))
-        logger.info("generation eval on %d rows: chrF %.2f, BLEU %.2f, exact match %.1f%% (generations in %s)",
+                                   "exact_match": hit, **({"reasoning": t} if t else {}),
+                                   "language": language, "flagged": language["flagged"]}
+                                  for r, p, t, hit, language in zip(chosen, predictions, reasoning, exact, languages)))
+        logger.info("generation eval on %d rows: chrF %.2f, BLEU %.2f, exact match %.1f%%; %s (generations in %s)",
                     len(chosen), metrics["eval_gen_chrf"], metrics["eval_gen_bleu"], 100 * metrics["eval_gen_exact_match"],
-                    output_file)
+                    describe_language(self.language_consistency), output_file)
         return metrics
+
+    def check_quality_gates(self) -> None:
+        """``max_foreign_script_rate`` on the final generation-based evaluation (a ``ValueError`` above it)."""
+        if self.language_consistency is not None:
+            check_foreign_script_rate(self.language_consistency, self.config.max_foreign_script_rate,
+                                      "generation eval (final model)")
 
     def _inference_trainer(self):
         """A Trainer for evaluation only (after load_model, with no training data loaded)."""
@@ -389,6 +402,8 @@ class SFTTrainer(BaseTrainer):
             "architecture": describe(self.model),
             # early stopping ended training before max_steps: at which step, why, which checkpoint was kept
             "early_stopped": self.early_stopped or False,
+            # of the last generation-based evaluation (the final model's, after training): src.data.language
+            "language_consistency": self.language_consistency,
         })
         if self.tokenize_report is not None:
             meta["examples"] = dict(self.tokenize_report.examples)
