@@ -297,6 +297,11 @@ class ExampleTokenizer:
         flat = np.fromiter(chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
         return flat, lengths
 
+    @property
+    def normalize(self) -> Callable[[str], str]:
+        """The text normalization every piece of user text goes through (identity when none is set)."""
+        return self.formatter.normalize
+
     def prompt_text(self, instruction: str, system: str | None = None) -> str:
         """The prompt the model sees, identical at training and generation time (the formatter's)."""
         return self.formatter.prompt_text(instruction, system)
