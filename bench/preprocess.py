@@ -124,8 +124,9 @@ def worker_ours(spec: dict) -> dict:
     from src.data.loading import load_records
     from src.data.normalization import build_normalizer
     from src.data.packing import pack_dataset
+    from src.data.preprocess import TokenizeReport, tokenize_records
     from src.data.templates import get_prompt_format
-    from src.data.tokenization import ExampleTokenizer, TokenizeReport, tokenize_records
+    from src.data.tokenization import ExampleTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
     accepts = inspect.signature(tokenize_records).parameters

@@ -11,9 +11,11 @@ import tempfile
 
 import pytest
 
+from src.data import arrow as arrow_module
 from src.data import cache as cache_module
+from src.data.preprocess import TokenizeReport, tokenize_records
 from src.data.templates import get_prompt_format
-from src.data.tokenization import IGNORE_INDEX, ExampleTokenizer, TokenizeReport, tokenize_records
+from src.data.tokenization import IGNORE_INDEX, ExampleTokenizer
 from tests.helpers import PAIRS, ROOT, write_jsonl
 
 COUNTS = ("examples", "truncated", "dropped", "trained_tokens", "total_tokens")
@@ -211,14 +213,14 @@ def test_streamed_entries_are_checksummed_too(et, tmp_path, caplog):
 
 def enospc_while_writing_arrow(monkeypatch):
     """The disk fills while the cache writes its Arrow data: each on-disk write lands, then ENOSPC."""
-    original = cache_module.ArrowSink.write
+    original = arrow_module.ArrowSink.write
 
     def full(self, batch):
         original(self, batch)
         if self.path is not None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
 
-    monkeypatch.setattr(cache_module.ArrowSink, "write", full)
+    monkeypatch.setattr(arrow_module.ArrowSink, "write", full)
 
 
 def enospc_at_fsync(monkeypatch):
@@ -343,6 +345,7 @@ def test_streamed_data_with_a_cache_it_cannot_write_is_a_clear_error(et, tmp_pat
 TWO_RANKS = """
 import errno, json, logging, os, sys
 sys.path.insert(0, {root!r})
+from src.data import arrow as arrow_module
 from src.data import cache as cache_module
 from src.distributed import exit_rank, rank
 from src.training.sft_trainer import SFTTrainer
@@ -355,12 +358,12 @@ class Keep(logging.Handler):
             warnings.append(record.getMessage())
 logging.getLogger("src.data.cache").addHandler(Keep())
 if {problem!r} == "full":
-    original = cache_module.ArrowSink.write
+    original = arrow_module.ArrowSink.write
     def full(self, batch):
         original(self, batch)
         if self.path is not None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
-    cache_module.ArrowSink.write = full
+    arrow_module.ArrowSink.write = full
 config = make_config({model!r}, {data!r}, {out!r}, dataset_cache_dir={cache!r}, packing=True)
 trainer = SFTTrainer(config)
 trainer.setup_model()
@@ -383,7 +386,7 @@ def test_two_ranks_with_an_unusable_cache_each_tokenize_in_memory(tiny_model_dir
         pytest.skip("torch.distributed with the gloo backend is not available")
     from transformers import AutoTokenizer
 
-    from src.training.sft_trainer import example_tokenizer_for
+    from src.data.wiring import example_tokenizer_for
     from tests.helpers import make_config
 
     cache = tmp_path / "cache"

@@ -16,8 +16,9 @@ import pytest
 import train_sft
 from src.cli.args import load_config, parse_config
 from src.config import SFTConfig
-from src.data.loading import DatasetError, is_blank, load_records, visible_text
+from src.data.loading import DatasetError, load_records
 from src.data.normalization import PRESETS
+from src.data.records import is_blank, visible_text
 from src.models.loading import ModelLoadError, resolve_model_path
 from tests.helpers import PAIRS, write_jsonl
 

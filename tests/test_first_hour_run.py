@@ -12,8 +12,9 @@ import pytest
 import yaml
 
 import train_sft
+from src.data.preprocess import TokenizeReport, tokenize_records
 from src.data.templates import get_prompt_format
-from src.data.tokenization import ExampleTokenizer, TokenizeReport, tokenize_records
+from src.data.tokenization import ExampleTokenizer
 from src.training import report
 from src.training.sft_trainer import SFTTrainer
 from tests.helpers import PAIRS, QWEN_TOKENIZER_DIR, make_config, write_jsonl
@@ -263,7 +264,7 @@ def test_overlong_rows_are_counted_by_reason(tiny_tokenizer, caplog):
             {"instruction": "س", "response": passage, "system": None},  # the response is cut: truncated
             {"instruction": "a", "response": "b", "system": None}]
     report_ = TokenizeReport()
-    with caplog.at_level(logging.WARNING, logger="src.data.tokenization"):
+    with caplog.at_level(logging.WARNING, logger="src.data.preprocess"):
         dataset = tokenize_records(rows, et, "train", report_)
     assert len(dataset) == 2 and report_.truncated["train"] == 1 and report_.dropped["train"] == 1
     (line,) = [r.getMessage() for r in caplog.records if "max_seq_length=24" in r.getMessage()]
@@ -273,6 +274,6 @@ def test_overlong_rows_are_counted_by_reason(tiny_tokenizer, caplog):
     assert "1 truncated, 1 dropped (the prompt alone fills max_seq_length" in report_.summary()
     drop = ExampleTokenizer(tiny_tokenizer, get_prompt_format("alpaca"), max_seq_length=24, overlong_policy="drop")
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="src.data.tokenization"):
+    with caplog.at_level(logging.WARNING, logger="src.data.preprocess"):
         tokenize_records(rows, drop, "train", TokenizeReport())
     assert "dropped: 2 because over-long (overlong_policy='drop' drops every over-long example)" in caplog.text

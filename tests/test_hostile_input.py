@@ -17,8 +17,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import train_sft
-from src.data.loading import INVISIBLE_CHARS, DatasetError, is_blank, load_records, visible_text
+from src.data.loading import DatasetError, load_records
 from src.data.normalization import PRESETS
+from src.data.records import INVISIBLE_CHARS, is_blank, visible_text
 from tests.helpers import PAIRS
 
 GOOD = json.dumps(PAIRS[0], ensure_ascii=False)

@@ -5,8 +5,8 @@ import torch
 from datasets import Dataset
 
 from src.config import SFTConfig
+from src.data.arrow import IGNORE_INDEX
 from src.data.packing import SFTDataCollator, best_fit_decreasing, pack_dataset, padding_efficiency
-from src.data.tokenization import IGNORE_INDEX
 from src.training.losses import token_loss_sum
 from src.training.sft_trainer import create_sft_trainer
 from tests.helpers import PAIRS, write_jsonl
@@ -163,7 +163,7 @@ def test_padding_efficiency_on_the_shipped_sample_set(tmp_path):
 def test_flash_attention_gets_one_flattened_row_and_it_is_exact(tiny_model_dir):
     """FlashAttention detects packing only in single-row batches: its batches are flattened. The flattened
     layout is checked here with SDPA (same position_ids mechanism), since FlashAttention needs a GPU."""
-    from src.data.packing import flattens_packed_batches
+    from src.data.arrow import flattens_packed_batches
 
     assert flattens_packed_batches("flash_attention_2") and flattens_packed_batches("flash_attention_3")
     assert not flattens_packed_batches("sdpa") and not flattens_packed_batches("eager")

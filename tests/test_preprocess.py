@@ -13,8 +13,9 @@ from src.data import cache as cache_module
 from src.data.loading import load_records
 from src.data.normalization import build_normalizer
 from src.data.packing import pack_dataset, pack_examples
+from src.data.preprocess import TokenizeReport, tokenize_records
 from src.data.templates import get_prompt_format
-from src.data.tokenization import IGNORE_INDEX, ExampleTokenizer, TokenizeReport, fast_backend, tokenize_records
+from src.data.tokenization import IGNORE_INDEX, ExampleTokenizer, fast_backend
 from tests.helpers import PAIRS, SHIPPED_DATA
 
 REPORT_FIELDS = ("examples", "truncated", "dropped", "trained_tokens", "total_tokens")
@@ -48,7 +49,7 @@ def reference_tokenize(records, et, split):
     columns = {"input_ids": [], "labels": [], "length": []}
     counts = dict.fromkeys(REPORT_FIELDS, 0)
     for i, record in enumerate(records):
-        segments = et.segments(record)
+        segments = et.formatter.segments(record)
         encoded = [et.tokenizer(text, add_special_tokens=False)["input_ids"] for _, text, _ in segments]
         ids, labels, status = reference_assemble(et, [(k, e, t) for (k, _, t), e in zip(segments, encoded)], f"{split} row {i}")
         if status == "dropped":
@@ -196,7 +197,7 @@ def test_fast_backend_gives_the_ids_of_the_tokenizer_call(tiny_tokenizer, qwen_t
              "ﻻ ﷲ presentation forms", "emoji 🙂 and \u200f bidi"]
     for tokenizer in (tiny_tokenizer, qwen_tokenizer):
         et = ExampleTokenizer(tokenizer, get_prompt_format("chatml"), 64)
-        assert et._backend is not None
+        assert et.encoder.ready() is not None  # the fast path is the one taken
         assert et.encode_texts(texts) == tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
@@ -217,7 +218,7 @@ def test_lengths_use_the_arithmetic_of_assemble(tiny_tokenizer):
         et = ExampleTokenizer(tiny_tokenizer, fmt, 10_000)
         lengths = et.lengths(records, batch_size=4)
         for record, (prompt, response) in zip(records, lengths):
-            segments = et.segments(record)
+            segments = et.formatter.segments(record)
             tokens = [et.tokenizer(text, add_special_tokens=False)["input_ids"] for _, text, _ in segments]
             ids, _, _ = reference_assemble(et, [(k, t, tr) for (k, _, tr), t in zip(segments, tokens)], "")
             assert prompt + response == len(ids)

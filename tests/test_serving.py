@@ -21,8 +21,9 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 import train_sft
+from src.data.wiring import example_tokenizer_for
 from src.training import ollama, serving
-from src.training.sft_trainer import SFTTrainer, example_tokenizer_for
+from src.training.sft_trainer import SFTTrainer
 from tests.helpers import PAIRS, QWEN_TOKENIZER_DIR, ROOT, make_config, write_jsonl
 
 SYSTEM = "أنت مساعد مفيد يجيب بالعربية."

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from src.data.loading import DatasetError, load_records
+from src.data.preprocess import TokenizeReport, tokenize_records
 from src.data.streaming import held_out_lines, stream_splits
 from src.data.templates import get_prompt_format
-from src.data.tokenization import ExampleTokenizer, TokenizeReport, tokenize_records
+from src.data.tokenization import ExampleTokenizer
 from tests.helpers import PAIRS, ROOT, write_jsonl
 
 

@@ -1,8 +1,9 @@
 import pytest
 
 from src.data.packing import SFTDataCollator
+from src.data.preprocess import TokenizeReport, tokenize_records
 from src.data.templates import ALPACA_TEMPLATE, CHATML_TEMPLATE, get_prompt_format
-from src.data.tokenization import IGNORE_INDEX, ExampleTokenizer, TokenizeReport, TokenizerMismatchError, tokenize_records
+from src.data.tokenization import IGNORE_INDEX, ExampleTokenizer, TokenizerMismatchError
 
 RECORD = {"instruction": "ما عاصمة مصر؟", "response": "عاصمة مصر هي القاهرة.", "system": None}
 
@@ -166,5 +167,5 @@ def test_text_split_finds_the_response_template_after_normalization(tiny_tokeniz
 
     fmt = get_prompt_format("custom", "السؤال: {instruction}\nالإجابة: ")
     et = ExampleTokenizer(tiny_tokenizer, fmt, 256, normalize=build_normalizer("light", normalize_alef=True))
-    prompt, response = et.split_text("السؤال: ما عاصمة مصر؟\nالإجابة: القاهرة")
+    prompt, response = et.formatter.split_text("السؤال: ما عاصمة مصر؟\nالإجابة: القاهرة")
     assert prompt == "السؤال: ما عاصمة مصر؟\nالاجابة: " and response == "القاهرة"

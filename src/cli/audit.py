@@ -1,7 +1,7 @@
 """``train_sft.py audit --config run.yaml [--audit_output audit.json]``: the data report of ``src.data.audit``.
 
-Reads the data exactly as training does (same loader, hold-out, normalization and template, with invalid
-rows counted instead of raised), prints the table and writes JSON (default ``<output_dir>/audit.json``).
+Reads the data exactly as training does (``src.data.wiring``: same loader or mixture, hold-out, normalization
+and template, with invalid rows counted instead of raised), prints the table and writes JSON (default ``<output_dir>/audit.json``).
 """
 
 from __future__ import annotations
@@ -10,16 +10,14 @@ import json
 import os
 
 from src.cli.args import parse_config
+from src.config import SFTConfig
+from src.data.audit import audit_records, format_table
+from src.data.wiring import example_tokenizer_for, load_config_records
 from src.distributed import is_main_process
+from src.models.loading import load_tokenizer, resolve_model_path
 
 
 def run(argv: list[str]) -> int:
-    from src.config import SFTConfig
-    from src.data.audit import audit_records, format_table
-    from src.data.loading import load_records
-    from src.models.loading import load_tokenizer, resolve_model_path
-    from src.training.sft_trainer import example_tokenizer_for
-
     output = None
     if "--audit_output" in argv:
         i = argv.index("--audit_output")
@@ -28,18 +26,7 @@ def run(argv: list[str]) -> int:
             raise ValueError("--audit_output needs a file path")
         argv = argv[:i] + argv[i + 2:]
     config = parse_config(SFTConfig, argv)
-    if config.datasets is not None:
-        from src.data.mixing import load_mixture, parse_mixture
-
-        records, report = load_mixture(parse_mixture(config.datasets), config.eval_dataset_path,
-                                       validation_split_ratio=config.validation_split_ratio, seed=config.seed,
-                                       skip_invalid=True)
-    elif config.dataset_path is None:
-        raise ValueError("audit needs dataset_path (or datasets)")
-    else:
-        records, report = load_records(config.dataset_path, config.eval_dataset_path,
-                                       validation_split_ratio=config.validation_split_ratio, seed=config.seed,
-                                       skip_invalid=True)
+    records, report = load_config_records(config, skip_invalid=True)
     # Only the tokenizer is needed; for local:tiny-qwen2 this builds the tiny model once, as training would.
     source = config.tokenizer_name or resolve_model_path(config.model_name, config.output_dir, config.dataset_path, config.seed)
     tokenizer = load_tokenizer(source, trust_remote_code=config.trust_remote_code)

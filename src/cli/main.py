@@ -36,7 +36,7 @@ DEFAULT_COMMAND = "train"
 
 
 def _user_error_types() -> tuple[type, ...]:
-    from src.data.loading import DatasetError
+    from src.data.records import DatasetError
     from src.data.tokenization import TokenizerMismatchError
     from src.models.loading import ModelLoadError
 

@@ -6,7 +6,8 @@ Reads the data exactly as training does (same loader, same hold-out, same normal
 with invalid rows counted instead of raised) and reports: rows per split, invalid rows by reason,
 exact and normalized duplicates, token-length percentiles of prompt and response, rows over
 ``max_seq_length``, the share of Arabic-script letters, the share of rows with diacritics, and the
-tokenizer's fertility (tokens per whitespace word) for Arabic and for non-Arabic words. Prints a table
+tokenizer's fertility (tokens per whitespace word) for Arabic and for non-Arabic words; for a mixture
+(``datasets:``), each source's rows read, kept, invalid and mixed in, next to the totals. Prints a table
 and writes JSON (default ``<output_dir>/audit.json``).
 """
 
@@ -16,24 +17,20 @@ import json
 from collections import Counter
 from typing import Any
 
+import numpy as np
+
+from src.data.formatting import record_texts
 from src.data.normalization import ARABIC_LETTER_RE, HAS_DIACRITIC_RE, PRESETS, is_arabic_word
 
 PERCENTILES = (50, 90, 95, 99, 100)
 
 
 def _percentiles(values: list[int]) -> dict[str, int]:
+    """Nearest-rank percentiles (the smallest value with at least p% of the values at or below it)."""
     if not values:
         return {f"p{p}": 0 for p in PERCENTILES}
-    ordered = sorted(values)
-    return {f"p{p}": ordered[min(len(ordered) - 1, max(0, -(-p * len(ordered) // 100) - 1))] for p in PERCENTILES}
-
-
-def _record_texts(record: dict) -> list[str]:
-    if record.get("messages") is not None:
-        return [m["content"] for m in record["messages"]]
-    if record.get("text") is not None:
-        return [record["text"]]
-    return [record["instruction"], record["response"]] + ([record["system"]] if record.get("system") else [])
+    found = np.percentile(np.asarray(values, dtype=np.int64), PERCENTILES, method="inverted_cdf")
+    return {f"p{p}": int(v) for p, v in zip(PERCENTILES, found)}
 
 
 def _fertility(tokenizer: Any, words: list[str]) -> float | None:
@@ -55,12 +52,13 @@ def audit_records(records: dict[str, list[dict]], load_report: Any, example_toke
         "invalid_rows": dict(load_report.skipped),
         "invalid_examples": load_report.skipped_examples,
         "held_out_validation": load_report.held_out_validation,
+        **({"sources": load_report.sources} if load_report.sources else {}),
         "max_seq_length": max_seq_length,
         "normalization": normalizer.to_dict(),
     }
     all_rows = [r for rows in records.values() for r in rows]
     exact = Counter(json.dumps(r, ensure_ascii=False, sort_keys=True) for r in all_rows)
-    normalized = Counter(" ".join(search(" ".join(_record_texts(r))).split()) for r in all_rows)
+    normalized = Counter(" ".join(search(" ".join(record_texts(r))).split()) for r in all_rows)
     result["duplicates"] = {
         "exact": sum(n - 1 for n in exact.values() if n > 1),
         "normalized": sum(n - 1 for n in normalized.values() if n > 1),
@@ -70,7 +68,7 @@ def audit_records(records: dict[str, list[dict]], load_report: Any, example_toke
     arabic_words: list[str] = []
     other_words: list[str] = []
     for split, rows in records.items():
-        # Token counts with exactly the arithmetic of training's assemble(), before any over-long policy.
+        # Token counts from training's own assembly (src.data.tokenization.assemble), before any over-long policy.
         lengths = example_tokenizer.lengths(rows)
         prompt_lengths = [prompt for prompt, _ in lengths]
         response_lengths = [response for _, response in lengths]
@@ -83,7 +81,7 @@ def audit_records(records: dict[str, list[dict]], load_report: Any, example_toke
             "tokens": sum(total_lengths),
         }
         for r in rows:
-            text = normalizer(" ".join(_record_texts(r)))
+            text = normalizer(" ".join(record_texts(r)))
             arabic_letters += len(ARABIC_LETTER_RE.findall(text))
             letters += sum(1 for ch in text if ch.isalpha())
             rows_with_diacritics += bool(HAS_DIACRITIC_RE.search(text))
@@ -107,6 +105,9 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"{split + ' rows':34s} {n}")
     invalid = result["invalid_rows"]
     lines.append(f"{'invalid rows':34s} {sum(invalid.values())}" + (f"  ({', '.join(f'{k}: {v}' for k, v in invalid.items())})" if invalid else ""))
+    for source in result.get("sources", []):
+        lines.append(f"  {source['path']} ({source['split']}): {source['rows_read']} read, {source['rows_kept']} kept, "
+                     f"{sum(source['invalid_rows'].values())} invalid, {source['mixed_rows']} in the mixture")
     lines.append(f"{'exact duplicates':34s} {result['duplicates']['exact']}")
     lines.append(f"{'normalized duplicates':34s} {result['duplicates']['normalized']}")
     lines.append(f"{'Arabic-script share of letters':34s} {result['arabic_letter_share']:.1%}")

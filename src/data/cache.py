@@ -1,5 +1,8 @@
 """On-disk cache of tokenized (and packed) datasets, reused when nothing that decides them changed.
 
+This module keeps the entries: their key, where they live, how they are verified, written and committed.
+The pipeline that fills them (tokenize, pack, write, or fall back to memory) is :mod:`src.data.preprocess`.
+
 ``tokenize_records(..., cache_dir=DIR)`` stores its result in ``DIR/tokenized-<key>/`` (``data.arrow``, an
 Arrow stream that ``datasets`` memory-maps, and ``meta.json``). The key is a BLAKE2b hash of:
 
@@ -52,7 +55,13 @@ import shutil
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
+
+import pyarrow.compute as pc
+from datasets import Dataset
+
+from src.data.arrow import PACKED_COLUMNS, UNPACKED_COLUMNS, features
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +114,7 @@ def cache_writes(cache_dir: str, note: str = ""):
         raise DatasetCacheError(cache_dir, exc, note) from exc
 
 
-def _warn_unusable(error: DatasetCacheError, split: str) -> None:
+def warn_unusable(error: DatasetCacheError, split: str) -> None:
     """One warning per folder and reason; the later splits of the run only say so at INFO."""
     seen = (os.path.abspath(error.cache_dir), error.reason.split(" (")[0])
     if seen in _warned:
@@ -236,7 +245,7 @@ def cache_settings(records: list[dict], example_tokenizer: Any, packing: bool,
     import transformers
 
     et = example_tokenizer
-    et._backend_ready()  # the tokenizer's padding/truncation state as __call__ leaves it, before serializing it
+    et.encoder.ready()  # the tokenizer's padding/truncation state as __call__ leaves it, before serializing it
     tokenizer = tokenizer_fingerprint(et.tokenizer)
     if tokenizer is None:
         return None, f"{type(et.tokenizer).__name__} has no tokenizers backend to fingerprint"
@@ -263,61 +272,34 @@ def cache_key(settings: dict) -> str:
     return hashlib.blake2b(json.dumps(settings, sort_keys=True, default=str).encode("utf-8"), digest_size=20).hexdigest()
 
 
+@dataclass
+class Lookup:
+    """Where the entry of a split lives, what keys it, and the verified entry when there is one."""
+
+    settings: dict
+    key: str
+    entry: str
+    found: tuple[Any, dict] | None
+
+
+def look_up(records: list[dict], example_tokenizer: Any, split: str, cache_dir: str, packing: bool) -> Lookup | None:
+    """The entry for these records and settings, hit or miss (one log line either way); None, with a warning, when
+    the cache cannot be used for them."""
+    settings, why_not = cache_settings(records, example_tokenizer, packing)
+    if settings is None:
+        logger.warning("%s: dataset cache not used: %s", split, why_not)
+        return None
+    key = cache_key(settings)
+    entry = os.path.join(cache_dir, ENTRY_PREFIX + key)
+    found = load_entry(entry, key, packing)
+    if found is not None:
+        logger.info("%s: dataset cache hit, %d rows from %s", split, len(found[0]), entry)
+    else:
+        logger.info("%s: dataset cache miss, tokenizing %d records into %s", split, len(records), entry)
+    return Lookup(settings, key, entry, found)
+
+
 # -- writing -----------------------------------------------------------------------------------------
-
-
-class ArrowSink:
-    """Collects Arrow record batches: into an Arrow stream file (``path``) or in memory (``path=None``)."""
-
-    def __init__(self, path: str | None, packed: bool):
-        import pyarrow as pa
-
-        from src.data.packing import features
-
-        self.path = path
-        self.packed = packed
-        self.schema = features(packed).arrow_schema
-        self.batches: list = []
-        self.num_rows = 0
-        self._file = open(path, "wb") if path else None
-        try:
-            self._writer = pa.ipc.new_stream(self._file, self.schema) if path else None
-        except BaseException:
-            self._file.close()
-            raise
-
-    def write(self, batch: Any) -> None:
-        self.num_rows += batch.num_rows
-        if self._writer is not None:
-            self._writer.write_batch(batch)
-        else:
-            self.batches.append(batch)
-
-    def close(self) -> None:
-        """Finish the stream and put it on disk (``fsync``): a full disk shows here at the latest."""
-        if self._writer is None:
-            return
-        writer, self._writer = self._writer, None
-        try:
-            writer.close()
-            self._file.flush()
-            os.fsync(self._file.fileno())
-        finally:
-            self._file.close()
-
-    def abandon(self) -> None:
-        """Close without caring whether the end of the stream reaches the disk (the file is about to be removed)."""
-        writer, self._writer = self._writer, None
-        for close in ((writer.close,) if writer is not None else ()) + ((self._file.close,) if self._file else ()):
-            try:
-                close()
-            except Exception:  # noqa: BLE001 - a full disk again, most likely; the error that matters is raised
-                pass
-
-    def dataset(self) -> Any:
-        from src.data.packing import dataset_from_batches
-
-        return dataset_from_batches(self.batches, self.packed)
 
 
 def _fsync_dir(path: str) -> None:
@@ -351,11 +333,6 @@ def _remove_stale_tmp(cache_dir: str) -> None:
 def load_entry(entry: str, key: str, packing: bool, warn: bool = True) -> tuple[Any, dict] | None:
     """The verified dataset and metadata of a cache entry; None (with a warning naming the entry and what is wrong,
     or an INFO line without ``warn``) when it is not usable."""
-    import pyarrow.compute as pc
-    from datasets import Dataset
-
-    from src.data.packing import PACKED_COLUMNS, UNPACKED_COLUMNS, features
-
     if not os.path.isdir(entry):
         return None
     data_path = os.path.join(entry, DATA_FILE)
@@ -394,77 +371,7 @@ def load_entry(entry: str, key: str, packing: bool, warn: bool = True) -> tuple[
     return dataset, meta
 
 
-# -- the cached path of tokenize_records ------------------------------------------------------------
-
-
-def tokenize_cached(records: list[dict], example_tokenizer: Any, split: str, report: Any, cache_dir: str | os.PathLike,
-                    *, packing: bool, batch_size: int = 1000, num_threads: int | None = None) -> Any:
-    """``tokenize_records`` with ``cache_dir``: memory-map a verified entry, or build one atomically."""
-    from src.data.tokenization import apply_counts
-
-    cache_dir = os.fspath(cache_dir)
-    settings, why_not = cache_settings(records, example_tokenizer, packing)
-    if settings is None:
-        logger.warning("%s: dataset cache not used: %s", split, why_not)
-        return _tokenize_in_memory(records, example_tokenizer, split, report, packing=packing, batch_size=batch_size,
-                                   num_threads=num_threads)
-    key = cache_key(settings)
-    entry = os.path.join(cache_dir, ENTRY_PREFIX + key)
-    found = load_entry(entry, key, packing)
-    if found is not None:
-        dataset, meta = found
-        logger.info("%s: dataset cache hit, %d rows from %s", split, len(dataset), entry)
-        apply_counts(report, split, meta["counts"], example_tokenizer, len(records))
-        return dataset
-
-    logger.info("%s: dataset cache miss, tokenizing %d records into %s", split, len(records), entry)
-    try:
-        with cache_writes(cache_dir):
-            dataset, counts = _build_entry(records, example_tokenizer, split, report, cache_dir, key, entry, settings,
-                                           packing=packing, batch_size=batch_size, num_threads=num_threads)
-    except DatasetCacheError as exc:  # a full disk, a read-only folder, a file: the cache is lost, not the run
-        _warn_unusable(exc, split)
-        return _tokenize_in_memory(records, example_tokenizer, split, report, packing=packing, batch_size=batch_size,
-                                   num_threads=num_threads)
-    apply_counts(report, split, counts, example_tokenizer, len(records))
-    return dataset
-
-
-def _tokenize_in_memory(records: list[dict], example_tokenizer: Any, split: str, report: Any, *, packing: bool,
-                        batch_size: int, num_threads: int | None) -> Any:
-    from src.data.tokenization import apply_counts, write_tokenized
-
-    sink = ArrowSink(None, packed=packing)
-    counts = write_tokenized(records, example_tokenizer, split, sink, packing=packing, batch_size=batch_size,
-                             num_threads=num_threads)
-    apply_counts(report, split, counts, example_tokenizer, len(records))
-    return sink.dataset()
-
-
-def _build_entry(records: list[dict], example_tokenizer: Any, split: str, report: Any, cache_dir: str, key: str,
-                 entry: str, settings: dict, *, packing: bool, batch_size: int,
-                 num_threads: int | None) -> tuple[Any, dict]:
-    """Tokenize into a temporary folder and commit it as ``entry``: the memory-mapped dataset and the report counts
-    (not yet added to ``report``). Any ``OSError`` is the cache folder's; nothing of the attempt is left behind."""
-    from src.data.tokenization import apply_counts, write_tokenized
-
-    tmp = new_entry_dir(cache_dir, key)
-    try:
-        sink = ArrowSink(os.path.join(tmp, DATA_FILE), packed=packing)
-        try:
-            counts = write_tokenized(records, example_tokenizer, split, sink, packing=packing, batch_size=batch_size,
-                                     num_threads=num_threads)
-        except BaseException:
-            sink.abandon()
-            raise
-        sink.close()
-        if not counts["examples"]:
-            apply_counts(report, split, counts, example_tokenizer, len(records))  # raises: an empty split, nothing kept
-        dataset = commit_entry(tmp, entry, key, packing, split=split, num_rows=sink.num_rows, counts=counts,
-                               settings=settings, tokenizer=example_tokenizer.tokenizer)[0]
-        return dataset, counts
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already when it was renamed into place
+# -- building entries -----------------------------------------------------------------------------
 
 
 def new_entry_dir(cache_dir: str, key: str) -> str:

@@ -13,9 +13,15 @@ shuffle each pass) when its share is larger than the source. Row counts are exac
 from __future__ import annotations
 
 import json
+import logging
 import random
 from dataclasses import dataclass
 from typing import Any, Optional
+
+from src.data.loading import hold_out, load_records
+from src.data.records import LoadReport
+
+logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation")
 
@@ -96,16 +102,15 @@ def cap_rows(rows: list[dict], max_samples: Optional[int], seed: int) -> list[di
 
 
 def load_mixture(sources: list[MixtureSource], eval_source: Any = None, *, validation_split_ratio: float = 0.1,
-                 seed: int = 42, skip_invalid: bool = False) -> tuple[dict[str, list[dict]], Any]:
+                 seed: int = 42, skip_invalid: bool = False) -> tuple[dict[str, list[dict]], LoadReport]:
     """Load every source (each validated like a single data file), mix their training rows, and take the
     validation rows from ``eval_source`` or else hold ``validation_split_ratio`` of the mixture out.
-    Returns the records per split and the last source's load report (skips of every source are logged)."""
-    import logging
 
-    from src.data.loading import hold_out, load_records
-
-    logger = logging.getLogger(__name__)
-    parts, report = [], None
+    Returns the records per split and one :class:`~src.data.records.LoadReport` of the whole mixture: rows read
+    and skipped summed over every source (and ``eval_source``), rows kept as the mixture's splits, and in
+    ``sources`` each source's own counts (``path``, ``split``, ``rows_read``, ``rows_kept``, ``invalid_rows`` by
+    reason, ``mixed_rows``: its rows in the training mixture, after ``max_samples`` and weighting)."""
+    parts, reports = [], []
     for i, source in enumerate(sources):
         records, report = load_records(source.path, validation_split_ratio=0.0, seed=seed, skip_invalid=skip_invalid,
                                        log=False)
@@ -113,12 +118,34 @@ def load_mixture(sources: list[MixtureSource], eval_source: Any = None, *, valid
         if not rows:
             raise ValueError(f"datasets[{i}]: {source.path} has no {source.split!r} rows (it has {sorted(records)})")
         parts.append((cap_rows(rows, source.max_samples, seed + i), source.weight))
+        reports.append((report, len(rows)))
     mixed, counts = mix_records(parts, seed)
     logger.info("Mixed %d training rows: %s", len(mixed),
                 ", ".join(f"{s.path} {n} ({n / len(mixed):.1%})" for s, n in zip(sources, counts)))
+    total = LoadReport()
+    for source, (report, valid), n in zip(sources, reports, counts):
+        _add_source(total, report, "train", path=source.path, split=source.split, kept=valid, mixed=n)
     if eval_source is not None:
-        validation = load_records(eval_source, validation_split_ratio=0.0, seed=seed, skip_invalid=skip_invalid,
-                                  log=False)[0]
-        return {"train": mixed, "validation": validation.get("validation") or validation["train"]}, report
-    train, validation = hold_out(mixed, validation_split_ratio, seed)
-    return ({"train": train, "validation": validation} if validation else {"train": train}), report
+        loaded, report = load_records(eval_source, validation_split_ratio=0.0, seed=seed, skip_invalid=skip_invalid,
+                                      log=False)
+        validation = loaded.get("validation") or loaded["train"]
+        _add_source(total, report, "validation", path=str(eval_source), split="validation", kept=len(validation),
+                    mixed=0)
+        splits = {"train": mixed, "validation": validation}
+    else:
+        train, validation = hold_out(mixed, validation_split_ratio, seed)
+        splits = {"train": train, "validation": validation} if validation else {"train": train}
+        total.held_out_validation = len(validation)
+    total.rows_kept.update({split: len(rows) for split, rows in splits.items()})
+    return splits, total
+
+
+def _add_source(total: LoadReport, report: LoadReport, feeds: str, **counts: Any) -> None:
+    """Add one source's load report to the mixture's: its reads (to the split it ``feeds``) and skips to the totals,
+    its own counts to ``sources``."""
+    read = sum(report.rows_read.values())
+    total.rows_read[feeds] += read
+    total.skipped.update(report.skipped)
+    total.skipped_examples.extend(report.skipped_examples[: max(0, 20 - len(total.skipped_examples))])
+    total.sources.append({"path": counts["path"], "split": counts["split"], "rows_read": read, "rows_kept": counts["kept"],
+                          "invalid_rows": dict(report.skipped), "mixed_rows": counts["mixed"]})

@@ -20,14 +20,18 @@ next example's first token across the seam.
 from __future__ import annotations
 
 import bisect
+import heapq
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
+from torch.nn.functional import pad
+from torch.nn.utils.rnn import pad_sequence
 
-from src.data.tokenization import IGNORE_INDEX
+from src.data.arrow import IGNORE_INDEX, dataset_from_batches, packed_batch
 
 
 def decreasing_order(lengths: Sequence[int]) -> list[int]:
@@ -69,8 +73,6 @@ def balanced_bins(lengths: Sequence[int], n_bins: int, max_rounds: int | None = 
     Longest first onto the lightest bin, then swaps between the heaviest and the lightest bin while
     a swap narrows their gap (bounded by ``max_rounds``, default ``2 * n_bins``).
     """
-    import heapq
-
     heap = [(0, b) for b in range(n_bins)]
     bins: list[list[int]] = [[] for _ in range(n_bins)]
     loads = [0] * n_bins
@@ -128,50 +130,6 @@ def pack_examples(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return best_fit_decreasing(lengths, capacity)
 
 
-# Column types exactly as ``Dataset.from_dict`` infers them from Python lists (``input_ids`` is narrowed
-# to int32 by ``datasets``, the rest stay int64), so the Arrow-built datasets equal the list-built ones.
-UNPACKED_COLUMNS = ("input_ids", "labels", "length")
-PACKED_COLUMNS = ("input_ids", "labels", "position_ids", "length", "num_examples")
-
-
-def features(packed: bool) -> Any:
-    from datasets import Features, List, Value
-
-    columns = {"input_ids": List(Value("int32")), "labels": List(Value("int64"))}
-    if packed:
-        columns["position_ids"] = List(Value("int64"))
-    columns["length"] = Value("int64")
-    if packed:
-        columns["num_examples"] = Value("int64")
-    return Features(columns)
-
-
-def _list_array(values: np.ndarray, lengths: np.ndarray, dtype: Any) -> Any:
-    import pyarrow as pa
-
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    if offsets[-1] >= 2**31:  # pragma: no cover - a batch is at most a thousand rows
-        raise ValueError("an Arrow batch of more than 2**31 tokens; lower the batch size")
-    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32), type=pa.int32()), pa.array(values, type=dtype))
-
-
-def _int32_ids(values: np.ndarray) -> np.ndarray:
-    if len(values) and (values.min() < -(2**31) or values.max() >= 2**31):
-        raise ValueError("token ids do not fit in int32")
-    return values.astype(np.int32, copy=False)
-
-
-def unpacked_batch(input_ids: np.ndarray, labels: np.ndarray, lengths: np.ndarray) -> Any:
-    """One Arrow record batch of unpacked examples from flat ids/labels and example lengths."""
-    import pyarrow as pa
-
-    schema = features(False).arrow_schema
-    return pa.RecordBatch.from_arrays(
-        [_list_array(_int32_ids(input_ids), lengths, pa.int32()), _list_array(labels.astype(np.int64, copy=False), lengths, pa.int64()),
-         pa.array(lengths.astype(np.int64, copy=False), type=pa.int64())], schema=schema)
-
-
 def packed_batches(input_ids: np.ndarray, labels: np.ndarray | None, lengths: np.ndarray, max_seq_length: int,
                    rows_per_batch: int = 256, trained: np.ndarray | None = None) -> Iterator[Any]:
     """Pack examples given as flat ``input_ids``/``labels`` and their ``lengths`` into Arrow record batches.
@@ -182,8 +140,6 @@ def packed_batches(input_ids: np.ndarray, labels: np.ndarray | None, lengths: np
     Instead of ``labels``, a boolean ``trained`` mask may be given: labels are then the ids where it is
     set and -100 elsewhere (a quarter of the memory while everything waits to be packed).
     """
-    import pyarrow as pa
-
     lengths = np.asarray(lengths, dtype=np.int64)
     if len(lengths) and lengths.min() <= 0:
         raise ValueError(f"example {int(np.argmin(lengths))} is empty; packing needs at least one token per example")
@@ -191,7 +147,6 @@ def packed_batches(input_ids: np.ndarray, labels: np.ndarray | None, lengths: np
     if len(lengths) > 1:
         np.cumsum(lengths[:-1], out=starts[1:])
     bins = pack_examples(lengths.tolist(), max_seq_length)
-    schema = features(True).arrow_schema
     for first in range(0, len(bins), rows_per_batch):
         group = bins[first : first + rows_per_batch]
         sizes = np.fromiter(map(len, group), dtype=np.int64, count=len(group))
@@ -209,22 +164,7 @@ def packed_batches(input_ids: np.ndarray, labels: np.ndarray | None, lengths: np
         lab[member_out] = IGNORE_INDEX  # nothing is trained across a seam
         positions = np.arange(total) - np.repeat(member_out, member_lengths)
         row_lengths = np.add.reduceat(member_lengths, np.concatenate(([0], np.cumsum(sizes[:-1]))))
-        yield pa.RecordBatch.from_arrays(
-            [_list_array(_int32_ids(ids), row_lengths, pa.int32()), _list_array(lab, row_lengths, pa.int64()),
-             _list_array(positions, row_lengths, pa.int64()), pa.array(row_lengths, type=pa.int64()),
-             pa.array(sizes, type=pa.int64())], schema=schema)
-
-
-def dataset_from_batches(batches: list, packed: bool) -> Any:
-    """An in-memory ``datasets.Dataset`` over Arrow record batches (types of :func:`features`)."""
-    import pyarrow as pa
-    from datasets import Dataset
-    from datasets.fingerprint import generate_random_fingerprint
-    from datasets.table import InMemoryTable
-
-    table = pa.Table.from_batches(batches, schema=features(packed).arrow_schema)
-    # An explicit fingerprint: deriving one would pickle and hash the whole table (a full copy in memory).
-    return Dataset(InMemoryTable(table), fingerprint=generate_random_fingerprint())
+        yield packed_batch(ids, lab, positions, row_lengths, sizes)
 
 
 def pack_dataset(dataset: Any, max_seq_length: int) -> Any:
@@ -234,8 +174,6 @@ def pack_dataset(dataset: Any, max_seq_length: int) -> Any:
     order), restarts ``position_ids`` at 0 for each, and sets each example's first label to -100. Columns:
     ``input_ids``, ``labels``, ``position_ids``, ``length`` (tokens in the row), ``num_examples``.
     """
-    import pyarrow.compute as pc
-
     table = dataset.with_format("arrow")[:]  # the rows in dataset order (any indices mapping applied)
     ids_column = table.column("input_ids").combine_chunks()
     labels_column = table.column("labels").combine_chunks()
@@ -246,17 +184,6 @@ def pack_dataset(dataset: Any, max_seq_length: int) -> Any:
     input_ids = ids_column.flatten().to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
     labels = labels_column.flatten().to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
     return dataset_from_batches(list(packed_batches(input_ids, labels, lengths, max_seq_length)), packed=True)
-
-
-def flattens_packed_batches(attn_implementation: str | None) -> bool:
-    """Whether packed batches must be one flattened row for this attention implementation.
-
-    transformers' FlashAttention paths detect packed sequences from ``position_ids`` only when the
-    batch has a single row (``_is_packed_sequence`` in ``modeling_flash_attention_utils``): with several
-    packed rows they silently attend across examples. SDPA and eager isolate per row, where keeping
-    rows of ``max_seq_length`` is also cheaper (no attention over the whole batch at once).
-    """
-    return "flash" in (attn_implementation or "")
 
 
 @dataclass
@@ -288,24 +215,20 @@ class SFTDataCollator:
         longest = max(len(f["input_ids"]) for f in features)
         if self.pad_to_multiple_of:
             longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        n = len(features)
-        input_ids = torch.full((n, longest), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((n, longest), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((n, longest), dtype=torch.long)
-        position_ids = torch.zeros((n, longest), dtype=torch.long)
-        for row, f in enumerate(features):
-            length = len(f["input_ids"])
-            input_ids[row, :length] = torch.as_tensor(f["input_ids"], dtype=torch.long)
-            labels[row, :length] = torch.as_tensor(f["labels"], dtype=torch.long)
-            attention_mask[row, :length] = 1
-            if packed:
-                position_ids[row, :length] = torch.as_tensor(f["position_ids"], dtype=torch.long)
-                position_ids[row, length:] = torch.arange(longest - length)
-        batch = {"input_ids": input_ids, "labels": labels}
-        if packed:
-            batch["position_ids"] = position_ids
+
+        def padded(key: str, value: int) -> torch.Tensor:
+            rows = pad_sequence([torch.as_tensor(f[key], dtype=torch.long) for f in features], batch_first=True,
+                                padding_value=value, padding_side="right")
+            return pad(rows, (0, longest - rows.shape[1]), value=value)
+
+        batch = {"input_ids": padded("input_ids", self.pad_token_id), "labels": padded("labels", IGNORE_INDEX)}
+        if packed:  # the padding restarts its positions: one more short sequence, isolated like the examples
+            batch["position_ids"] = torch.stack([
+                torch.cat([torch.as_tensor(f["position_ids"], dtype=torch.long),
+                           torch.arange(longest - len(f["position_ids"]), dtype=torch.long)]) for f in features])
         else:
-            batch["attention_mask"] = attention_mask
+            lengths = torch.tensor([len(f["input_ids"]) for f in features])
+            batch["attention_mask"] = (torch.arange(longest)[None, :] < lengths[:, None]).long()
         return batch
 
 

@@ -1,12 +1,12 @@
 """Data larger than memory (``SFTConfig.stream_data``): a JSONL file read in a stream, tokenized into the cache.
 
-The in-memory path (:func:`src.data.loading.load_records`, then :func:`src.data.tokenization.tokenize_records`)
+The in-memory path (:func:`src.data.loading.load_records`, then :func:`src.data.preprocess.tokenize_records`)
 holds every validated record, and before packing every token id, in memory. This path holds neither:
 
 1. A first pass counts the non-blank lines and draws the held-out validation lines (``validation_split_ratio``
    of them, seeded; the draw is over lines, so a held-out line that turns out invalid is skipped like any
    other). Memory: one byte per line, for that moment.
-2. A second pass reads, validates (exactly :func:`~src.data.loading.parse_record`, same errors and skips),
+2. A second pass reads, validates (exactly :func:`~src.data.records.parse_record`, same errors and skips),
    formats and tokenizes the rows ``chunk_rows`` at a time, and writes them straight to disk: unpacked rows
    into the Arrow file of a cache entry, or, for packing, the token ids and trained-token flags into raw files
    (5 bytes per token) while only the example lengths stay in memory.
@@ -28,15 +28,16 @@ import hashlib
 import logging
 import os
 import shutil
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from src.data.arrow import IGNORE_INDEX, ArrowSink, unpacked_batch
 from src.data.cache import (
     DATA_FILE,
     ENTRY_PREFIX,
-    ArrowSink,
     DatasetCacheError,
     cache_key,
     cache_settings,
@@ -44,8 +45,10 @@ from src.data.cache import (
     load_entry,
     new_entry_dir,
 )
-from src.data.loading import DatasetError, LoadReport, iter_jsonl, parse_record
-from src.data.tokenization import IGNORE_INDEX, TokenizeReport, apply_counts, empty_counts
+from src.data.packing import packed_batches
+from src.data.preprocess import TokenizeReport, apply_counts, empty_counts
+from src.data.readers import iter_jsonl
+from src.data.records import DatasetError, LoadReport, parse_record
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +116,6 @@ class _SplitWriter:
         self.lengths: list[np.ndarray] = []
 
     def add(self, chunk: Any) -> None:
-        from src.data.packing import unpacked_batch
-
         chunk.count_into(self.counts)
         if not len(chunk.lengths):
             return
@@ -141,8 +142,6 @@ class _SplitWriter:
         self.abandon()
 
     def finish(self, max_seq_length: int) -> None:
-        from src.data.packing import packed_batches
-
         if self.packing:
             self.ids.close()
             self.trained.close()
@@ -284,8 +283,6 @@ def _load_report_dict(report: LoadReport) -> dict:
 
 
 def _load_report(data: dict) -> LoadReport:
-    from collections import Counter
-
     return LoadReport(rows_read=Counter(data["rows_read"]), rows_kept=Counter(data["rows_kept"]),
                       skipped=Counter(data["skipped"]), skipped_examples=list(data["skipped_examples"]),
                       held_out_validation=int(data["held_out_validation"]))

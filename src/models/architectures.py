@@ -33,7 +33,7 @@ from typing import Any, Optional
 
 import torch
 
-from src.data.packing import flattens_packed_batches
+from src.data.arrow import flattens_packed_batches
 
 logger = logging.getLogger(__name__)
 

@@ -137,25 +137,9 @@ class BaseTrainer(ABC):
         """Load ``config.dataset_path`` (and ``eval_dataset_path``) into a ``DatasetDict`` of validated records."""
         from datasets import Dataset, DatasetDict
 
-        from src.data.loading import load_records
+        from src.data.wiring import load_config_records
 
-        if self.config.datasets is not None:
-            from src.data.mixing import load_mixture, parse_mixture
-
-            records, report = load_mixture(parse_mixture(self.config.datasets), self.config.eval_dataset_path,
-                                           validation_split_ratio=self.config.validation_split_ratio,
-                                           seed=self.config.seed, skip_invalid=self.config.skip_invalid_rows)
-        elif self.config.dataset_path is None:
-            raise ValueError("SFTConfig.dataset_path is not set: give a .jsonl, .csv, .json or .parquet file (or "
-                             "datasets: a mixture) to train on")
-        else:
-            records, report = load_records(
-                self.config.dataset_path,
-                self.config.eval_dataset_path,
-                validation_split_ratio=self.config.validation_split_ratio,
-                seed=self.config.seed,
-                skip_invalid=self.config.skip_invalid_rows,
-            )
+        records, report = load_config_records(self.config)
         self.load_report = report
         # Columns of every row shape (Dataset.from_list would keep only the first row's keys); a row's absent
         # fields are nulls, which the loader reads as absent again. Free-form JSON (tool definitions, tool-call

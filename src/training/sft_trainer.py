@@ -19,9 +19,11 @@ from src.config import SFTConfig
 from src.data.language import answer_language, check_foreign_script_rate, describe_language, language_metrics, language_summary
 from src.data.loading import load_records
 from src.data.packing import SFTDataCollator, padding_efficiency
-from src.data.streaming import StreamedData
-from src.data.templates import chat_template, get_prompt_format
-from src.data.tokenization import ExampleTokenizer, TokenizeReport, tokenize_records
+from src.data.preprocess import TokenizeReport, tokenize_records
+from src.data.streaming import StreamedData, stream_splits
+from src.data.templates import chat_template
+from src.data.tokenization import ExampleTokenizer
+from src.data.wiring import example_tokenizer_for, prompt_format_for
 from src.distributed import main_process_first
 from src.models.architectures import ROWS, PackedLayout, describe, plan_packed_layout
 from src.training import generation
@@ -100,8 +102,6 @@ class SFTTrainer(BaseTrainer):
         the main process first and read by the others. Streaming needs the tokenizer, so the model loads first."""
         if not self.config.stream_data:
             return super().load_dataset()
-        from src.data.streaming import stream_splits
-
         if self.model is None:
             self.setup_model()
         self.tokenize_report = TokenizeReport()
@@ -451,30 +451,6 @@ class SFTTrainer(BaseTrainer):
         if config.pad_token_id is None:
             config.pad_token_id = self.tokenizer.pad_token_id
         config.save_pretrained(output_dir)
-
-
-def prompt_format_for(config: SFTConfig, tokenizer: Any = None):
-    """The :class:`~src.data.templates.PromptFormat` an SFT config describes (``instruction_template='tokenizer'``
-    reads the chat template of ``tokenizer``)."""
-    chat = None
-    if config.instruction_template == "tokenizer":
-        from src.data.chat_templates import TokenizerChatFormat, parse_template_kwargs
-
-        if tokenizer is None:
-            raise ValueError("instruction_template='tokenizer': no tokenizer yet to read the chat template from")
-        chat = TokenizerChatFormat.from_tokenizer(tokenizer, parse_template_kwargs(config.chat_template_kwargs),
-                                                  config.ignore_empty_think)
-    return get_prompt_format(config.instruction_template, config.custom_template, config.resolved_response_template,
-                             config.system_prompt, chat=chat)
-
-
-def example_tokenizer_for(config: SFTConfig, tokenizer: Any) -> ExampleTokenizer:
-    """The formatting + tokenizing object of ``config`` over ``tokenizer``: shared by training, generation and
-    the audit command, so all of them see the same token ids."""
-    normalizer = config.normalizer()
-    return ExampleTokenizer(tokenizer, prompt_format_for(config, tokenizer), config.max_seq_length, config.overlong_policy,
-                            normalize=None if normalizer.is_identity else normalizer,
-                            train_on_last_turn_only=config.train_on_last_turn_only)
 
 
 def create_sft_trainer(config: SFTConfig) -> SFTTrainer:
