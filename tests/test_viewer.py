@@ -1,5 +1,9 @@
 """The token-level example viewer (src/data/viewer.py): token texts, trained spans, seams, bidi isolates."""
 
+import json
+
+import pytest
+
 from src.data.viewer import (
     CLOSE,
     FSI,
@@ -13,6 +17,8 @@ from src.data.viewer import (
     token_texts,
     trained_spans,
 )
+from tests.helpers import PAIRS, write_jsonl
+from tests.test_chat_templates import CONVERSATIONS, END, EXPECTED, TEMPLATES, TOOLS, et_for
 
 
 def test_token_texts_put_each_character_on_the_token_that_completes_it(qwen_tokenizer):
@@ -46,3 +52,68 @@ def test_a_packed_row_shows_its_seams_and_trained_parts(qwen_tokenizer):
     assert text.index(OPEN) < text.index("║ doc 1 ║") < text.rindex(OPEN)  # one trained span on each side
     assert "\033[" not in render_row(described, color=False)
     assert "\033[32m" in render_row(described, color=True)
+
+
+# -- property: the viewer's trained spans are exactly what each template trains -------------------------------------
+@pytest.mark.parametrize("conversation", sorted(CONVERSATIONS))
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_trained_spans_are_the_assistant_output_plus_the_end_token_for_every_qwen_template(name, conversation):
+    """Answer, reasoning and tool calls where the template trains them, each followed by <|im_end|>: the viewer's
+    spans, concatenated, are those texts and nothing else (the expected texts are written out per template in
+    tests/test_chat_templates.py, independently of the viewer)."""
+    et = et_for(name)
+    messages = CONVERSATIONS[conversation]
+    record = {"messages": messages, **({"tools": TOOLS} if conversation == "tools" else {})}
+    ids, labels, _ = et.tokenize_batch([record])[0]
+    described = describe_row(et.tokenizer, {"input_ids": ids, "labels": labels}, 0)
+    assert [s["text"] for s in described["trained_spans"]] == [text + END for text in EXPECTED[name][conversation]]
+    assert "".join(s["text"] for s in described["trained_spans"]) == "".join(t + END for t in EXPECTED[name][conversation])
+
+
+@pytest.mark.parametrize("template", ["alpaca", "chatml"])
+def test_trained_spans_of_instruction_rows_are_the_response_and_the_end_token(template, tiny_tokenizer):
+    from src.data.templates import get_prompt_format
+    from src.data.tokenization import ExampleTokenizer
+
+    fmt = get_prompt_format(template)
+    et = ExampleTokenizer(tiny_tokenizer, fmt, 256)
+    end = tiny_tokenizer.convert_ids_to_tokens(et.end_id)
+    rows = [{"instruction": p["instruction"], "response": p["response"], "system": None} for p in PAIRS]
+    for (ids, labels, _), row in zip(et.tokenize_batch(rows), rows):
+        spans = describe_row(tiny_tokenizer, {"input_ids": ids, "labels": labels}, 0)["trained_spans"]
+        assert [s["text"] for s in spans] == [row["response"] + end]
+
+
+# -- the command ---------------------------------------------------------------------------------------------------
+def _audit(argv, capsys):
+    import train_sft
+
+    code = train_sft.main(["audit", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_audit_show_prints_an_arabic_row_with_its_trained_part_marked(tiny_model_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    base = ["--model_name", tiny_model_dir, "--dataset_path", data, "--output_dir", str(tmp_path / "o"),
+            "--validation_split_ratio", "0", "--instruction_template", "chatml"]
+    code, out, _ = _audit(base + ["--show", "2"], capsys)
+    assert code == 0 and out.count("── train row ") == 2
+    first = out.split("── train row 1")[0]
+    # the answer (Arabic, isolated) and the end token are the one trained span; the question is not in it
+    assert f"{OPEN}{FSI}عاصمة مصر هي القاهرة{PDI}.<|im_end|>{CLOSE}" in first
+    text = first.split("\n", 2)[2]  # after the header and the legend
+    assert f"{FSI}ما عاصمة مصر؟{PDI}" in text.split(OPEN)[0]
+    assert "\033[" not in out  # not a terminal: brackets, no colour
+    code, out, _ = _audit(base + ["--rows", "7", "--show", "1", "--color", "always"], capsys)
+    assert "train row 7" in out and "\033[32m" in out and "Python" in out
+    code, out, _ = _audit(base + ["--show", "1", "--json"], capsys)
+    row = json.loads(out.strip().splitlines()[-1])
+    assert row["trained_spans"][0]["text"] == PAIRS[0]["response"] + "<|im_end|>"
+    assert all(t["trained"] == (row["trained_spans"][0]["start"] <= t["index"] < row["trained_spans"][0]["end"])
+               for t in row["tokens"])
+    code, out, _ = _audit(base + ["--show", "1", "--packed"], capsys)
+    assert code == 0 and "documents packed" in out and "║ doc 1 ║" in out
+    assert out.count(OPEN) - 1 == int(out.split("packed ──")[0].rsplit(", ", 1)[1].split()[0])  # a span per document
+    code, _, err = _audit(base + ["--rows", "99", "--show", "1"], capsys)
+    assert code == 2 and "audit: --rows [99]: the training split has rows 0 to 7" in err

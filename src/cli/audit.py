@@ -1,5 +1,11 @@
 """``train_sft.py audit --config run.yaml [--audit_output audit.json]``: the data report of ``src.data.audit``.
 
+``train_sft.py audit --config run.yaml --show N [--rows I,J] [--packed] [--json] [--color auto|always|never]``: the
+token-level example viewer (``src.data.viewer``) instead: the first N training rows (or the rows at 0-based indices
+I, J of the training split), tokenized exactly as training tokenizes them, each token shown trained or masked.
+``--packed`` shows the first N packed rows (packing as training packs, whatever the config's ``packing``), their
+seams and ``position_ids``; ``--json`` prints one JSON object per row instead of text.
+
 Reads the data exactly as training does (``src.data.wiring``: same loader or mixture, hold-out, normalization
 and template, with invalid rows counted instead of raised), prints the table and writes JSON (default ``<output_dir>/audit.json``).
 """
@@ -8,16 +14,90 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from typing import Any
 
 from src.cli.args import parse_config
 from src.config import SFTConfig
 from src.data.audit import audit_records, format_table
+from src.data.preprocess import TokenizeReport, tokenize_records
+from src.data.tokenization import DROPPED, drop_reason
+from src.data.viewer import describe_row, render_row
 from src.data.wiring import example_tokenizer_for, load_config_records
 from src.distributed import is_main_process
 from src.models.loading import load_tokenizer, resolve_model_path
 
+VIEWER_FLAGS = {"--show": True, "--rows": True, "--color": True, "--packed": False, "--json": False}
+
+
+def _take_viewer_flags(argv: list[str]) -> tuple[list[str], dict]:
+    """The viewer's flags out of ``argv`` (the rest is the config's)."""
+    flags: dict = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        name, eq, inline = argv[i].partition("=")
+        if name in VIEWER_FLAGS:
+            if VIEWER_FLAGS[name]:
+                value = inline if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+                if value is None or value.startswith("--"):
+                    raise ValueError(f"audit: {name} needs a value")
+                flags[name[2:]] = value
+                i += 1 if eq else 2
+                continue
+            flags[name[2:]] = True
+        else:
+            rest.append(argv[i])
+        i += 1
+    return rest, flags
+
+
+def _show(config: Any, records: dict, example_tokenizer: Any, flags: dict) -> int:
+    """The token-level viewer (module docstring)."""
+    try:
+        count = int(flags.get("show", 0))
+    except ValueError:
+        raise ValueError(f"audit: --show {flags['show']!r} is not a number of rows") from None
+    color_choice = flags.get("color", "auto")
+    if color_choice not in ("auto", "always", "never"):
+        raise ValueError(f"audit: --color {color_choice!r}: expected auto, always or never")
+    color = color_choice == "always" or (color_choice == "auto" and sys.stdout.isatty() and not flags.get("json"))
+    train = records.get("train") or []
+    tokenizer = example_tokenizer.tokenizer
+    if flags.get("packed"):
+        if "rows" in flags:
+            raise ValueError("audit: --rows picks training examples; with --packed give --show N (the first N packed rows)")
+        dataset = tokenize_records(train, example_tokenizer, "train", TokenizeReport(), packing=True)
+        rows = [(i, dataset[i]) for i in range(min(count or 1, len(dataset)))]
+    else:
+        if "rows" in flags:
+            try:
+                indices = [int(x) for x in str(flags["rows"]).split(",") if x.strip()]
+            except ValueError:
+                raise ValueError(f"audit: --rows {flags['rows']!r}: expected 0-based row numbers like 0,4,9") from None
+            outside = [i for i in indices if not 0 <= i < len(train)]
+            if outside:
+                raise ValueError(f"audit: --rows {outside}: the training split has rows 0 to {len(train) - 1}")
+        else:
+            indices = list(range(min(count or 1, len(train))))
+        tokenized = example_tokenizer.tokenize_batch([train[i] for i in indices], "train") if indices else []
+        rows = []
+        for i, (ids, labels, status) in zip(indices, tokenized):
+            if status == DROPPED:
+                print(f"── train row {i}: dropped by overlong_policy={config.overlong_policy!r} "
+                      f"({drop_reason(config.overlong_policy)}) ──\n")
+                continue
+            rows.append((i, {"input_ids": ids, "labels": labels}))
+    if not is_main_process():
+        return 0
+    for index, row in rows:
+        described = describe_row(tokenizer, row, index)
+        print(json.dumps(described, ensure_ascii=False) if flags.get("json") else render_row(described, color))
+    return 0
+
 
 def run(argv: list[str]) -> int:
+    argv, viewer = _take_viewer_flags(argv)
     output = None
     if "--audit_output" in argv:
         i = argv.index("--audit_output")
@@ -30,6 +110,10 @@ def run(argv: list[str]) -> int:
     # Only the tokenizer is needed; for local:tiny-qwen2 this builds the tiny model once, as training would.
     source = config.tokenizer_name or resolve_model_path(config.model_name, config.output_dir, config.dataset_path, config.seed)
     tokenizer = load_tokenizer(source, trust_remote_code=config.trust_remote_code)
+    if viewer:
+        if "show" not in viewer and "rows" not in viewer:
+            raise ValueError(f"audit: {', '.join('--' + k for k in viewer)} go with --show N (the example viewer)")
+        return _show(config, records, example_tokenizer_for(config, tokenizer), viewer)
     result = audit_records(records, report, example_tokenizer_for(config, tokenizer), config.max_seq_length,
                            config.normalizer())
     if not is_main_process():

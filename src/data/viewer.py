@@ -110,10 +110,11 @@ def render_text(described: dict, color: bool) -> str:
         if token["trained"] != trained:
             trained = token["trained"]
             parts.append((GREEN if trained else RESET) if color else (OPEN if trained else CLOSE))
-        parts.append(isolate_rtl(token["text"]))
+        parts.append(token["text"])
     if trained:
         parts.append(RESET if color else CLOSE)
-    return "".join(parts)
+    # isolates around whole runs (a word split over tokens stays one run); a mark ends a run where it stands
+    return isolate_rtl("".join(parts))
 
 
 def render_table(described: dict, color: bool) -> str:
