@@ -357,6 +357,7 @@ class Keep(logging.Handler):
         if record.levelno >= logging.WARNING and record.name == "src.data.cache":
             warnings.append(record.getMessage())
 logging.getLogger("src.data.cache").addHandler(Keep())
+logging.getLogger("src").setLevel(logging.WARNING)  # every rank's warnings (the library's default: the main rank's only)
 if {problem!r} == "full":
     original = arrow_module.ArrowSink.write
     def full(self, batch):

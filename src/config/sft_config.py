@@ -353,6 +353,14 @@ class SFTConfig(BaseConfig):
     train_on_last_turn_only: bool = _help(
         "For multi-turn conversations: train only the last assistant turn (default: every assistant turn).", default=False
     )
+    train_on_prompt: bool = _help(
+        "Train the prompt tokens too: the system, user and tool messages' text (default: only the assistant turns "
+        "are trained). The template's markup around them stays masked unless train_on_prompt_markup is true. An "
+        "assistant turn with \"loss\": false stays masked either way.", default=False)
+    train_on_prompt_markup: bool = _help(
+        "With train_on_prompt: also train the template's markup of the prompts ('<|im_start|>user\\n', "
+        "'### Instruction:', the assistant header), i.e. every prompt token. Default false: markup masked.",
+        default=False)
 
     # --- Arabic normalization (src/data/normalization.py), applied identically to training and generation text ---
     normalization: str = _help("Preset: 'none', 'light' (default: tatweel, bidi controls, presentation forms) or "
@@ -404,6 +412,9 @@ class SFTConfig(BaseConfig):
             if self.instruction_template != "tokenizer":
                 raise ValueError("SFTConfig.chat_template_kwargs: applies to instruction_template='tokenizer' only "
                                  f"(got instruction_template={self.instruction_template!r})")
+        if self.train_on_prompt_markup and not self.train_on_prompt:
+            raise ValueError("SFTConfig.train_on_prompt_markup=True needs train_on_prompt=True (it chooses whether the "
+                             "prompts' template markup is trained with their text)")
         if self.overlong_policy not in OVERLONG_POLICIES:
             raise ValueError(f"SFTConfig.overlong_policy={self.overlong_policy!r} is invalid: expected one of {OVERLONG_POLICIES}.")
         _ask("normalization", self.normalizer)

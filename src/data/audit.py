@@ -79,6 +79,8 @@ def audit_records(records: dict[str, list[dict]], load_report: Any, example_toke
             "total_tokens": _percentiles(total_lengths),
             "over_max_seq_length": sum(1 for n in total_lengths if n > max_seq_length),
             "tokens": sum(total_lengths),
+            # assistant turns a row leaves out of the loss ("loss": false / "train": false)
+            "masked_turns": sum(1 for r in rows for m in (r.get("messages") or []) if m.get("loss") is False),
         }
         for r in rows:
             text = normalizer(" ".join(record_texts(r)))
@@ -119,7 +121,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append("-" * 64)
     header = f"{'tokens':18s}" + "".join(f"{'p' + str(p) if p < 100 else 'max':>8s}" for p in PERCENTILES)
     for split, stats in result["splits"].items():
-        lines.append(f"{split} (max_seq_length={result['max_seq_length']}: {stats['over_max_seq_length']} rows over)")
+        masked = f", {stats['masked_turns']} assistant turns masked by their row" if stats.get("masked_turns") else ""
+        lines.append(f"{split} (max_seq_length={result['max_seq_length']}: {stats['over_max_seq_length']} rows over{masked})")
         lines.append(header)
         for key in ("prompt_tokens", "response_tokens", "total_tokens"):
             lines.append(f"  {key.split('_')[0]:16s}" + "".join(f"{v:8d}" for v in stats[key].values()))

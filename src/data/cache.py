@@ -15,7 +15,8 @@ Arrow stream that ``datasets`` memory-maps, and ``meta.json``). The key is a BLA
   normalizer, pre-tokenizer), class, special tokens map, added vocabulary, ``split_special_tokens`` and
   chat template, plus the prefix, end and suffix ids it gives for the template;
 - the prompt format (template, response template, end token and suffix, system prompt), the
-  normalization settings, ``max_seq_length``, ``overlong_policy``, ``train_on_last_turn_only``, ``packing``;
+  normalization settings, ``max_seq_length``, ``overlong_policy``, ``train_on_last_turn_only``, ``train_on_prompt``
+  (and its markup choice), ``packing``; per-message ``loss: false`` flags through the records;
 - ``CACHE_VERSION`` (bump it whenever the output of ``src/data`` tokenization, packing or loading
   changes) and the ``tokenizers``/``transformers`` versions.
 
@@ -263,6 +264,9 @@ def cache_settings(records: list[dict], example_tokenizer: Any, packing: bool,
         "max_seq_length": et.max_seq_length,
         "overlong_policy": et.overlong_policy,
         "train_on_last_turn_only": bool(et.train_on_last_turn_only),
+        # (only when on: the keys of runs that train no prompt stay what they were)
+        **({"train_on_prompt": True, "train_on_prompt_markup": bool(et.train_on_prompt_markup)}
+           if et.train_on_prompt else {}),
         "packing": bool(packing),
         "libraries": {"tokenizers": tokenizers.__version__, "transformers": transformers.__version__},
     }, ""

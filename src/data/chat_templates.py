@@ -244,12 +244,17 @@ class TokenizerChatFormat:
         return block_end
 
     def segments(self, messages: list[dict], tools: list | None = None, train_on_last_turn_only: bool = False,
-                 template_kwargs: dict | None = None) -> list[tuple[str, str, bool]]:
+                 template_kwargs: dict | None = None, trained_turns: list[bool] | None = None,
+                 prompt_pieces: Any = None) -> list[tuple[str, str, bool]]:
         """``(kind, text, trained)`` pieces of a conversation: prompts and the responses *without* their closing
         ``<|im_end|>\\n`` (the caller appends the end token, trained, and the newline, untrained).
-        ``template_kwargs``: the row's own template variables, over the run's."""
+        ``template_kwargs``: the row's own template variables, over the run's. ``trained_turns``: whether each
+        assistant turn is trained (default: all, or the last one under ``train_on_last_turn_only``).
+        ``prompt_pieces(text, k)``: the segments of the prompt text before assistant turn ``k`` (``k`` = the number
+        of turns: the text after the last); default one masked segment."""
         full = self.render(messages, tools, template_kwargs=template_kwargs)
         n_assistant = sum(1 for m in messages if m["role"] == "assistant")
+        pieces = prompt_pieces or (lambda text, _turn: [("prompt", text, False)] if text else [])
         opening = self.opening_for(template_kwargs)
         segments: list[tuple[str, str, bool]] = []
         done = 0  # end of the text already cut into segments
@@ -264,8 +269,9 @@ class TokenizerChatFormat:
             end = full.find(IM_END, start)
             if end < 0 or not full.startswith(TURN_END, end):
                 raise ChatTemplateError("an assistant turn of the rendered conversation does not end with '<|im_end|>\\n'")
-            trained = not train_on_last_turn_only or turn == n_assistant - 1
-            segments.append(("prompt", full[done:start], False))
+            trained = trained_turns[turn] if trained_turns is not None else (
+                not train_on_last_turn_only or turn == n_assistant - 1)
+            segments += pieces(full[done:start], turn)
             block_end = self.empty_think_end(full, turn_start, end)
             if block_end > start:  # the empty block, or the rest of it after a "<think>\n" generation prompt
                 segments.append(("prompt", full[start:block_end], False))
@@ -276,7 +282,7 @@ class TokenizerChatFormat:
             raise ChatTemplateError(f"the chat template rendered more assistant turns than the {n_assistant} assistant "
                                     "messages")
         if full[done:]:
-            segments.append(("prompt", full[done:], False))
+            segments += pieces(full[done:], n_assistant)
         return segments
 
     def saved_template(self, system_prompt: str | None = None) -> str:

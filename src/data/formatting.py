@@ -14,7 +14,9 @@ Each shape has one transform to the one shape the formatter reads, a :class:`Con
 
 :class:`Formatter` turns a conversation into *segments*, ``(kind, text, trained)`` with kind "prompt" or
 "response", for one :class:`~src.data.templates.PromptFormat`: the prompt texts (masked) and the responses
-(trained unless ``train_on_last_turn_only`` masks all but the last). The end token and the format's suffix
+(trained unless the assistant message says ``"loss": false``, or ``train_on_last_turn_only`` masks all but the
+last). ``train_on_prompt`` trains the prompts' message texts too, the template markup around them masked unless
+``train_on_prompt_markup`` (:meth:`Formatter.prompt_pieces`). The end token and the format's suffix
 after each response are not text here: :mod:`src.data.tokenization` appends their ids, so every prompt and
 response is tokenized on its own and their ids concatenated. With ``instruction_template="tokenizer"`` the
 model's chat template renders and cuts the conversation (:mod:`src.data.chat_templates`).
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from src.data.chat_templates import reasoning_in_answer
+from src.data.records import LOSS_KEYS
 from src.data.templates import PromptFormat
 
 Segment = tuple[str, str, bool]  # (kind: "prompt" | "response", text, trained)
@@ -97,11 +100,62 @@ class Formatter:
     """
 
     def __init__(self, fmt: PromptFormat, end_text: str, normalize: Callable[[str], str] | None = None,
-                 train_on_last_turn_only: bool = False):
+                 train_on_last_turn_only: bool = False, train_on_prompt: bool = False,
+                 train_on_prompt_markup: bool = False, split_points: Callable[[str], list[int] | None] | None = None):
         self.fmt = fmt
         self.end_text = end_text
         self.normalize = normalize or (lambda text: text)
         self.train_on_last_turn_only = train_on_last_turn_only
+        self.train_on_prompt = train_on_prompt
+        self.train_on_prompt_markup = train_on_prompt_markup
+        self.split_points = split_points  # where a prompt may be cut without changing its ids (the tokenizer's)
+
+    def trained_turns(self, messages: list[dict]) -> list[bool]:
+        """Whether each assistant turn is trained: not when its message says ``"loss": false`` (``src.data.records``
+        keeps the key only then), nor, under ``train_on_last_turn_only``, when it is not the last one."""
+        assistant = [m for m in messages if m["role"] == "assistant"]
+        return [m.get("loss") is not False and (not self.train_on_last_turn_only or i == len(assistant) - 1)
+                for i, m in enumerate(assistant)]
+
+    def prompt_pieces(self, text: str, contents: list[str], optional: tuple[str, ...] = ()) -> list[Segment]:
+        """A prompt as segments. Without ``train_on_prompt``: one masked segment. With it and
+        ``train_on_prompt_markup``: one trained segment (every prompt token). With it alone: the messages' texts
+        (``contents``, in order; ``optional`` ones may be absent from ``text``, as a system prompt a format does not
+        write) trained and the template's markup between them masked. A content the rendered prompt does not hold
+        verbatim is an error (the template changed it: there is no exact split), never a guess."""
+        if not self.train_on_prompt or not text:
+            return [("prompt", text, False)] if text else []
+        if self.train_on_prompt_markup:
+            return [("prompt", text, True)]
+        points = self.split_points(text) if self.split_points is not None else None
+        pieces: list[Segment] = []
+        cursor = 0
+        for content in contents:
+            if not content:
+                continue
+            at = text.find(content, cursor)
+            if at < 0:
+                if content in optional:
+                    continue
+                raise ValueError(f"train_on_prompt: the message text {content[:40]!r} is not written verbatim in the "
+                                 f"prompt the {self.fmt.name!r} format renders, so its tokens cannot be told from the "
+                                 "markup; set train_on_prompt_markup: true to train every prompt token")
+            start, end = at, at + len(content)
+            if points is not None:
+                # Cut only where the tokenizer cuts: a token shared by the text and the markup (".\n\n" before a
+                # template's next block) stays masked, so the ids are the same as without train_on_prompt.
+                start = next((p for p in points if p >= start), end)
+                end = max((p for p in points if p <= end), default=start)
+            if start < end:
+                if start > cursor:
+                    pieces.append(("prompt", text[cursor:start], False))
+                pieces.append(("prompt", text[start:end], True))
+                cursor = end
+            else:
+                cursor = max(cursor, at)
+        if cursor < len(text):
+            pieces.append(("prompt", text[cursor:], False))
+        return pieces
 
     def prompt_text(self, instruction: str, system: str | None = None) -> str:
         """The prompt the model sees, identical at training and generation time."""
@@ -130,10 +184,20 @@ class Formatter:
                              f"model's chat template); {self.fmt.name!r} has no template variables")
         if conversation.text is not None:
             prompt, response = self.split_text(conversation.text)
-            return [("prompt", prompt, False), ("response", response, True)]
+            # (a pre-formatted prompt has no markup we could tell from its text: train_on_prompt trains all of it)
+            trained_prompt = self.train_on_prompt
+            return [*([("prompt", prompt, trained_prompt)] if prompt else []), ("response", response, True)]
         if self.fmt.chat is not None:
-            return self.fmt.chat.segments(self.chat_messages(conversation), conversation.tools,
-                                          self.train_on_last_turn_only, template_kwargs=conversation.template_kwargs)
+            messages = self.chat_messages(conversation)
+            groups: list[list[str]] = [[]]  # the prompt messages' texts before each assistant turn, and after the last
+            for message in messages:
+                if message["role"] == "assistant":
+                    groups.append([])
+                elif isinstance(message.get("content"), str):
+                    groups[-1].append(message["content"])
+            return self.fmt.chat.segments(messages, conversation.tools, template_kwargs=conversation.template_kwargs,
+                                          trained_turns=self.trained_turns(conversation.messages),
+                                          prompt_pieces=lambda text, turn: self.prompt_pieces(text, groups[turn]))
         if conversation.uses_tools:
             raise ValueError(f"tool definitions, tool calls and tool turns need instruction_template='tokenizer' (the "
                              f"model's chat template writes their markup); {self.fmt.name!r} has none")
@@ -142,13 +206,16 @@ class Formatter:
         if messages[0]["role"] == "system":
             system, messages = messages[0]["content"], messages[1:]
         n_turns = len(messages) // 2
+        trained_turns = self.trained_turns(messages)
         segments: list[Segment] = []
         for turn in range(n_turns):
             user, assistant = messages[2 * turn]["content"], _with_reasoning(messages[2 * turn + 1])
             # The system block (own or configured) opens the first prompt only; "" means "none" later on.
             prompt = self.prompt_text(user, system) if turn == 0 else self.fmt.format_prompt(self.normalize(user), "")
-            trained = not self.train_on_last_turn_only or turn == n_turns - 1
-            segments += [("prompt", prompt, False), ("response", self.normalize(assistant), trained)]
+            system_text = (self.normalize(system) if system else self.fmt.system_prompt) if turn == 0 else None
+            contents = [system_text, self.normalize(user)] if system_text else [self.normalize(user)]
+            segments += [*self.prompt_pieces(prompt, contents, optional=(system_text,) if system_text else ()),
+                         ("response", self.normalize(assistant), trained_turns[turn])]
         return segments
 
     def generation_segments(self, messages: list[dict], template_kwargs: dict | None = None) -> list[Segment]:
@@ -174,7 +241,8 @@ class Formatter:
             conversation = to_conversation(conversation)
         out = []
         for message in conversation.messages:
-            message = {key: value for key, value in message.items() if value is not None}
+            # (a turn's loss flag is ours, not the template's)
+            message = {key: value for key, value in message.items() if value is not None and key not in LOSS_KEYS}
             for key in ("content", "reasoning_content"):
                 if isinstance(message.get(key), str):
                     message[key] = self.normalize(message[key])

@@ -249,6 +249,9 @@ def parse_conversation(turns: Any, key: str, where: str) -> list[dict[str, Any]]
         reasoning = turn.get("reasoning_content") if role == "assistant" else None
         if reasoning is not None and reasoning != "":  # "" (no thinking, as exports write it) is no reasoning
             message["reasoning_content"] = _check_text(turn, "reasoning_content", where, f"{field_name}.reasoning_content")
+        loss = _loss_flag(turn, role, where, field_name)
+        if loss is False:
+            message["loss"] = False  # kept only when it masks the turn: records without it stay as they were
         if role == "tool":
             for extra in ("name", "tool_call_id"):
                 if isinstance(turn.get(extra), str):
@@ -268,6 +271,28 @@ def parse_conversation(turns: Any, key: str, where: str) -> list[dict[str, Any]]
     if not body or body[-1]["role"] != "assistant":
         raise DatasetError(f"{where}, field {key!r}: the conversation must end with an assistant turn", "invalid conversation")
     return messages
+
+
+LOSS_KEYS = ("loss", "train")  # ms-swift's key, and the other name users reach for
+
+
+def _loss_flag(turn: dict, role: str, where: str, field_name: str) -> bool | None:
+    """An assistant turn's ``"loss": false`` (or ``"train": false``): leave the turn out of the loss. True or absent:
+    trained as usual. Given on another role, or not a boolean, or both keys disagreeing: an error naming the field."""
+    given = {key: turn[key] for key in LOSS_KEYS if key in turn and turn[key] is not None}
+    if not given:
+        return None
+    for key, value in given.items():
+        if role != "assistant":
+            raise DatasetError(f"{where}, field '{field_name}.{key}': only assistant turns take {key!r} (a {role} turn "
+                               "is never trained; train_on_prompt trains prompts)", "invalid conversation")
+        if not isinstance(value, bool):
+            raise DatasetError(f"{where}, field '{field_name}.{key}': expected true or false, got {value!r}",
+                               "invalid conversation")
+    if len(set(given.values())) > 1:
+        raise DatasetError(f"{where}, field '{field_name}': 'loss' and 'train' disagree ({given}); give one",
+                           "invalid conversation")
+    return next(iter(given.values()))
 
 
 def _turns_allowed_after(previous: dict | None) -> tuple[str, ...]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
@@ -161,7 +162,8 @@ class Assembled:
 def assemble(plan: _Plan, tokens: np.ndarray, token_counts: np.ndarray, prefix_ids: list[int], end_id: int,
              suffix_ids: list[int], *, ids: bool = True) -> Assembled:
     """The token arithmetic, for every record of a plan at once: each example is the tokenizer's prefix ids
-    (masked), then per segment its tokens, masked for a prompt and trained for a trained response, and after
+    (masked), then per segment its tokens, trained where the segment is (a response, or a prompt piece under
+    ``train_on_prompt``) and masked otherwise, and after
     every response the end token (trained when the response is) and the format's suffix ids (masked).
 
     ``tokens``: the ids of every segment text, concatenated; ``token_counts``: how many per text.
@@ -188,7 +190,7 @@ def assemble(plan: _Plan, tokens: np.ndarray, token_counts: np.ndarray, prefix_i
     positions = np.repeat(seg_start - _exclusive_cumsum(token_counts), token_counts) + np.arange(len(tokens))
     input_ids[positions] = tokens
     trained_segments = plan.is_response & plan.trained
-    trained_tokens = np.repeat(trained_segments, token_counts)
+    trained_tokens = np.repeat(plan.trained, token_counts)  # a trained prompt piece too (train_on_prompt)
     labels[positions[trained_tokens]] = tokens[trained_tokens]
     responses = np.flatnonzero(plan.is_response)
     if len(responses):
@@ -237,6 +239,28 @@ class TextEncoder:
         encode = getattr(self._backend, "encode_batch_fast", None) or self._backend.encode_batch
         return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
 
+    def split_points(self, text: str) -> list[int] | None:
+        """Where ``text`` may be cut without changing its ids (each side tokenized alone gives the ids of the whole):
+        the ends of added tokens (``<|im_end|>``) and of the pre-tokenizer's pieces, which BPE merges never cross.
+        None without a fast backend (then :class:`~src.data.formatting.Formatter` cuts at the message texts)."""
+        backend = self.ready()
+        pre_tokenizer = getattr(backend, "pre_tokenizer", None) if backend is not None else None
+        if pre_tokenizer is None:
+            return None
+        specials = sorted(getattr(self.tokenizer, "added_tokens_encoder", {}), key=len, reverse=True)
+        points = {0, len(text)}
+        spans, position = [], 0
+        if specials:
+            for match in re.finditer("|".join(map(re.escape, specials)), text):
+                spans.append((position, match.start()))
+                points |= {match.start(), match.end()}
+                position = match.end()
+        spans.append((position, len(text)))
+        for start, end in spans:
+            for _, (a, b) in pre_tokenizer.pre_tokenize_str(text[start:end]):
+                points |= {start + a, start + b}
+        return sorted(points)
+
     def ready(self) -> Any | None:
         """The backend, once its state is what ``tokenizer(...)`` would set (no padding or truncation)."""
         backend = self._backend
@@ -267,23 +291,27 @@ class ExampleTokenizer:
     the over-long policy (``truncate``, ``drop`` or ``error`` at ``max_seq_length``).
 
     ``normalize`` (optional) is applied to every piece of user text before formatting, the same function that
-    generation uses; ``train_on_last_turn_only`` masks all but the last response of a conversation.
+    generation uses; ``train_on_last_turn_only`` masks all but the last response of a conversation;
+    ``train_on_prompt`` (and ``train_on_prompt_markup``) train the prompts too (:class:`Formatter`).
     """
 
     def __init__(self, tokenizer: Any, fmt: PromptFormat, max_seq_length: int, overlong_policy: str = "truncate",
-                 normalize: Callable[[str], str] | None = None, train_on_last_turn_only: bool = False):
+                 normalize: Callable[[str], str] | None = None, train_on_last_turn_only: bool = False,
+                 train_on_prompt: bool = False, train_on_prompt_markup: bool = False):
         self.tokenizer = tokenizer
         self.fmt = fmt
         self.max_seq_length = max_seq_length
         self.overlong_policy = overlong_policy
         self.normalize_spec = normalize  # as given (None: no normalization); the cache key describes it
         self.train_on_last_turn_only = train_on_last_turn_only
+        self.train_on_prompt, self.train_on_prompt_markup = train_on_prompt, train_on_prompt_markup
         self.prefix_ids = special_prefix_ids(tokenizer)
         self.end_id = end_token_id(tokenizer, fmt)
         self.suffix_ids = tokenizer(fmt.end_suffix, add_special_tokens=False)["input_ids"] if fmt.end_suffix else []
-        self.formatter = Formatter(fmt, tokenizer.convert_ids_to_tokens(self.end_id), normalize,
-                                   train_on_last_turn_only)
         self.encoder = TextEncoder(tokenizer)
+        self.formatter = Formatter(fmt, tokenizer.convert_ids_to_tokens(self.end_id), normalize,
+                                   train_on_last_turn_only, train_on_prompt, train_on_prompt_markup,
+                                   split_points=self.encoder.split_points)
 
     # -- encoding --------------------------------------------------------------------------------
     def encode_texts(self, texts: list[str]) -> list[list[int]]:

@@ -51,4 +51,5 @@ def example_tokenizer_for(config: Any, tokenizer: Any) -> ExampleTokenizer:
     normalizer = config.normalizer()
     return ExampleTokenizer(tokenizer, prompt_format_for(config, tokenizer), config.max_seq_length, config.overlong_policy,
                             normalize=None if normalizer.is_identity else normalizer,
-                            train_on_last_turn_only=config.train_on_last_turn_only)
+                            train_on_last_turn_only=config.train_on_last_turn_only,
+                            train_on_prompt=config.train_on_prompt, train_on_prompt_markup=config.train_on_prompt_markup)

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 # Settings a saved run carries in sft_metadata.json and load_model puts back into the config: the one list
 # for writing and restoring. (response_template is written resolved; normalization as its switches.)
 SAVED_SETTINGS = ("instruction_template", "custom_template", "system_prompt", "chat_template_kwargs", "max_seq_length",
-                  "packing", "train_on_last_turn_only", "overlong_policy")
+                  "packing", "train_on_last_turn_only", "train_on_prompt", "train_on_prompt_markup", "overlong_policy")
 
 
 class SFTTrainer(BaseTrainer):
