@@ -19,6 +19,14 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from src.config.loss_settings import check_loss_settings
+from src.data.chat_templates import parse_template_kwargs
+from src.data.loading import check_data_path
+from src.data.mixing import parse_mixture
+from src.data.normalization import SWITCHES, ArabicNormalizer, build_normalizer
+from src.data.templates import check_template_settings, default_response_template
+from src.models.loading import bf16_supported
+
 OVERLONG_POLICIES = ("truncate", "drop", "error")
 EVAL_STRATEGIES = ("no", "steps", "epoch")
 
@@ -213,14 +221,10 @@ class BaseConfig:
         self._check_ranges(bad)
         if not isinstance(self.model_name, str) or not self.model_name.strip():
             bad("model_name", "a hub id, a local model directory or 'local:tiny-qwen2'")
-        from src.data.loading import check_data_path
-
         for name in ("dataset_path", "eval_dataset_path"):
             if getattr(self, name) is not None:
                 _ask(name, check_data_path, getattr(self, name))
         if self.datasets is not None:
-            from src.data.mixing import parse_mixture
-
             if self.dataset_path is not None:
                 bad("datasets", "None when dataset_path is set (give one or the other)")
             for source in _ask("datasets", parse_mixture, self.datasets):
@@ -250,8 +254,6 @@ class BaseConfig:
             bad("early_stopping_patience", "None when evaluation_strategy='no' (early stopping watches eval_loss)")
         if self.attn_implementation not in (None, "auto", "sdpa", "eager", "flash_attention_2", "flex_attention"):
             bad("attn_implementation", "None/'auto', 'sdpa', 'eager', 'flash_attention_2' or 'flex_attention'")
-        from src.training.losses import check_loss_settings
-
         _ask("loss_type", check_loss_settings, self.loss_type, self.loss_chunk_size)
         if self.deepspeed is not None and not os.path.isfile(self.deepspeed):
             raise ValueError(f"SFTConfig.deepspeed: config file {self.deepspeed!r} does not exist.")
@@ -300,8 +302,6 @@ class BaseConfig:
         ``fp16`` is off."""
         if self.bf16 is not None and self.bf16 != "auto":
             return bool(self.bf16)
-        from src.models.loading import bf16_supported
-
         return not self.fp16 and bf16_supported()
 
     @property
@@ -387,13 +387,9 @@ class SFTConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
-        from src.data.templates import check_template_settings
-
         _ask("instruction_template", check_template_settings, self.instruction_template, self.custom_template,
              self.response_template)
         if self.chat_template_kwargs is not None:
-            from src.data.chat_templates import parse_template_kwargs
-
             # held as a mapping from here on, whether given as one or as JSON text (command line, YAML)
             self.chat_template_kwargs = _ask("chat_template_kwargs", parse_template_kwargs, self.chat_template_kwargs)
             if self.instruction_template != "tokenizer":
@@ -425,10 +421,8 @@ class SFTConfig(BaseConfig):
         if self.eval_generation_max_length < 1:
             bad("eval_generation_max_length", "a positive integer")
 
-    def normalizer(self):
+    def normalizer(self) -> ArabicNormalizer:
         """The :class:`~src.data.normalization.ArabicNormalizer` this config describes."""
-        from src.data.normalization import SWITCHES, build_normalizer
-
         return build_normalizer(self.normalization, **{k: getattr(self, "arabic_" + k) for k in SWITCHES})
 
     @property
@@ -444,8 +438,6 @@ class SFTConfig(BaseConfig):
     @property
     def resolved_response_template(self) -> str:
         """``response_template``, or the template's own response prefix when it is None."""
-        from src.data.templates import default_response_template
-
         return self.response_template or default_response_template(self.instruction_template, self.custom_template)
 
 

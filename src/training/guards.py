@@ -19,9 +19,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import threading
 from typing import Any, Iterator, Optional
 
 import torch
+import torch.distributed as dist
 from transformers import TrainerCallback
 
 from src.distributed import world_size
@@ -59,8 +61,6 @@ class InterruptCallback(TrainerCallback):
     def _agreed_signal(self, args: Any) -> Optional[int]:
         if world_size() <= 1:
             return self.signum
-        import torch.distributed as dist
-
         flag = torch.tensor([self.signum or 0], device=args.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item()) or None
@@ -102,8 +102,6 @@ class DivergenceCallback(TrainerCallback):
 @contextlib.contextmanager
 def interrupt_signals(callback: InterruptCallback) -> Iterator[None]:
     """While inside, SIGINT/SIGTERM set ``callback.signum`` (a second SIGINT raises KeyboardInterrupt)."""
-    import threading
-
     callback.signum = callback.stopped_at = None  # a signal of an earlier train() call is not this one's
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be installed from the main thread

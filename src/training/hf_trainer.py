@@ -35,9 +35,13 @@ import time
 from typing import Any, Optional
 
 import torch
+from torch.nn.modules.module import _IncompatibleKeys
+from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+from transformers.trainer_utils import rotate_checkpoints
 
+from src.training.guards import check_finite_weights
 from src.training.losses import SFTLoss, safe_perplexity, token_loss_sum
 
 logger = logging.getLogger(__name__)
@@ -101,10 +105,6 @@ class SFTHFTrainer(Trainer):
         :class:`~src.training.guards.TrainingDiverged`, so no non-finite checkpoint exists to resume from or be named
         the last good one), and old checkpoints rotated by step number: transformers orders them by modification
         time, so a half-deleted old checkpoint counted as the newest and complete newer ones were deleted."""
-        from transformers.trainer_utils import rotate_checkpoints
-
-        from src.training.guards import check_finite_weights
-
         check_finite_weights(self.model, self.accelerator, f"checkpoint-{self.state.global_step}")
         limit = self.args.save_total_limit
         self.args.save_total_limit = None
@@ -127,8 +127,6 @@ class SFTHFTrainer(Trainer):
         """The stock warning about a checkpoint's missing and unexpected keys, less the keys that are missing by
         design: a weight tied to another one that the checkpoint does hold (the LM head of a model with
         ``tie_word_embeddings``: ``save_pretrained`` writes the shared tensor once). Any other missing key warns."""
-        from torch.nn.modules.module import _IncompatibleKeys
-
         missing = list(load_result.missing_keys)
         expected = tied_missing_keys(self.model, missing)
         if expected:
@@ -188,8 +186,6 @@ class SFTHFTrainer(Trainer):
         number of forwards: processes with fewer rows run filler batches whose labels are all ignored (no
         loss, no tokens, no samples). Single-process multi-GPU (DataParallel) uses the stock loader.
         """
-        from torch.utils.data import DataLoader
-
         sharding_engine = self.is_deepspeed_enabled or self.is_fsdp_enabled
         if self.args.n_gpu > 1 and not sharding_engine:
             return ((batch, False) for batch in self.get_eval_dataloader(dataset)), self._wrap_model(self.model, training=False)

@@ -49,13 +49,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from src.config.loss_settings import check_loss_settings
 from src.data.tokenization import IGNORE_INDEX
 from src.models.architectures import unwrap_to_pretrained
 
 logger = logging.getLogger(__name__)
-
-LOSS_TYPES = ("trained_tokens", "full_logits")
-
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     """Labels aligned with the logits that predict them: position ``i`` predicts ``labels[i + 1]``.
@@ -387,14 +385,6 @@ class TrainedTokensLoss(SFTLoss):
                                "use loss_type='full_logits' for this model")
         num_tokens, head.result = head.result, None
         return outputs.logits.reshape(-1)[0], num_tokens, outputs
-
-
-def check_loss_settings(loss_type: str, chunk_size: int = 256) -> None:
-    """Raise ``ValueError`` naming the setting when ``loss_type``/``loss_chunk_size`` cannot work."""
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type={loss_type!r} is invalid: expected one of {LOSS_TYPES}.")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"loss_chunk_size={chunk_size!r} is invalid: expected a positive integer.")
 
 
 def build_loss(loss_type: str = "trained_tokens", chunk_size: int = 256) -> SFTLoss:

@@ -33,6 +33,7 @@ What we guarantee about the output folder:
 
 from __future__ import annotations
 
+import errno
 import importlib.metadata
 import json
 import logging
@@ -41,11 +42,15 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 import uuid
 from datetime import datetime, timezone
 from typing import Any, Iterable, Optional
 
 from src.distributed import barrier, is_main_process, main_decides, pid_alive, world_size
+from src.models.loading import ModelLoadError
+from src.models.tiny import TINY_MODELS
+from src.training.report import write_report
 
 logger = logging.getLogger(__name__)
 
@@ -161,8 +166,6 @@ def check_output_dir(path: str, method: str, overwrite: bool, already_ours: Iter
 
 def read_metadata(path: str, method: str) -> dict[str, Any]:
     """The metadata of a run written by :func:`save_run`; a clear error for anything else."""
-    from src.models.loading import ModelLoadError
-
     meta_path = os.path.join(path, metadata_filename(method))
     if os.path.isdir(path) and not os.path.isfile(meta_path):
         recover_interrupted_save(path, method)
@@ -306,8 +309,6 @@ def _is_saved_run_file(name: str) -> bool:
 
 def _write_own_files(owner: Any, output_dir: str, method: str) -> None:
     """The files that are ours, main process only: base model copy, generation config, metadata, report."""
-    from src.models.tiny import TINY_MODELS
-
     config = owner.config
     os.makedirs(output_dir, exist_ok=True)
     # training_args.bin is a pickle that Trainer.save_model adds; the run's settings are in the metadata.
@@ -348,8 +349,6 @@ def _write_own_files(owner: Any, output_dir: str, method: str) -> None:
         json.dump(json_safe(metadata), fh, ensure_ascii=False, indent=2, allow_nan=False)
     if owner.trainer is not None and (owner.train_result is not None or owner.trainer.state.log_history):
         # (a run finished from its last checkpoint has the checkpoint's log history: its report too)
-        from src.training.report import write_report
-
         write_report(output_dir, metadata, owner.trainer.state.log_history, owner.final_metrics)
 
 
@@ -407,8 +406,6 @@ def read_lock(output_dir: str) -> Optional[dict]:
 def no_space_left(exc: BaseException) -> bool:
     """Whether ``exc`` (or what caused it) is a full disk or quota: OSError ENOSPC/EDQUOT, or the wrapped forms
     safetensors and torch raise (``StorageFull``, "No space left on device")."""
-    import errno
-
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -424,8 +421,6 @@ def no_space_left(exc: BaseException) -> bool:
 def check_writable(output_dir: str) -> None:
     """Refuse an ``output_dir`` that cannot be written (read-only, full), before anything is loaded: a probe file is
     written (4 KiB, synced) and removed in the folder, or in its nearest existing parent."""
-    import tempfile
-
     folder = os.path.abspath(output_dir)
     while not os.path.exists(folder) and os.path.dirname(folder) != folder:
         folder = os.path.dirname(folder)

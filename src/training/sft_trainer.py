@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
+from dataclasses import replace
 from typing import Any, Dict, List, Optional
 
 import torch
+from transformers import EarlyStoppingCallback, GenerationConfig, TrainingArguments
 
 from src.config import SFTConfig
+from src.data.chat_templates import split_reasoning
 from src.data.loading import load_records
+from src.data.normalization import SWITCHES
 from src.data.packing import SFTDataCollator, padding_efficiency
 from src.data.streaming import StreamedData
 from src.data.templates import chat_template, get_prompt_format
@@ -28,6 +33,7 @@ from src.training.attention import AUTO, AttentionChoice, check_trainable, choos
 from src.training.base_trainer import BaseTrainer
 from src.training.hf_trainer import SFTHFTrainer
 from src.training.persistence import write_jsonl
+from src.training.training_args import training_arguments_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -153,8 +159,6 @@ class SFTTrainer(BaseTrainer):
             training_args.eval_strategy = training_args.eval_strategy.__class__("no")
             training_args.do_eval = False
             training_args.load_best_model_at_end = False
-            from transformers import EarlyStoppingCallback
-
             callbacks = [c for c in (callbacks or []) if not isinstance(c, EarlyStoppingCallback)]
         self.attention = self.choose_attention(train_dataset, training_args)
         collator = self.data_collator()
@@ -196,8 +200,6 @@ class SFTTrainer(BaseTrainer):
     @staticmethod
     def _planned_passes(train_dataset, args) -> int:
         """Forward/backward passes this process will run: micro-batches per rank over the planned steps/epochs."""
-        import math
-
         if args.max_steps and args.max_steps > 0:
             return args.max_steps * args.gradient_accumulation_steps
         per_epoch = math.ceil(len(train_dataset) / (args.per_device_train_batch_size * max(1, args.world_size)))
@@ -295,8 +297,6 @@ class SFTTrainer(BaseTrainer):
             [example_tokenizer.encode_prompt(r["instruction"], r.get("system")) for r in chosen],
             max_length=max_length or self.config.eval_generation_max_length,
             batch_size=self.config.per_device_eval_batch_size)
-        from src.data.chat_templates import split_reasoning
-
         reasoning, predictions = zip(*map(split_reasoning, predictions)) if predictions else ((), ())  # score answers
         metrics, exact = generation.generation_metrics(list(predictions), [r["response"] for r in chosen],
                                                        self.config.normalizer())
@@ -311,12 +311,6 @@ class SFTTrainer(BaseTrainer):
 
     def _inference_trainer(self):
         """A Trainer for evaluation only (after load_model, with no training data loaded)."""
-        from dataclasses import replace
-
-        from transformers import TrainingArguments
-
-        from src.training.training_args import training_arguments_kwargs
-
         inference = replace(self.config, evaluation_strategy="no", load_best_model_at_end=False, report_to="none",
                             early_stopping_patience=None,
                             gradient_checkpointing=False)
@@ -363,8 +357,6 @@ class SFTTrainer(BaseTrainer):
                                            max_length=max_length, batch_size=batch_size, **kwargs)
         if include_reasoning:
             return texts
-        from src.data.chat_templates import split_reasoning
-
         return [split_reasoning(text)[1] for text in texts]
 
     def generate_from_prompts(self, prompts: List[List[int]], max_length: int = 512, batch_size: int = 4,
@@ -408,8 +400,6 @@ class SFTTrainer(BaseTrainer):
         # Runs saved before normalization existed trained on untouched text: "none", not today's default.
         normalization = metadata.get("normalization") or {"preset": metadata.get("config", {}).get("normalization", "none")}
         # Generation must normalize exactly as training did: take the saved switches, not the preset's.
-        from src.data.normalization import SWITCHES
-
         self.config.normalization = normalization["preset"]
         for switch in SWITCHES:
             if switch in normalization:
@@ -426,8 +416,6 @@ class SFTTrainer(BaseTrainer):
     def write_generation_config(self, output_dir: str) -> None:
         """generation_config.json whose EOS ids include the template's end token (``<|im_end|>`` for ChatML),
         so plain ``transformers`` generation and serving engines stop where ``generate_response`` stops."""
-        from transformers import GenerationConfig
-
         base = getattr(self.unwrapped_model(), "generation_config", None)
         config = GenerationConfig.from_dict(base.to_dict()) if base is not None else GenerationConfig()
         existing = config.eos_token_id

@@ -22,6 +22,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import transformers
+from transformers import TrainingArguments
+
 # Ours -> the installed name, first that the installed TrainingArguments accepts.
 RENAMES: dict[str, tuple[str, ...]] = {
     "evaluation_strategy": ("eval_strategy",),
@@ -36,8 +39,6 @@ class TrainingArgumentsMismatch(RuntimeError):
 
 
 def accepted_fields() -> set[str]:
-    from transformers import TrainingArguments
-
     return {f.name for f in dataclasses.fields(TrainingArguments)}
 
 
@@ -45,8 +46,6 @@ def installed_name(ours: str, accepted: set[str]) -> str:
     for candidate in RENAMES[ours]:
         if candidate in accepted:
             return candidate
-    import transformers
-
     raise TrainingArgumentsMismatch(
         f"transformers {transformers.__version__} TrainingArguments has none of {RENAMES[ours]} for SFTConfig.{ours}; "
         "update src/training/training_args.py"
@@ -136,8 +135,6 @@ def training_arguments_kwargs(config: Any, environment: dict[str, Any] | None = 
     kwargs.update(environment or {})
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
-        import transformers
-
         raise TrainingArgumentsMismatch(
             f"transformers {transformers.__version__} TrainingArguments does not accept {unknown}; "
             "update src/training/training_args.py"
