@@ -6,7 +6,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from src.config import SFTConfig
 from src.distributed import is_main_process
+from src.training.batch_generation import GenerationInterrupted, check_output, generate_file, read_input_rows
+from src.training.sft_trainer import SFTTrainer
 
 
 def run(argv: list[str]) -> int:
@@ -29,8 +32,6 @@ def run(argv: list[str]) -> int:
         raise ValueError(f"--batch_size and --max_length must be at least 1 (got {args.batch_size} and {args.max_length})")
     if not is_main_process():
         return 0  # one process generates; the file is not split across ranks
-    from src.training.batch_generation import GenerationInterrupted
-
     try:
         return _generate(args)
     except GenerationInterrupted as exc:
@@ -44,10 +45,6 @@ def run(argv: list[str]) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from src.config import SFTConfig
-    from src.training.batch_generation import check_output, generate_file, read_input_rows
-    from src.training.sft_trainer import SFTTrainer
-
     rows = read_input_rows(args.input)  # bad input is reported before a model is loaded
     check_output(rows, args.input, args.output)  # and so is an output that is the input, not ours, or for other rows
     trainer = SFTTrainer(SFTConfig(output_dir=args.model))
