@@ -25,7 +25,7 @@ from transformers import EarlyStoppingCallback, TrainerCallback, TrainerState, T
 
 from src.config import BaseConfig
 from src.distributed import configure_cpu_threads, is_main_process, main_decides, main_process_first, world_size
-from src.models.architectures import check_architecture, is_moe, model_config, router_aux_loss_coef
+from src.models.architectures import check_architecture, is_moe, model_config, router_aux_loss_coef, unwrap_model
 from src.models.loading import (
     TINY_MODEL_FILES,
     ModelLoadError,
@@ -424,9 +424,9 @@ class BaseTrainer(ABC):
         persistence.check_output_dir(path, self._get_training_method(), self.config.overwrite_output_dir, self._saved_dirs)
 
     def unwrapped_model(self) -> Any:
-        if self.trainer is not None:
-            return self.trainer.accelerator.unwrap_model(self.trainer.model)
-        return self.model
+        """The model outside the engines' wrappers, peft (and torch.compile) kept (``src.models.architectures.unwrap_model``)."""
+        return unwrap_model(self.trainer.model if self.trainer is not None else self.model, keep_peft=True,
+                            keep_torch_compile=True)
 
     def save_model(self, output_dir: Optional[str] = None) -> None:
         """Save weights (LoRA adapter or full model, safetensors), tokenizer, config and metadata.

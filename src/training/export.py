@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import json
 import logging
 import os
 import shutil
@@ -110,8 +109,7 @@ def export_run(model_dir: str, target: str, *, overwrite: bool = False, dtype: s
         card = os.path.join(model_dir, "README.md")
         if os.path.isfile(card):
             shutil.copy2(card, os.path.join(tmp, "README.md"))
-        with open(os.path.join(tmp, persistence.metadata_filename("sft")), "w", encoding="utf-8") as fh:
-            json.dump(persistence.json_safe(metadata), fh, ensure_ascii=False, indent=2, allow_nan=False)
+        persistence.write_metadata(tmp, metadata)
         serving.make_portable(tmp)
         source = "."
         if "gguf" in formats:

@@ -88,8 +88,8 @@ class DivergenceCallback(TrainerCallback):
                            "updates are not caught by this check")
             self.warned = True
         if grads:
-            norms = torch._foreach_norm(grads)
-            total = torch.stack([n.to(norms[0].device, torch.float32) for n in norms]).sum()
+            # (what max_grad_norm clipping computes: not finite exactly when some gradient is not)
+            total = torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)
             if not torch.isfinite(total).item():
                 raise TrainingDiverged(
                     f"training diverged at step {state.global_step + 1}: the gradients are not finite (NaN or inf; "

@@ -41,6 +41,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from transformers.trainer_utils import rotate_checkpoints
 
+from src.models.architectures import unwrap_model
 from src.training.guards import check_finite_weights
 from src.training.losses import SFTLoss, safe_perplexity, token_loss_sum
 
@@ -93,7 +94,7 @@ class SFTHFTrainer(Trainer):
         """The stock save, minus tied copies: a state dict gathered by DeepSpeed holds the tied LM head as a
         separate tensor (equal to the input embeddings), which ``save_pretrained`` cannot recognise as tied and
         would write twice. Dropping it writes the same files as a single-process run."""
-        base = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        base = unwrap_model(self.model, keep_peft=True)
         if state_dict is not None and not hasattr(base, "peft_config"):  # an adapter's state dict holds no tied copies
             for target, source in (getattr(base, "all_tied_weights_keys", None) or {}).items():
                 if target in state_dict and source in state_dict and torch.equal(state_dict[target], state_dict[source]):
@@ -274,8 +275,7 @@ class SFTHFTrainer(Trainer):
 def tied_missing_keys(model: Any, missing: list[str]) -> list[str]:
     """The keys of ``missing`` that a model with tied word embeddings does not need from a checkpoint: parameters that
     are the same tensor as another parameter that was loaded (``lm_head.weight`` is ``embed_tokens.weight``)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(base, "config", None)
+    config = getattr(unwrap_model(model), "config", None)
     text_config = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
     if not missing or not getattr(text_config, "tie_word_embeddings", False):
         return []

@@ -51,7 +51,7 @@ from torch.utils.checkpoint import checkpoint
 
 from src.config.loss_settings import check_loss_settings
 from src.data.tokenization import IGNORE_INDEX
-from src.models.architectures import unwrap_to_pretrained
+from src.models.architectures import unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class SFTLoss:
         if self.router_aux_coef:
             aux = getattr(outputs, "aux_loss", None)
             if aux is None:
-                raise RuntimeError(f"{type(unwrap_to_pretrained(model)).__name__} returned no aux_loss with "
+                raise RuntimeError(f"{type(unwrap_model(model)).__name__} returned no aux_loss with "
                                    "output_router_logits=True: its router load-balancing loss cannot be added; set "
                                    "router_aux_loss_coef=0 to train without it")
             # The model's own weighting (transformers adds coef x aux to the mean token loss), averaged over the
@@ -350,7 +350,7 @@ class TrainedTokensLoss(SFTLoss):
         """The installed head of ``model`` (installed on first use), or None where it cannot be used."""
         if isinstance(model, torch.nn.DataParallel):
             return self._fallback("single-process multi-GPU DataParallel")
-        base = unwrap_to_pretrained(model)
+        base = unwrap_model(model)
         config = getattr(base, "config", None)
         changed = [a for a in self.LOGIT_POSTPROCESSING if getattr(config, a, None) not in (None, 0, 1, 1.0)]
         if changed:

@@ -3,7 +3,8 @@
 ``save_run`` is the only writer of a finished run: the weights go through ``transformers.Trainer.save_model``
 (which gathers FSDP/DeepSpeed state dicts and writes on ``args.should_save`` only), and the files that are
 ours (generation config, ``sft_metadata.json``, the loss plot and model card, the tiny base model copy) are
-written by the main process alone. Checks are decided by the main process and shared with every rank
+written by the main process alone. ``sft_metadata.json`` has one writer, :func:`write_metadata`, which the final
+save, ``train_sft.py export`` and the benchmark scores (``src.training.benchmark``) all call. Checks are decided by the main process and shared with every rank
 (``src.distributed.main_decides``: all ranks raise the same error or all go on), and the other ranks wait
 at a barrier until the main process is done, so no rank can find another rank's half-written files (the
 bug of every rank saving: one torchrun run in six exited 1 without ``model.safetensors``).
@@ -136,6 +137,15 @@ def check_resume(checkpoint: str, config: dict, allowed: Iterable[str] = ()) -> 
 def metadata_filename(method: str) -> str:
     """``sft_metadata.json`` for method "sft": the one spelling of the metadata file name."""
     return f"{method}_metadata.json"
+
+
+def write_metadata(folder: str, metadata: dict[str, Any], method: str = "sft") -> str:
+    """The one writer of a run's ``<method>_metadata.json`` (the final save, export, benchmark scores): JSON with
+    NaN and infinities as null, written to a temporary file and renamed over the old one, so a reader finds the
+    previous file or the new one whole. Returns its path."""
+    path = os.path.join(folder, metadata_filename(method))
+    _write_json(path, metadata)
+    return path
 
 
 def utc_now() -> str:
@@ -345,8 +355,7 @@ def _write_own_files(owner: Any, output_dir: str, method: str) -> None:
     record = run_record(final_dir)
     if record is not None and record.get("resumes"):
         metadata["resumes"] = record["resumes"]
-    with open(os.path.join(output_dir, metadata_filename(method)), "w", encoding="utf-8") as fh:
-        json.dump(json_safe(metadata), fh, ensure_ascii=False, indent=2, allow_nan=False)
+    write_metadata(output_dir, metadata, method)
     if owner.trainer is not None and (owner.train_result is not None or owner.trainer.state.log_history):
         # (a run finished from its last checkpoint has the checkpoint's log history: its report too)
         write_report(output_dir, metadata, owner.trainer.state.log_history, owner.final_metrics)

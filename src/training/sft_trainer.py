@@ -27,7 +27,7 @@ from src.data.streaming import StreamedData
 from src.data.templates import chat_template, get_prompt_format
 from src.data.tokenization import ExampleTokenizer, TokenizeReport, tokenize_records
 from src.distributed import main_process_first
-from src.models.architectures import ROWS, PackedLayout, describe, plan_packed_layout
+from src.models.architectures import ROWS, PackedLayout, describe, plan_packed_layout, unwrap_model
 from src.training import generation
 from src.training.attention import AUTO, AttentionChoice, check_trainable, choose_for_packed_rows
 from src.training.base_trainer import BaseTrainer
@@ -206,8 +206,7 @@ class SFTTrainer(BaseTrainer):
         return per_epoch * math.ceil(args.num_train_epochs)
 
     def attn_implementation(self) -> str:
-        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        return getattr(model.config, "_attn_implementation", None) or "eager"
+        return getattr(unwrap_model(self.model).config, "_attn_implementation", None) or "eager"
 
     def data_collator(self) -> SFTDataCollator:
         layout = self.packed_layout()
@@ -234,11 +233,8 @@ class SFTTrainer(BaseTrainer):
             return 1.0  # each batch is one flattened row: nothing is padded
         lengths = dataset["length"]
         sampler = trainer._get_train_sampler(dataset)
-        rng_state = torch.random.get_rng_state()  # samplers draw from the global generator: leave it untouched
-        try:
+        with torch.random.fork_rng(devices=[]):  # samplers draw from the global (CPU) generator: leave it untouched
             order = list(iter(sampler)) if sampler is not None else list(range(len(lengths)))
-        finally:
-            torch.random.set_rng_state(rng_state)
         size = trainer.args.per_device_train_batch_size
         batches = [[lengths[i] for i in order[s:s + size]] for s in range(0, len(order), size)]
         if trainer.args.dataloader_drop_last and batches and len(batches[-1]) < size:
