@@ -226,6 +226,14 @@ class BaseTrainer(ABC):
         return env
 
     def get_training_arguments(self) -> Any:
+        """``TrainingArguments`` with the settings of the specification.
+
+        Gradient checkpointing, ``label_names=["labels"]``, ``remove_unused_columns=True``,
+        ``dataloader_drop_last`` and length grouping all come from the config, translated to the
+        installed transformers' names in ``src.training.training_args``; ``environment`` adds what depends on the
+        machine. Length grouping (``group_by_length``, on by default) also applies to packed rows, where it batches
+        the few part-filled rows together instead of next to full ones.
+        """
         return TrainingArguments(**training_arguments_kwargs(self.config, self.environment()))
 
     def get_callbacks(self) -> list:
@@ -420,9 +428,6 @@ class BaseTrainer(ABC):
         return wanted
 
     # -- saving and loading ------------------------------------------------------------------------
-    def _check_output_dir(self, path: str) -> None:
-        persistence.check_output_dir(path, self._get_training_method(), self.config.overwrite_output_dir, self._saved_dirs)
-
     def unwrapped_model(self) -> Any:
         """The model outside the engines' wrappers, peft (and torch.compile) kept (``src.models.architectures.unwrap_model``)."""
         return unwrap_model(self.trainer.model if self.trainer is not None else self.model, keep_peft=True,

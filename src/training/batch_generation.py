@@ -222,11 +222,6 @@ def _quote(text: str, limit: int = 40) -> str:
     return json.dumps(text if len(text) <= limit else text[:limit] + "…", ensure_ascii=False)
 
 
-def done_ids(output: str) -> set[str]:
-    """Ids (``json.dumps``) of the complete rows in ``output``; reads only (:func:`read_output`)."""
-    return {json.dumps(r["id"]) for r in read_output(output).rows}
-
-
 def repair_output(output: str, state: OutputState) -> None:
     """Cut a cut-off last line from ``output`` (truncate: the rows before it are never rewritten), or end a complete
     last row with its newline."""

@@ -1,5 +1,39 @@
 """The SFT loss: shifted next-token cross-entropy over trained (label != -100) tokens, in one object.
 
+The path of one training micro-batch, hop by hop (file: what happens there)::
+
+    transformers Trainer.training_step
+     1 -> SFTHFTrainer.compute_loss            hf_trainer.py   THE NORMALISATION IS DECIDED HERE: opens
+          (model, inputs, num_items_in_batch)                   loss.accumulated_tokens(num_items_in_batch,
+                                                                data-parallel scale, micro-batches), which puts
+                                                                the divisor on the loss object (SFTLoss._step)
+     2 -> BaseTrainer.compute_loss             base_trainer.py the user's hook (the specification's
+                                                                CustomSFTTrainer overrides it); calls the loss
+     3 -> SFTLoss.__call__                     losses.py       loss = loss_sum / n x scale inside the block (else
+                                                                / this batch's tokens); + MoE router loss
+     4 -> TrainedTokensLoss.sums               losses.py       arms the head (head.pending = shifted labels),
+                                                                then runs model(**inputs) without labels
+     5 -> model forward -> lm_head.forward     losses.py       _TrainedPositionsHead: trained positions only,
+                                                                _LinearCrossEntropy (or the head's own forward
+                                                                in chunks) -> float32 loss_sum; count in
+                                                                head.result
+     6 <- outputs.logits = loss_sum            losses.py       the sum leaves through the head's output, shape
+                                                                [..., 1], every entry loss_sum; sums() reads
+                                                                outputs.logits.reshape(-1)[0]
+
+Evaluation (``SFTHFTrainer.evaluate``) calls hop 4 directly and adds the sums and counts over batches and ranks;
+``loss_type="full_logits"`` (and ``return_outputs=True``) replaces hops 4-6 by the model's real logits and
+:func:`token_loss_sum`.
+
+Why the sum leaves as the head's output instead of a separate return value (``outputs.loss`` as TRL patches it):
+backward must enter the head through its output, where the hooks of engines that shard parameters (ZeRO-3, FSDP)
+gather the head's weight again, and DDP's unused-parameter search walks the graph from the outputs. Why the
+normalisation is state on the loss object and not an argument: hop 2 is the user's override, which the
+specification shows calling ``compute_loss`` without ``num_items_in_batch``; the block reaches the loss through it.
+This contract is pinned by tests/test_losses.py, test_trainer.py, test_sharded.py, test_distributed.py and
+test_architectures.py (exact against full logits, one process against DDP, ZeRO and FSDP); a change to it must stay
+exact under all of them.
+
 Training (``SFTTrainer.compute_loss``) and evaluation (``SFTHFTrainer.evaluate``) both call the loss
 object that :func:`build_loss` makes from ``SFTConfig.loss_type``:
 

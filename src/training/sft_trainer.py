@@ -73,9 +73,6 @@ class SFTTrainer(BaseTrainer):
         return "sft"
 
     # -- formatting ---------------------------------------------------------------------------------
-    def prompt_format(self):
-        return prompt_format_for(self.config, self.tokenizer)
-
     def example_tokenizer(self) -> ExampleTokenizer:
         """The one object that formats and tokenizes, for training and for generation alike."""
         if self.tokenizer is None:
@@ -84,18 +81,6 @@ class SFTTrainer(BaseTrainer):
 
     def _check_tokenizer(self) -> None:
         self.example_tokenizer()  # raises TokenizerMismatchError when the template's tokens are missing
-
-    # -- training arguments -------------------------------------------------------------------------
-    def get_training_arguments(self):
-        """TrainingArguments with the SFT settings of the specification.
-
-        Gradient checkpointing, ``label_names=["labels"]``, ``remove_unused_columns=True``,
-        ``dataloader_drop_last`` and length grouping all come from the config, translated to the
-        installed transformers' names in ``src.training.training_args``. Length grouping
-        (``group_by_length``, on by default) also applies to packed rows, where it batches the few
-        part-filled rows together instead of next to full ones.
-        """
-        return super().get_training_arguments()
 
     # -- datasets -----------------------------------------------------------------------------------
     def load_dataset(self) -> Any:

@@ -12,8 +12,9 @@ only place that knows the installed names:
 - ``ddp_find_unused_parameters`` None -> False (``ddp_find_unused_parameters``: every parameter gets a gradient).
 
 Every key is checked against the installed ``TrainingArguments``: a key it does not accept raises
-:class:`TrainingArgumentsMismatch` naming it, never a silent drop (tests/test_training_args.py pins the
-mapping). Decisions that depend on the machine (CUDA, the launcher) are not made here but by the trainer,
+:class:`TrainingArgumentsMismatch` naming it, never a silent drop (tests/test_config.py pins the
+mapping: ``test_training_arguments_translation_to_installed_transformers``,
+``test_translation_is_pinned_to_the_installed_transformers``). Decisions that depend on the machine (CUDA, the launcher) are not made here but by the trainer,
 through ``environment``.
 """
 
