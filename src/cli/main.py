@@ -38,7 +38,6 @@ from src.distributed import (
     world_size,
 )
 from src.models.loading import ModelLoadError
-from src.training.guards import TrainingDiverged, TrainingInterrupted
 
 # name -> (module under src.cli, one-line description)
 COMMANDS = {
@@ -109,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     configure_logging()
     command = importlib.import_module(COMMANDS[name][0])
+    # here, not at the top: --help (above) stays free of torch and transformers' Trainer (seconds of import)
+    from src.training.guards import TrainingDiverged, TrainingInterrupted
     try:
         code = command.run(argv)
         shutdown()

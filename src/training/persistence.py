@@ -141,10 +141,16 @@ def metadata_filename(method: str) -> str:
 
 def write_metadata(folder: str, metadata: dict[str, Any], method: str = "sft") -> str:
     """The one writer of a run's ``<method>_metadata.json`` (the final save, export, benchmark scores): JSON with
-    NaN and infinities as null, written to a temporary file and renamed over the old one, so a reader finds the
-    previous file or the new one whole. Returns its path."""
+    NaN and infinities as null. Over an existing file (benchmark scores added to a run) it writes a temporary file
+    and renames it over the old one, so a reader finds the previous file or the new one whole; a new file is written
+    in place: the callers that create one write into a folder nobody reads yet (the final save's staging folder,
+    export's temporary folder), which is renamed into place once complete. Returns its path."""
     path = os.path.join(folder, metadata_filename(method))
-    _write_json(path, metadata)
+    if os.path.exists(path):
+        _write_json(path, metadata)
+    else:
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(json_safe(metadata), fh, ensure_ascii=False, indent=2, allow_nan=False)
     return path
 
 
