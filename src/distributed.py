@@ -83,17 +83,20 @@ def from_main(value):
     For choices each rank could make differently (a timing), which all ranks must share."""
     if world_size() <= 1:
         return value
-    import torch.distributed as dist
+    from accelerate.utils import broadcast_object_list
 
-    _state()
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    _state()  # the process group, created on first need
+    return broadcast_object_list([value], from_process=0)[0]
 
 
 @contextlib.contextmanager
 def main_process_first() -> Iterator[None]:
-    """Run the block on the main process first, then on the others (which then find what it wrote)."""
+    """Run the block on the main process first, then on the others (which then find what it wrote).
+
+    Not accelerate's ``PartialState().main_process_first()``: that one builds the accelerate state in every process,
+    a single one included (its device choice then binds transformers' later ``TrainingArguments``), and when the block
+    raises on the main process it never reaches its second barrier, leaving the other ranks waiting for good; here
+    the main process reaches the barrier either way, and the others then meet the same error themselves."""
     if not is_main_process():
         barrier()
     try:

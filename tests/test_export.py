@@ -133,7 +133,7 @@ def test_push_uploads_the_model_not_checkpoints_or_run_files(tiny_model_dir, pai
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub, "HfApi", Recorder)
     # the hub client is a recorder here: no hub to reach (the reachability check is tested in tests/test_serving.py)
-    monkeypatch.setattr("src.training.export.check_hub_reachable", lambda repo_id, folder: None)
+    monkeypatch.setattr("src.training.hub.check_hub_reachable", lambda repo_id, folder: None)
     out = tmp_path / "run"
     trainer = SFTTrainer(make_config(tiny_model_dir, pairs_file, out, max_steps=2, save_steps=1, push_to_hub=True,
                                      hub_model_id="someone/arabic-sft"))

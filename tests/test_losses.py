@@ -106,12 +106,13 @@ def test_a_head_that_is_not_a_plain_linear_layer_takes_the_checkpointed_chunks(t
     """An adapter-wrapped head (peft modules_to_save) is run through its own forward, chunk by chunk."""
     from peft import LoraConfig, get_peft_model
 
-    from src.training.losses import _LinearCrossEntropy, _plain_linear, unwrap_to_pretrained
+    from src.models.architectures import unwrap_model
+    from src.training.losses import _LinearCrossEntropy, _plain_linear
 
     model, tokenizer = load_tiny(tiny_model_dir)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"],
                                              init_lora_weights=False))
-    head = unwrap_to_pretrained(model).get_output_embeddings()
+    head = unwrap_model(model).get_output_embeddings()
     assert not _plain_linear(head)
     batch = _batch(tokenizer, True)
     calls = []

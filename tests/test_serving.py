@@ -523,7 +523,7 @@ def local_hub():
 def test_hub_check_is_a_real_reachability_check(monkeypatch, local_hub):
     import huggingface_hub.constants
 
-    from src.training.export import check_hub_reachable
+    from src.training.hub import check_hub_reachable
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # read by the library at import

@@ -6,6 +6,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from src.config import SFTConfig
+from src.training.chat import ChatSession, chat_loop
+from src.training.sft_trainer import SFTTrainer
+
 
 def run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="train_sft.py chat", allow_abbrev=False,
@@ -30,10 +34,6 @@ def run(argv: list[str]) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from src.config import SFTConfig
-    from src.training.chat import ChatSession, chat_loop
-    from src.training.sft_trainer import SFTTrainer
-
     # Arabic in and out, whatever the locale says; bytes that are not UTF-8 reach the session (surrogate-escaped),
     # which reports the line and goes on, instead of ending with a decoding error.
     if hasattr(sys.stdin, "reconfigure"):

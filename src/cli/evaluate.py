@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 
+from src.config import SFTConfig
 from src.distributed import is_main_process
+from src.training.benchmark import check_tasks, record_benchmarks, run_benchmarks
+from src.training.sft_trainer import SFTTrainer
 
 
 def run(argv: list[str]) -> int:
@@ -19,10 +22,6 @@ def run(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if not is_main_process():
         return 0
-    from src.config import SFTConfig
-    from src.training.benchmark import check_tasks, record_benchmarks, run_benchmarks
-    from src.training.sft_trainer import SFTTrainer
-
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     check_tasks(tasks)  # before loading the model
     trainer = SFTTrainer(SFTConfig(output_dir=args.model))

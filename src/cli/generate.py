@@ -6,7 +6,17 @@ from __future__ import annotations
 import argparse
 import sys
 
+from src.config import SFTConfig
+from src.data.language import check_foreign_script_rate, describe_language
 from src.distributed import is_main_process
+from src.training.batch_generation import (
+    GenerationInterrupted,
+    check_output,
+    generate_file,
+    output_language,
+    read_input_rows,
+)
+from src.training.sft_trainer import SFTTrainer
 
 
 def run(argv: list[str]) -> int:
@@ -33,8 +43,6 @@ def run(argv: list[str]) -> int:
         raise ValueError(f"--max_foreign_script_rate must be a share between 0 and 1 (got {args.max_foreign_script_rate})")
     if not is_main_process():
         return 0  # one process generates; the file is not split across ranks
-    from src.training.batch_generation import GenerationInterrupted
-
     try:
         return _generate(args)
     except GenerationInterrupted as exc:
@@ -48,11 +56,6 @@ def run(argv: list[str]) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from src.config import SFTConfig
-    from src.data.language import check_foreign_script_rate, describe_language
-    from src.training.batch_generation import check_output, generate_file, output_language, read_input_rows
-    from src.training.sft_trainer import SFTTrainer
-
     rows = read_input_rows(args.input)  # bad input is reported before a model is loaded
     check_output(rows, args.input, args.output)  # and so is an output that is the input, not ours, or for other rows
     trainer = SFTTrainer(SFTConfig(output_dir=args.model))

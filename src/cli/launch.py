@@ -15,6 +15,11 @@ from __future__ import annotations
 import logging
 import os
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import parse_args
+from torch.distributed.run import run as torchrun
+
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "train_sft.py")
 
 
@@ -28,17 +33,15 @@ class _UserErrorExit(logging.Filter):
 
 
 def run(argv: list[str]) -> int:
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args
-    from torch.distributed.run import run as torchrun
-
     if "--" not in argv:
         raise ValueError("launch: put '--' between torchrun's options and the training options, e.g. "
                          "train_sft.py launch --nproc_per_node 4 -- --config run.yaml")
     split = argv.index("--")
     launcher, training = argv[:split], argv[split + 1:]
-    args = parse_args([*launcher, SCRIPT, *training])
+    # train_sft.py beside the package (a checkout, an editable install); else the package's own entry (``python -m
+    # src.cli``, what the installed ``arabic-qwen-sft`` command runs)
+    worker = [SCRIPT] if os.path.isfile(SCRIPT) else ["--module", "src.cli"]
+    args = parse_args([*launcher, *worker, *training])
     # torchrun sets OMP_NUM_THREADS=1 for its workers, with a banner, when it is not set; set here, the banner goes,
     # and each worker still replaces it with its share of the cores (src.distributed.cpu_thread_plan tells it from
     # the user's own, which the launcher's starting environment would hold).

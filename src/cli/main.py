@@ -20,7 +20,24 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import shlex
 import sys
+import time
+
+from src.cli.args import format_help
+from src.config import SFTConfig
+from src.data.records import DatasetError
+from src.data.tokenization import TokenizerMismatchError
+from src.distributed import (
+    LOG_FORMAT,
+    configure_library_logging,
+    exit_rank,
+    is_main_process,
+    quiet_library_noise,
+    shutdown,
+    world_size,
+)
+from src.models.loading import ModelLoadError
 
 # name -> (module under src.cli, one-line description)
 COMMANDS = {
@@ -36,10 +53,6 @@ DEFAULT_COMMAND = "train"
 
 
 def _user_error_types() -> tuple[type, ...]:
-    from src.data.records import DatasetError
-    from src.data.tokenization import TokenizerMismatchError
-    from src.models.loading import ModelLoadError
-
     # TypeError is left out on purpose: from the command line it can only be a bug, which deserves a traceback.
     return (ValueError, FileNotFoundError, FileExistsError, DatasetError, ModelLoadError, TokenizerMismatchError)
 
@@ -47,8 +60,6 @@ def _user_error_types() -> tuple[type, ...]:
 def configure_logging() -> None:
     """INFO lines on the main process; on the other ranks errors only, ours and every library's (each rank would
     repeat the main process's warnings and progress bars; ``src.distributed.quiet_library_noise``)."""
-    from src.distributed import LOG_FORMAT, configure_library_logging, is_main_process, quiet_library_noise
-
     level = logging.INFO if is_main_process() else logging.ERROR
     logging.basicConfig(level=level, format=LOG_FORMAT)
     configure_library_logging(level)
@@ -60,10 +71,6 @@ def configure_logging() -> None:
 def resume_command(argv: list[str]) -> str:
     """The command that continues this run: the same arguments, ``--resume_from_checkpoint last`` instead of
     any earlier resume flag, under the same kind of launcher."""
-    import shlex
-
-    from src.distributed import world_size
-
     kept, skip = [], False
     for token in argv:
         if skip:
@@ -78,6 +85,15 @@ def resume_command(argv: list[str]) -> str:
     return shlex.join([*launcher, "train_sft.py", *kept, "--resume_from_checkpoint", "last"])
 
 
+def entry() -> int:
+    """The process entry of ``train_sft.py``, ``python -m src.cli`` and the installed ``arabic-qwen-sft`` command
+    (``[project.scripts]``, whose wrapper exits with the returned status): :func:`main` on ``sys.argv``; under torchrun
+    the rank then exits with that status at once (``src.distributed.exit_rank``)."""
+    code = main()
+    exit_rank(code)  # under torchrun: exit without the C++ teardown that can abort a finished rank
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     original = list(argv)
@@ -88,16 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == name:
         argv = argv[1:]
     if name == DEFAULT_COMMAND and any(a in ("-h", "--help") for a in argv):
-        from src.cli.args import format_help
-        from src.config import SFTConfig
-
         print(format_help(SFTConfig, COMMANDS))  # the commands first, then the fields in their groups
         return 0
     configure_logging()
     command = importlib.import_module(COMMANDS[name][0])
-    from src.distributed import is_main_process, shutdown
+    # here, not at the top: --help (above) stays free of torch and transformers' Trainer (seconds of import)
     from src.training.guards import TrainingDiverged, TrainingInterrupted
-
     try:
         code = command.run(argv)
         shutdown()
@@ -129,7 +141,5 @@ def main(argv: list[str] | None = None) -> int:
         if is_main_process():  # every rank raises the same error (src.distributed.main_decides): print it once
             print(f"error: {exc}", file=sys.stderr)
         else:
-            import time
-
             time.sleep(5)  # torchrun stops every rank at the first exit: let the main process print the one line first
         return 2

@@ -8,14 +8,13 @@ gathers them from all ranks), by every process in step.
 from __future__ import annotations
 
 from src.cli.args import parse_config
+from src.config import SFTConfig
 from src.distributed import configure_cpu_threads, is_main_process
+from src.training.report import early_stop_text, preview
+from src.training.sft_trainer import create_sft_trainer
 
 
 def run(argv: list[str]) -> int:
-    from src.config import SFTConfig
-    from src.training.report import early_stop_text, preview
-    from src.training.sft_trainer import create_sft_trainer
-
     config = parse_config(SFTConfig, argv)
     trainer = create_sft_trainer(config)
     # Refuse a wrong folder or checkpoint before reading data or loading a model (nothing is written until training

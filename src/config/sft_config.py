@@ -19,6 +19,14 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from src.config.loss_settings import check_loss_settings
+from src.data.chat_templates import parse_template_kwargs
+from src.data.loading import check_data_path
+from src.data.mixing import parse_mixture
+from src.data.normalization import SWITCHES, ArabicNormalizer, build_normalizer
+from src.data.templates import check_template_settings, default_response_template
+from src.models.loading import bf16_supported
+
 OVERLONG_POLICIES = ("truncate", "drop", "error")
 EVAL_STRATEGIES = ("no", "steps", "epoch")
 
@@ -213,14 +221,10 @@ class BaseConfig:
         self._check_ranges(bad)
         if not isinstance(self.model_name, str) or not self.model_name.strip():
             bad("model_name", "a hub id, a local model directory or 'local:tiny-qwen2'")
-        from src.data.loading import check_data_path
-
         for name in ("dataset_path", "eval_dataset_path"):
             if getattr(self, name) is not None:
                 _ask(name, check_data_path, getattr(self, name))
         if self.datasets is not None:
-            from src.data.mixing import parse_mixture
-
             if self.dataset_path is not None:
                 bad("datasets", "None when dataset_path is set (give one or the other)")
             for source in _ask("datasets", parse_mixture, self.datasets):
@@ -250,8 +254,6 @@ class BaseConfig:
             bad("early_stopping_patience", "None when evaluation_strategy='no' (early stopping watches eval_loss)")
         if self.attn_implementation not in (None, "auto", "sdpa", "eager", "flash_attention_2", "flex_attention"):
             bad("attn_implementation", "None/'auto', 'sdpa', 'eager', 'flash_attention_2' or 'flex_attention'")
-        from src.training.losses import check_loss_settings
-
         _ask("loss_type", check_loss_settings, self.loss_type, self.loss_chunk_size)
         if self.deepspeed is not None and not os.path.isfile(self.deepspeed):
             raise ValueError(f"SFTConfig.deepspeed: config file {self.deepspeed!r} does not exist.")
@@ -261,38 +263,13 @@ class BaseConfig:
             raise ValueError("SFTConfig.fsdp_config: None when deepspeed is set (choose one sharding engine).")
 
     def _check_ranges(self, bad: Any) -> None:
-        """The range of each number (its type is checked already: ``_check_types``). ``bad(name, expected)`` raises."""
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "save_steps", "logging_steps", "lora_r", "lora_alpha"):
-            if getattr(self, name) < 1:
-                bad(name, "a positive integer")
-        for name in ("eval_steps", "save_total_limit", "early_stopping_patience"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                # save_total_limit 0 or -1 would keep every checkpoint: None says that
-                bad(name, "None or a positive integer")
-        if not 0 <= self.seed < 2 ** 32:
-            bad("seed", "an integer in [0, 2**32 - 1] (transformers.set_seed also seeds numpy, which takes no other)")
-        if self.max_steps == 0 or self.max_steps < -1:
-            bad("max_steps", "-1 (use num_train_epochs) or a positive integer")
-        if self.dataloader_num_workers < 0:
-            bad("dataloader_num_workers", "a non-negative integer")
-        if not (_float32(self.learning_rate) > 0 and self.learning_rate <= MAX_LEARNING_RATE):
-            bad("learning_rate", f"a positive number (non-zero in float32) of at most {MAX_LEARNING_RATE:g}; a larger "
-                "one is almost certainly a typo (2e4 for 2e-4) and makes training diverge")
-        if not self.num_train_epochs > 0:
-            bad("num_train_epochs", "a positive number")
-        for name in ("warmup_ratio", "validation_split_ratio", "lora_dropout"):
-            if not 0 <= getattr(self, name) < 1:
-                bad(name, "a number in [0, 1)")
-        if self.max_grad_norm < 0:
-            bad("max_grad_norm", "a non-negative number (0 disables clipping)")
-        for name in ("weight_decay", "early_stopping_threshold"):
-            if getattr(self, name) < 0:
-                bad(name, "a non-negative number")
-        if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
-            bad("router_aux_loss_coef", "None (the model's own) or a finite number >= 0 (0 turns it off)")
-        if self.neftune_noise_alpha is not None and not self.neftune_noise_alpha > 0:
-            bad("neftune_noise_alpha", "None or a positive number")
+        """The range of each number (its type is checked already: ``_check_types``), from :data:`RANGES`; ``bad(name,
+        expected)`` raises for the first field, in table order, whose value is out of its range."""
+        rules = next(RANGES[klass.__name__] for klass in type(self).__mro__ if klass.__name__ in RANGES)  # subclasses too
+        for names, ok, expected in rules:
+            for name in names:
+                if not ok(getattr(self, name)):
+                    bad(name, expected)
 
     @property
     def resolved_bf16(self) -> bool:
@@ -300,8 +277,6 @@ class BaseConfig:
         ``fp16`` is off."""
         if self.bf16 is not None and self.bf16 != "auto":
             return bool(self.bf16)
-        from src.models.loading import bf16_supported
-
         return not self.fp16 and bf16_supported()
 
     @property
@@ -400,13 +375,9 @@ class SFTConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
-        from src.data.templates import check_template_settings
-
         _ask("instruction_template", check_template_settings, self.instruction_template, self.custom_template,
              self.response_template)
         if self.chat_template_kwargs is not None:
-            from src.data.chat_templates import parse_template_kwargs
-
             # held as a mapping from here on, whether given as one or as JSON text (command line, YAML)
             self.chat_template_kwargs = _ask("chat_template_kwargs", parse_template_kwargs, self.chat_template_kwargs)
             if self.instruction_template != "tokenizer":
@@ -430,23 +401,8 @@ class SFTConfig(BaseConfig):
                 raise ValueError("SFTConfig.eval_generation_samples: 0 with stream_data=True (the validation rows are "
                                  "only on disk, tokenized)")
 
-    def _check_ranges(self, bad: Any) -> None:
-        super()._check_ranges(bad)
-        if self.max_seq_length < 8:
-            bad("max_seq_length", "an integer >= 8")
-        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
-            bad("pad_to_multiple_of", "None or a positive integer")
-        if self.eval_generation_samples < 0:
-            bad("eval_generation_samples", "a non-negative integer (0: no generation-based evaluation)")
-        if self.eval_generation_max_length < 1:
-            bad("eval_generation_max_length", "a positive integer")
-        if self.max_foreign_script_rate is not None and not 0 <= self.max_foreign_script_rate <= 1:
-            bad("max_foreign_script_rate", "None or a share between 0 and 1")
-
-    def normalizer(self):
+    def normalizer(self) -> ArabicNormalizer:
         """The :class:`~src.data.normalization.ArabicNormalizer` this config describes."""
-        from src.data.normalization import SWITCHES, build_normalizer
-
         return build_normalizer(self.normalization, **{k: getattr(self, "arabic_" + k) for k in SWITCHES})
 
     @property
@@ -462,13 +418,44 @@ class SFTConfig(BaseConfig):
     @property
     def resolved_response_template(self) -> str:
         """``response_template``, or the template's own response prefix when it is None."""
-        from src.data.templates import default_response_template
-
         return self.response_template or default_response_template(self.instruction_template, self.custom_template)
 
 
 # Bounds a value must keep to be what the user meant (each is named in its error).
 MAX_LEARNING_RATE = 10.0  # far above any optimizer's useful range: a larger value is a typo (2e4 for 2e-4)
+
+# The range of every number, in the order they are checked: (fields, the test a value passes, what is expected).
+_BASE_RANGES = (
+    (("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "save_steps",
+      "logging_steps", "lora_r", "lora_alpha"), lambda v: v >= 1, "a positive integer"),
+    # save_total_limit 0 or -1 would keep every checkpoint: None says that
+    (("eval_steps", "save_total_limit", "early_stopping_patience"), lambda v: v is None or v >= 1,
+     "None or a positive integer"),
+    (("seed",), lambda v: 0 <= v < 2 ** 32,
+     "an integer in [0, 2**32 - 1] (transformers.set_seed also seeds numpy, which takes no other)"),
+    (("max_steps",), lambda v: v == -1 or v > 0, "-1 (use num_train_epochs) or a positive integer"),
+    (("dataloader_num_workers",), lambda v: v >= 0, "a non-negative integer"),
+    (("learning_rate",), lambda v: _float32(v) > 0 and v <= MAX_LEARNING_RATE,
+     f"a positive number (non-zero in float32) of at most {MAX_LEARNING_RATE:g}; a larger one is almost certainly a "
+     "typo (2e4 for 2e-4) and makes training diverge"),
+    (("num_train_epochs",), lambda v: v > 0, "a positive number"),
+    (("warmup_ratio", "validation_split_ratio", "lora_dropout"), lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    (("max_grad_norm",), lambda v: v >= 0, "a non-negative number (0 disables clipping)"),
+    (("weight_decay", "early_stopping_threshold"), lambda v: v >= 0, "a non-negative number"),
+    (("router_aux_loss_coef",), lambda v: v is None or v >= 0,
+     "None (the model's own) or a finite number >= 0 (0 turns it off)"),
+    (("neftune_noise_alpha",), lambda v: v is None or v > 0, "None or a positive number"),
+)
+RANGES = {
+    "BaseConfig": _BASE_RANGES,
+    "SFTConfig": _BASE_RANGES + (
+        (("max_seq_length",), lambda v: v >= 8, "an integer >= 8"),
+        (("pad_to_multiple_of",), lambda v: v is None or v >= 1, "None or a positive integer"),
+        (("eval_generation_samples",), lambda v: v >= 0, "a non-negative integer (0: no generation-based evaluation)"),
+        (("eval_generation_max_length",), lambda v: v >= 1, "a positive integer"),
+        (("max_foreign_script_rate",), lambda v: v is None or 0 <= v <= 1, "None or a share between 0 and 1"),
+    ),
+}
 _KINDS = {int: "an integer", float: "a finite number (float32: |x| <= 3.4e38)", bool: "true or false"}
 
 

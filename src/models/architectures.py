@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 
 from src.data.arrow import flattens_packed_batches
 
@@ -68,23 +69,21 @@ ROUTER_MODULES = ("gate", "shared_expert_gate")
 EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 
-def unwrap_to_pretrained(model: Any) -> Any:
-    """The model under DDP/FSDP/DeepSpeed (``.module``), ``torch.compile`` (``._orig_mod``) and peft wrappers."""
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif hasattr(model, "get_base_model") and callable(model.get_base_model):
-            model = model.get_base_model()
-        elif isinstance(getattr(model, "module", None), torch.nn.Module):
-            model = model.module
+def unwrap_model(model: Any, *, keep_peft: bool = False, keep_torch_compile: bool = False) -> Any:
+    """The one way to reach the model under its wrappers: the engines' (DDP, DataParallel, DeepSpeed, FSDP1;
+    accelerate's ``extract_model_from_parallel``, what ``Accelerator.unwrap_model`` runs), ``torch.compile``'s
+    (unless ``keep_torch_compile``) and peft's (``get_base_model``, unless ``keep_peft``). By default the
+    ``transformers`` model itself (its config, its output embeddings); ``keep_peft=True`` the model that is saved
+    (an adapter saves through peft)."""
+    model = extract_model_from_parallel(model, keep_torch_compile=keep_torch_compile)
+    if not keep_peft and callable(getattr(model, "get_base_model", None)):
+        model = model.get_base_model()
     return model
 
 
 def model_config(model: Any) -> Any:
     """The (text) config of a model, under peft and engine wrappers."""
-    config = getattr(unwrap_to_pretrained(model), "config", None)
+    config = getattr(unwrap_model(model), "config", None)
     return getattr(config, "text_config", None) or config
 
 
@@ -130,8 +129,6 @@ def check_architecture(model: Any) -> Optional[Family]:
 def linear_attention_kernels() -> tuple[bool, str]:
     """Whether the kernels that keep packed documents apart in linear-attention layers are usable here: a CUDA
     GPU, flash-linear-attention (the recurrence, ``cu_seqlens``) and causal-conv1d (the conv, ``seq_idx``)."""
-    import torch
-
     if not torch.cuda.is_available():
         return False, "no CUDA GPU (the linear-attention kernels that honour document boundaries are CUDA-only)"
     missing = []

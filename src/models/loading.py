@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from src.distributed import main_process_first, pid_alive
-from src.models.tiny import TINY_MODEL_NAME, TINY_MODELS, build_tiny_model, corpus_texts
+from src.models.tiny import TINY_MODEL_NAME, TINY_MODELS, build_tiny_model, corpus_texts, tiny_config
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +94,6 @@ def _build_tiny(path: str, corpus_path: str | None, seed: int, family: str = "qw
     A complete folder of the same family is reused; one of another family (the run switched ``model_name``) is
     rebuilt: it is this project's own build, a deterministic function of the corpus and seed."""
     import shutil
-
-    from src.models.tiny import tiny_config
 
     if os.path.isdir(path):
         missing = [f for f in TINY_MODEL_FILES if not os.path.isfile(os.path.join(path, f))]
@@ -297,6 +295,7 @@ def apply_lora(model: Any, r: int, alpha: int, dropout: float, target_modules: l
     full next to the adapters (``modules_to_save``) instead of leaving them frozen."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    # (here, not at the top: src.config imports this module, and architectures imports torch and accelerate)
     from src.models.architectures import EXPERT_PARAMETERS, ROUTER_MODULES, is_moe, model_config
 
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}

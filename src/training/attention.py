@@ -37,6 +37,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from src.distributed import from_main
+from src.models.architectures import unwrap_model
+
 logger = logging.getLogger(__name__)
 
 AUTO = "auto"
@@ -213,10 +216,7 @@ def choose_for_packed_rows(model: Any, position_ids: torch.Tensor, device: torch
     disagree; a measurement that fails counts as keeping the current implementation, and its rank still joins
     the broadcast, so none is left waiting.
     """
-    from src.distributed import from_main
-    from src.training.losses import unwrap_to_pretrained
-
-    base = unwrap_to_pretrained(model)
+    base = unwrap_model(model)
     current = getattr(base.config, "_attn_implementation", None) or "sdpa"
     candidates = list(candidates) if candidates is not None else candidate_implementations(device)
     if len(candidates) < 2:

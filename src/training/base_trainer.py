@@ -8,18 +8,24 @@ translation to ``TrainingArguments`` through :mod:`src.training.training_args`.
 
 from __future__ import annotations
 
+import atexit
+import hashlib
+import importlib.util
 import json
 import logging
 import os
 import re
+import shutil
 from abc import ABC, abstractmethod
 from typing import Any, Optional
 
-from transformers import TrainerCallback
+import torch
+from peft import PeftModel
+from transformers import EarlyStoppingCallback, TrainerCallback, TrainerState, TrainingArguments, set_seed
 
 from src.config import BaseConfig
-from src.distributed import configure_cpu_threads
-from src.models.architectures import check_architecture, is_moe, model_config, router_aux_loss_coef
+from src.distributed import configure_cpu_threads, is_main_process, main_decides, main_process_first, world_size
+from src.models.architectures import check_architecture, is_moe, model_config, router_aux_loss_coef, unwrap_model
 from src.models.loading import (
     TINY_MODEL_FILES,
     ModelLoadError,
@@ -32,8 +38,8 @@ from src.models.loading import (
     quantization_config,
     resolve_model_path,
 )
-from src.models.tiny import TINY_MODELS
-from src.training import persistence
+from src.models.tiny import TINY_MODELS, build_tiny_model, tiny_config
+from src.training import hub, persistence
 from src.training.guards import (
     DivergenceCallback,
     InterruptCallback,
@@ -43,6 +49,7 @@ from src.training.guards import (
     interrupt_signals,
 )
 from src.training.losses import SFTLoss, build_loss
+from src.training.report import early_stop_text
 from src.training.training_args import training_arguments_kwargs
 
 logger = logging.getLogger(__name__)
@@ -71,8 +78,6 @@ FSDP_NEEDS_ACCELERATOR = (
 
 def check_fsdp_possible(fsdp_config: Optional[str]) -> None:
     """Refuse FSDP where accelerate would silently run unsharded (no accelerator), before any data is loaded."""
-    import torch
-
     if fsdp_config and not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())):
         raise ValueError(f"SFTConfig.fsdp_config={fsdp_config!r}: no GPU here. {FSDP_NEEDS_ACCELERATOR}")
 
@@ -155,8 +160,6 @@ class BaseTrainer(ABC):
 
     def setup_model(self) -> tuple[Any, Any]:
         """Load (or build, for ``local:tiny-qwen2``) the model and tokenizer; add LoRA when configured."""
-        from transformers import set_seed
-
         set_seed(self.config.seed)
         c = self.config
         quantized = c.load_in_4bit or c.load_in_8bit
@@ -201,10 +204,6 @@ class BaseTrainer(ABC):
     # -- training arguments --------------------------------------------------------------------------
     def environment(self) -> dict[str, Any]:
         """``TrainingArguments`` that depend on this machine rather than on the config."""
-        import torch
-
-        from src.distributed import world_size
-
         cuda = torch.cuda.is_available()
         env: dict[str, Any] = {"dataloader_pin_memory": self.config.dataloader_pin_memory and cuda}  # pinning helps host->GPU only
         if world_size() > 1 and not cuda:
@@ -214,8 +213,14 @@ class BaseTrainer(ABC):
         return env
 
     def get_training_arguments(self) -> Any:
-        from transformers import TrainingArguments
+        """``TrainingArguments`` with the settings of the specification.
 
+        Gradient checkpointing, ``label_names=["labels"]``, ``remove_unused_columns=True``,
+        ``dataloader_drop_last`` and length grouping all come from the config, translated to the
+        installed transformers' names in ``src.training.training_args``; ``environment`` adds what depends on the
+        machine. Length grouping (``group_by_length``, on by default) also applies to packed rows, where it batches
+        the few part-filled rows together instead of next to full ones.
+        """
         return TrainingArguments(**training_arguments_kwargs(self.config, self.environment()))
 
     def get_callbacks(self) -> list:
@@ -223,8 +228,6 @@ class BaseTrainer(ABC):
         stopping on eval_loss when ``early_stopping_patience`` is set."""
         callbacks = [self.interrupt, DivergenceCallback()]
         if self.config.early_stopping_patience is not None:
-            from transformers import EarlyStoppingCallback
-
             early_stopping = EarlyStoppingCallback(self.config.early_stopping_patience,
                                                    self.config.early_stopping_threshold)
             callbacks += [early_stopping, EarlyStopReport(self, early_stopping)]
@@ -266,9 +269,7 @@ class BaseTrainer(ABC):
         """
         output_dir = self.config.output_dir
         if self.config.push_to_hub:
-            from src.training.export import check_hub_reachable
-
-            check_hub_reachable(self.config.hub_model_id, output_dir)  # before hours of training, not after
+            hub.check_hub_reachable(self.config.hub_model_id, output_dir)  # before hours of training, not after
         checkpoint, changed = self.resume_plan()
         resume = None
         if checkpoint is not None:
@@ -290,8 +291,6 @@ class BaseTrainer(ABC):
                                "the final model (the run stopped before its final save)", checkpoint, step,
                                trainer.args.max_steps)
                 trainer._load_from_checkpoint(checkpoint)
-                from transformers import TrainerState
-
                 # the checkpoint's log history, for the loss plot and model card of the final save
                 trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
                 self.training_completed_at = persistence.utc_now()
@@ -340,13 +339,10 @@ class BaseTrainer(ABC):
 
     def push_to_hub(self, output_dir: Optional[str] = None) -> None:
         """Upload the saved run to ``config.hub_model_id`` (main process; every rank raises the same error)."""
-        from src.distributed import main_decides
-        from src.training.export import push_folder
-
         folder = output_dir or self.config.output_dir
 
         def push() -> None:
-            url = push_folder(folder, self.config.hub_model_id, private=self.config.hub_private_repo)
+            url = hub.push_folder(folder, self.config.hub_model_id, private=self.config.hub_private_repo)
             logger.info("pushed %s to %s", folder, url)
 
         main_decides(push)
@@ -385,8 +381,6 @@ class BaseTrainer(ABC):
             return
         self._claimed.add(output_dir)
         self._saved_dirs.add(output_dir)
-        import atexit
-
         atexit.register(persistence.release_output_dir, output_dir)
 
     def compute_loss(self, model, inputs, return_outputs=False):
@@ -422,13 +416,10 @@ class BaseTrainer(ABC):
         return wanted
 
     # -- saving and loading ------------------------------------------------------------------------
-    def _check_output_dir(self, path: str) -> None:
-        persistence.check_output_dir(path, self._get_training_method(), self.config.overwrite_output_dir, self._saved_dirs)
-
     def unwrapped_model(self) -> Any:
-        if self.trainer is not None:
-            return self.trainer.accelerator.unwrap_model(self.trainer.model)
-        return self.model
+        """The model outside the engines' wrappers, peft (and torch.compile) kept (``src.models.architectures.unwrap_model``)."""
+        return unwrap_model(self.trainer.model if self.trainer is not None else self.model, keep_peft=True,
+                            keep_torch_compile=True)
 
     def save_model(self, output_dir: Optional[str] = None) -> None:
         """Save weights (LoRA adapter or full model, safetensors), tokenizer, config and metadata.
@@ -461,8 +452,6 @@ class BaseTrainer(ABC):
         if is_adapter and not os.path.isfile(os.path.join(path, "adapter_config.json")):
             raise ModelLoadError(f"load_model: {path} says it holds a LoRA adapter but has no adapter_config.json")
         if is_adapter:
-            from peft import PeftModel
-
             base = metadata.get("base_model")
             if base and not os.path.isabs(base) and os.path.isdir(os.path.join(path, base)):
                 base = os.path.join(path, base)
@@ -491,8 +480,6 @@ TINY_TOKENIZER_MARKER = "tiny_tokenizer.json"  # in a tiny base model built for 
 
 
 def _vocabulary_fingerprint(tokenizer: Any) -> str:
-    import hashlib
-
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
     return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()
 
@@ -504,11 +491,6 @@ def build_tiny_for_tokenizer(model_name: str, tokenizer: Any, output_dir: str, s
     A complete folder built for the same family and vocabulary is reused; anything else there (the default tiny
     build, another tokenizer's) is this project's own build and is built again: into a temporary sibling, renamed
     into place, so a folder is never half-built. Under torchrun the main process builds, the others wait."""
-    import shutil
-
-    from src.distributed import main_process_first
-    from src.models.tiny import build_tiny_model, tiny_config
-
     family = TINY_MODELS[model_name]
     path = os.path.join(output_dir, "base_model")
     wanted = {"family": family, "vocab_size": len(tokenizer), "vocabulary_sha256": _vocabulary_fingerprint(tokenizer),
@@ -539,10 +521,6 @@ def build_tiny_for_tokenizer(model_name: str, tokenizer: Any, output_dir: str, s
 def drop_tiny_built_for_tokenizer(path: str) -> None:
     """Remove a tiny base model built for a tokenizer_name that this run no longer gives, so the default tiny model
     (with its own tokenizer) is built there again instead of the other vocabulary being reused."""
-    import shutil
-
-    from src.distributed import is_main_process, main_process_first
-
     with main_process_first():
         if is_main_process() and os.path.isfile(os.path.join(path, TINY_TOKENIZER_MARKER)):
             logger.warning("%s was built for tokenizer_name=%s; this run gives none: building the default tiny model "
@@ -614,8 +592,6 @@ class EarlyStopReport(TrainerCallback):
         match = re.search(r"checkpoint-(\d+)$", os.path.normpath(best)) if best else None
         info.update(best_value=state.best_metric, best_step=int(match.group(1)) if match else None, best_checkpoint=best)
         self.owner.early_stopped = info
-        from src.training.report import early_stop_text
-
         logger.info("Early stopping: %s", early_stop_text(info))
 
 
@@ -625,8 +601,6 @@ REPORTER_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "
 
 def _check_reporters(report_to: str) -> None:
     """Fail before loading a model when a requested tracker's package is missing."""
-    import importlib.util
-
     for name in (r.strip() for r in (report_to or "").split(",")):
         package = REPORTER_PACKAGES.get(name)
         if package and importlib.util.find_spec(package) is None:

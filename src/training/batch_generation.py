@@ -32,7 +32,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import torch
+from tqdm.auto import tqdm
+
+from src.data.chat_templates import split_reasoning
 from src.data.language import answer_language, language_summary
+from src.training.generation import check_prompt_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -218,11 +223,6 @@ def _quote(text: str, limit: int = 40) -> str:
     return json.dumps(text if len(text) <= limit else text[:limit] + "…", ensure_ascii=False)
 
 
-def done_ids(output: str) -> set[str]:
-    """Ids (``json.dumps``) of the complete rows in ``output``; reads only (:func:`read_output`)."""
-    return {json.dumps(r["id"]) for r in read_output(output).rows}
-
-
 def repair_output(output: str, state: OutputState) -> None:
     """Cut a cut-off last line from ``output`` (truncate: the rows before it are never rewritten), or end a complete
     last row with its newline."""
@@ -238,8 +238,6 @@ def repair_output(output: str, state: OutputState) -> None:
 def encode_rows(trainer: Any, rows: list[dict], input_path: str, max_length: int) -> list[list[int]]:
     """Prompt ids of every row, each formatted as in training and checked against the model's context (as
     ``generation.check_prompt_lengths`` checks it); the first row that fails is an error naming its line."""
-    from src.training.generation import check_prompt_lengths
-
     example_tokenizer = trainer.example_tokenizer()
     model = getattr(trainer, "model", None)
     prompts = []
@@ -278,11 +276,6 @@ def generate_file(trainer: Any, input_path: str, output: str, *, batch_size: int
                   seed: Optional[int] = None, rows: Optional[list[dict]] = None, **generation_kwargs: Any) -> dict[str, int]:
     """Generate a response for every input row not yet in ``output``; returns counts (generated, skipped).
     ``rows``: the input already read with :func:`read_input_rows` (checked before a model is loaded)."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from src.data.chat_templates import split_reasoning
-
     if batch_size < 1 or max_length < 1:
         raise ValueError(f"--batch_size and --max_length must be at least 1 (got {batch_size} and {max_length})")
     rows = rows if rows is not None else read_input_rows(input_path)

@@ -17,6 +17,8 @@ import os
 import tempfile
 from typing import Any
 
+from src.training import persistence
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LOCAL_TASKS = {"arabic_mc_sft": os.path.join(ROOT, "data", "arabic_mc_benchmark.jsonl")}
 
@@ -108,13 +110,11 @@ def run_benchmarks(trainer: Any, tasks: list[str], batch_size: int = 8, limit: i
 
 def record_benchmarks(run_dir: str, scores: dict[str, dict]) -> None:
     """Add the scores to the run's ``sft_metadata.json`` (``benchmarks``) and its model card."""
-    from src.training import persistence
-
     meta_path = os.path.join(run_dir, persistence.metadata_filename("sft"))
     with open(meta_path, encoding="utf-8") as fh:
         metadata = json.load(fh)
     metadata.setdefault("benchmarks", {}).update(scores)
-    persistence._write_json(meta_path, metadata)
+    persistence.write_metadata(run_dir, metadata)
     card = os.path.join(run_dir, "README.md")
     if os.path.isfile(card):
         lines = ["", "## Benchmarks (lm-evaluation-harness)", "", "| task | metric | value |", "|---|---|---|"]

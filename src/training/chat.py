@@ -17,6 +17,8 @@ from __future__ import annotations
 import sys
 from typing import Any, Optional, TextIO
 
+from src.training.generation import check_prompt_lengths
+
 HELP = "commands: /reset (new conversation), /system TEXT (set the system prompt), /exit"
 
 
@@ -46,8 +48,6 @@ class ChatSession:
     def checked_prompt_ids(self, user: str) -> list[int]:
         """:meth:`prompt_ids`, refused with :class:`MessageRejected` when it cannot be formatted or leaves no room for
         ``max_length`` new tokens in the model's context (``generation.check_prompt_lengths``)."""
-        from src.training.generation import check_prompt_lengths
-
         keep = "the conversation so far is kept"
         try:
             prompt = self.prompt_ids(user)

@@ -19,9 +19,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import threading
 from typing import Any, Iterator, Optional
 
 import torch
+import torch.distributed as dist
 from transformers import TrainerCallback
 
 from src.distributed import world_size
@@ -59,8 +61,6 @@ class InterruptCallback(TrainerCallback):
     def _agreed_signal(self, args: Any) -> Optional[int]:
         if world_size() <= 1:
             return self.signum
-        import torch.distributed as dist
-
         flag = torch.tensor([self.signum or 0], device=args.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item()) or None
@@ -88,8 +88,8 @@ class DivergenceCallback(TrainerCallback):
                            "updates are not caught by this check")
             self.warned = True
         if grads:
-            norms = torch._foreach_norm(grads)
-            total = torch.stack([n.to(norms[0].device, torch.float32) for n in norms]).sum()
+            # (what max_grad_norm clipping computes: not finite exactly when some gradient is not)
+            total = torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)
             if not torch.isfinite(total).item():
                 raise TrainingDiverged(
                     f"training diverged at step {state.global_step + 1}: the gradients are not finite (NaN or inf; "
@@ -102,8 +102,6 @@ class DivergenceCallback(TrainerCallback):
 @contextlib.contextmanager
 def interrupt_signals(callback: InterruptCallback) -> Iterator[None]:
     """While inside, SIGINT/SIGTERM set ``callback.signum`` (a second SIGINT raises KeyboardInterrupt)."""
-    import threading
-
     callback.signum = callback.stopped_at = None  # a signal of an earlier train() call is not this one's
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be installed from the main thread

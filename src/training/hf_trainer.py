@@ -35,9 +35,14 @@ import time
 from typing import Any, Optional
 
 import torch
+from torch.nn.modules.module import _IncompatibleKeys
+from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+from transformers.trainer_utils import rotate_checkpoints
 
+from src.models.architectures import unwrap_model
+from src.training.guards import check_finite_weights
 from src.training.losses import SFTLoss, safe_perplexity, token_loss_sum
 
 logger = logging.getLogger(__name__)
@@ -89,7 +94,7 @@ class SFTHFTrainer(Trainer):
         """The stock save, minus tied copies: a state dict gathered by DeepSpeed holds the tied LM head as a
         separate tensor (equal to the input embeddings), which ``save_pretrained`` cannot recognise as tied and
         would write twice. Dropping it writes the same files as a single-process run."""
-        base = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        base = unwrap_model(self.model, keep_peft=True)
         if state_dict is not None and not hasattr(base, "peft_config"):  # an adapter's state dict holds no tied copies
             for target, source in (getattr(base, "all_tied_weights_keys", None) or {}).items():
                 if target in state_dict and source in state_dict and torch.equal(state_dict[target], state_dict[source]):
@@ -101,10 +106,6 @@ class SFTHFTrainer(Trainer):
         :class:`~src.training.guards.TrainingDiverged`, so no non-finite checkpoint exists to resume from or be named
         the last good one), and old checkpoints rotated by step number: transformers orders them by modification
         time, so a half-deleted old checkpoint counted as the newest and complete newer ones were deleted."""
-        from transformers.trainer_utils import rotate_checkpoints
-
-        from src.training.guards import check_finite_weights
-
         check_finite_weights(self.model, self.accelerator, f"checkpoint-{self.state.global_step}")
         limit = self.args.save_total_limit
         self.args.save_total_limit = None
@@ -127,8 +128,6 @@ class SFTHFTrainer(Trainer):
         """The stock warning about a checkpoint's missing and unexpected keys, less the keys that are missing by
         design: a weight tied to another one that the checkpoint does hold (the LM head of a model with
         ``tie_word_embeddings``: ``save_pretrained`` writes the shared tensor once). Any other missing key warns."""
-        from torch.nn.modules.module import _IncompatibleKeys
-
         missing = list(load_result.missing_keys)
         expected = tied_missing_keys(self.model, missing)
         if expected:
@@ -188,8 +187,6 @@ class SFTHFTrainer(Trainer):
         number of forwards: processes with fewer rows run filler batches whose labels are all ignored (no
         loss, no tokens, no samples). Single-process multi-GPU (DataParallel) uses the stock loader.
         """
-        from torch.utils.data import DataLoader
-
         sharding_engine = self.is_deepspeed_enabled or self.is_fsdp_enabled
         if self.args.n_gpu > 1 and not sharding_engine:
             return ((batch, False) for batch in self.get_eval_dataloader(dataset)), self._wrap_model(self.model, training=False)
@@ -278,8 +275,7 @@ class SFTHFTrainer(Trainer):
 def tied_missing_keys(model: Any, missing: list[str]) -> list[str]:
     """The keys of ``missing`` that a model with tied word embeddings does not need from a checkpoint: parameters that
     are the same tensor as another parameter that was loaded (``lm_head.weight`` is ``embed_tokens.weight``)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(base, "config", None)
+    config = getattr(unwrap_model(model), "config", None)
     text_config = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
     if not missing or not getattr(text_config, "tie_word_embeddings", False):
         return []

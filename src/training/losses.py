@@ -1,5 +1,39 @@
 """The SFT loss: shifted next-token cross-entropy over trained (label != -100) tokens, in one object.
 
+The path of one training micro-batch, hop by hop (file: what happens there)::
+
+    transformers Trainer.training_step
+     1 -> SFTHFTrainer.compute_loss            hf_trainer.py   THE NORMALISATION IS DECIDED HERE: opens
+          (model, inputs, num_items_in_batch)                   loss.accumulated_tokens(num_items_in_batch,
+                                                                data-parallel scale, micro-batches), which puts
+                                                                the divisor on the loss object (SFTLoss._step)
+     2 -> BaseTrainer.compute_loss             base_trainer.py the user's hook (the specification's
+                                                                CustomSFTTrainer overrides it); calls the loss
+     3 -> SFTLoss.__call__                     losses.py       loss = loss_sum / n x scale inside the block (else
+                                                                / this batch's tokens); + MoE router loss
+     4 -> TrainedTokensLoss.sums               losses.py       arms the head (head.pending = shifted labels),
+                                                                then runs model(**inputs) without labels
+     5 -> model forward -> lm_head.forward     losses.py       _TrainedPositionsHead: trained positions only,
+                                                                _LinearCrossEntropy (or the head's own forward
+                                                                in chunks) -> float32 loss_sum; count in
+                                                                head.result
+     6 <- outputs.logits = loss_sum            losses.py       the sum leaves through the head's output, shape
+                                                                [..., 1], every entry loss_sum; sums() reads
+                                                                outputs.logits.reshape(-1)[0]
+
+Evaluation (``SFTHFTrainer.evaluate``) calls hop 4 directly and adds the sums and counts over batches and ranks;
+``loss_type="full_logits"`` (and ``return_outputs=True``) replaces hops 4-6 by the model's real logits and
+:func:`token_loss_sum`.
+
+Why the sum leaves as the head's output instead of a separate return value (``outputs.loss`` as TRL patches it):
+backward must enter the head through its output, where the hooks of engines that shard parameters (ZeRO-3, FSDP)
+gather the head's weight again, and DDP's unused-parameter search walks the graph from the outputs. Why the
+normalisation is state on the loss object and not an argument: hop 2 is the user's override, which the
+specification shows calling ``compute_loss`` without ``num_items_in_batch``; the block reaches the loss through it.
+This contract is pinned by tests/test_losses.py, test_trainer.py, test_sharded.py, test_distributed.py and
+test_architectures.py (exact against full logits, one process against DDP, ZeRO and FSDP); a change to it must stay
+exact under all of them.
+
 Training (``SFTTrainer.compute_loss``) and evaluation (``SFTHFTrainer.evaluate``) both call the loss
 object that :func:`build_loss` makes from ``SFTConfig.loss_type``:
 
@@ -49,13 +83,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from src.config.loss_settings import check_loss_settings
 from src.data.tokenization import IGNORE_INDEX
-from src.models.architectures import unwrap_to_pretrained
+from src.models.architectures import unwrap_model
 
 logger = logging.getLogger(__name__)
-
-LOSS_TYPES = ("trained_tokens", "full_logits")
-
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     """Labels aligned with the logits that predict them: position ``i`` predicts ``labels[i + 1]``.
@@ -142,7 +174,7 @@ class SFTLoss:
         if self.router_aux_coef:
             aux = getattr(outputs, "aux_loss", None)
             if aux is None:
-                raise RuntimeError(f"{type(unwrap_to_pretrained(model)).__name__} returned no aux_loss with "
+                raise RuntimeError(f"{type(unwrap_model(model)).__name__} returned no aux_loss with "
                                    "output_router_logits=True: its router load-balancing loss cannot be added; set "
                                    "router_aux_loss_coef=0 to train without it")
             # The model's own weighting (transformers adds coef x aux to the mean token loss), averaged over the
@@ -352,7 +384,7 @@ class TrainedTokensLoss(SFTLoss):
         """The installed head of ``model`` (installed on first use), or None where it cannot be used."""
         if isinstance(model, torch.nn.DataParallel):
             return self._fallback("single-process multi-GPU DataParallel")
-        base = unwrap_to_pretrained(model)
+        base = unwrap_model(model)
         config = getattr(base, "config", None)
         changed = [a for a in self.LOGIT_POSTPROCESSING if getattr(config, a, None) not in (None, 0, 1, 1.0)]
         if changed:
@@ -387,14 +419,6 @@ class TrainedTokensLoss(SFTLoss):
                                "use loss_type='full_logits' for this model")
         num_tokens, head.result = head.result, None
         return outputs.logits.reshape(-1)[0], num_tokens, outputs
-
-
-def check_loss_settings(loss_type: str, chunk_size: int = 256) -> None:
-    """Raise ``ValueError`` naming the setting when ``loss_type``/``loss_chunk_size`` cannot work."""
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type={loss_type!r} is invalid: expected one of {LOSS_TYPES}.")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"loss_chunk_size={chunk_size!r} is invalid: expected a positive integer.")
 
 
 def build_loss(loss_type: str = "trained_tokens", chunk_size: int = 256) -> SFTLoss:

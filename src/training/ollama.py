@@ -30,10 +30,15 @@ against renderings Ollama itself produces.
 
 from __future__ import annotations
 
+import os
 import re
 import unicodedata
 from dataclasses import dataclass
 from typing import Any, Callable
+
+from transformers.utils.chat_template_utils import render_jinja_template
+
+from src.data.templates import chat_template
 
 MODELFILE = "Modelfile"
 
@@ -495,12 +500,6 @@ def write_modelfile(folder: str, example_tokenizer: Any, stop_ids: list[int], so
                     normalization: str = "none") -> str:
     """Write ``folder/Modelfile`` for the run that ``example_tokenizer`` formats, after checking that Ollama would
     render the probe conversations exactly as the saved chat template does; returns its path."""
-    import os
-
-    from transformers.utils.chat_template_utils import render_jinja_template
-
-    from src.data.templates import chat_template
-
     tokenizer, fmt = example_tokenizer.tokenizer, example_tokenizer.fmt
     end_text = tokenizer.convert_ids_to_tokens(example_tokenizer.end_id)
     saved = chat_template(fmt, end_text)

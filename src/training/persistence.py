@@ -3,7 +3,8 @@
 ``save_run`` is the only writer of a finished run: the weights go through ``transformers.Trainer.save_model``
 (which gathers FSDP/DeepSpeed state dicts and writes on ``args.should_save`` only), and the files that are
 ours (generation config, ``sft_metadata.json``, the loss plot and model card, the tiny base model copy) are
-written by the main process alone. Checks are decided by the main process and shared with every rank
+written by the main process alone. ``sft_metadata.json`` has one writer, :func:`write_metadata`, which the final
+save, ``train_sft.py export`` and the benchmark scores (``src.training.benchmark``) all call. Checks are decided by the main process and shared with every rank
 (``src.distributed.main_decides``: all ranks raise the same error or all go on), and the other ranks wait
 at a barrier until the main process is done, so no rank can find another rank's half-written files (the
 bug of every rank saving: one torchrun run in six exited 1 without ``model.safetensors``).
@@ -33,6 +34,7 @@ What we guarantee about the output folder:
 
 from __future__ import annotations
 
+import errno
 import importlib.metadata
 import json
 import logging
@@ -41,11 +43,15 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 import uuid
 from datetime import datetime, timezone
 from typing import Any, Iterable, Optional
 
 from src.distributed import barrier, is_main_process, main_decides, pid_alive, world_size
+from src.models.loading import ModelLoadError
+from src.models.tiny import TINY_MODELS
+from src.training.report import write_report
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +139,21 @@ def metadata_filename(method: str) -> str:
     return f"{method}_metadata.json"
 
 
+def write_metadata(folder: str, metadata: dict[str, Any], method: str = "sft") -> str:
+    """The one writer of a run's ``<method>_metadata.json`` (the final save, export, benchmark scores): JSON with
+    NaN and infinities as null. Over an existing file (benchmark scores added to a run) it writes a temporary file
+    and renames it over the old one, so a reader finds the previous file or the new one whole; a new file is written
+    in place: the callers that create one write into a folder nobody reads yet (the final save's staging folder,
+    export's temporary folder), which is renamed into place once complete. Returns its path."""
+    path = os.path.join(folder, metadata_filename(method))
+    if os.path.exists(path):
+        _write_json(path, metadata)
+    else:
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(json_safe(metadata), fh, ensure_ascii=False, indent=2, allow_nan=False)
+    return path
+
+
 def utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -161,8 +182,6 @@ def check_output_dir(path: str, method: str, overwrite: bool, already_ours: Iter
 
 def read_metadata(path: str, method: str) -> dict[str, Any]:
     """The metadata of a run written by :func:`save_run`; a clear error for anything else."""
-    from src.models.loading import ModelLoadError
-
     meta_path = os.path.join(path, metadata_filename(method))
     if os.path.isdir(path) and not os.path.isfile(meta_path):
         recover_interrupted_save(path, method)
@@ -306,8 +325,6 @@ def _is_saved_run_file(name: str) -> bool:
 
 def _write_own_files(owner: Any, output_dir: str, method: str) -> None:
     """The files that are ours, main process only: base model copy, generation config, metadata, report."""
-    from src.models.tiny import TINY_MODELS
-
     config = owner.config
     os.makedirs(output_dir, exist_ok=True)
     # training_args.bin is a pickle that Trainer.save_model adds; the run's settings are in the metadata.
@@ -344,12 +361,9 @@ def _write_own_files(owner: Any, output_dir: str, method: str) -> None:
     record = run_record(final_dir)
     if record is not None and record.get("resumes"):
         metadata["resumes"] = record["resumes"]
-    with open(os.path.join(output_dir, metadata_filename(method)), "w", encoding="utf-8") as fh:
-        json.dump(json_safe(metadata), fh, ensure_ascii=False, indent=2, allow_nan=False)
+    write_metadata(output_dir, metadata, method)
     if owner.trainer is not None and (owner.train_result is not None or owner.trainer.state.log_history):
         # (a run finished from its last checkpoint has the checkpoint's log history: its report too)
-        from src.training.report import write_report
-
         write_report(output_dir, metadata, owner.trainer.state.log_history, owner.final_metrics)
 
 
@@ -407,8 +421,6 @@ def read_lock(output_dir: str) -> Optional[dict]:
 def no_space_left(exc: BaseException) -> bool:
     """Whether ``exc`` (or what caused it) is a full disk or quota: OSError ENOSPC/EDQUOT, or the wrapped forms
     safetensors and torch raise (``StorageFull``, "No space left on device")."""
-    import errno
-
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -424,8 +436,6 @@ def no_space_left(exc: BaseException) -> bool:
 def check_writable(output_dir: str) -> None:
     """Refuse an ``output_dir`` that cannot be written (read-only, full), before anything is loaded: a probe file is
     written (4 KiB, synced) and removed in the folder, or in its nearest existing parent."""
-    import tempfile
-
     folder = os.path.abspath(output_dir)
     while not os.path.exists(folder) and os.path.dirname(folder) != folder:
         folder = os.path.dirname(folder)

@@ -14,6 +14,11 @@ import os
 import re
 from typing import Any, Optional
 
+import yaml
+
+from src.data.language import describe_language
+from src.data.tokenization import drop_reason
+
 logger = logging.getLogger(__name__)
 
 PLOT_FILE = "training_curves.png"
@@ -142,8 +147,6 @@ def _front_matter_of(readme: str) -> dict[str, Any]:
     match = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", text, re.S)
     if not match:
         return {}
-    import yaml
-
     try:
         value = yaml.safe_load(match.group(1))
     except yaml.YAMLError:
@@ -230,11 +233,6 @@ def _per_split(value: Any) -> str:
 
 def model_card(metadata: dict[str, Any], metrics: dict[str, float], has_plot: bool) -> str:
     """A README.md for a saved run: Hub metadata header, what it is, how it was trained, how to use it."""
-    import yaml
-
-    from src.data.language import describe_language
-    from src.data.tokenization import drop_reason
-
     config = metadata.get("config", {}) or {}
     norm = metadata.get("normalization") or {}
     lora = bool(metadata.get("use_lora"))

@@ -10,27 +10,33 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
+from dataclasses import replace
 from typing import Any, Dict, List, Optional
 
 import torch
+from transformers import EarlyStoppingCallback, GenerationConfig, TrainingArguments
 
 from src.config import SFTConfig
+from src.data.chat_templates import split_reasoning
 from src.data.language import answer_language, check_foreign_script_rate, describe_language, language_metrics, language_summary
 from src.data.loading import load_records
+from src.data.normalization import SWITCHES
 from src.data.packing import SFTDataCollator, padding_efficiency
 from src.data.preprocess import TokenizeReport, tokenize_records
 from src.data.streaming import StreamedData, stream_splits
 from src.data.templates import chat_template
 from src.data.tokenization import ExampleTokenizer
-from src.data.wiring import example_tokenizer_for, prompt_format_for
+from src.data.wiring import example_tokenizer_for
 from src.distributed import main_process_first
-from src.models.architectures import ROWS, PackedLayout, describe, plan_packed_layout
+from src.models.architectures import ROWS, PackedLayout, describe, plan_packed_layout, unwrap_model
 from src.training import generation
 from src.training.attention import AUTO, AttentionChoice, check_trainable, choose_for_packed_rows
 from src.training.base_trainer import BaseTrainer
 from src.training.hf_trainer import SFTHFTrainer
 from src.training.persistence import write_jsonl
+from src.training.training_args import training_arguments_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +77,6 @@ class SFTTrainer(BaseTrainer):
         return "sft"
 
     # -- formatting ---------------------------------------------------------------------------------
-    def prompt_format(self):
-        return prompt_format_for(self.config, self.tokenizer)
-
     def example_tokenizer(self) -> ExampleTokenizer:
         """The one object that formats and tokenizes, for training and for generation alike."""
         if self.tokenizer is None:
@@ -82,18 +85,6 @@ class SFTTrainer(BaseTrainer):
 
     def _check_tokenizer(self) -> None:
         self.example_tokenizer()  # raises TokenizerMismatchError when the template's tokens are missing
-
-    # -- training arguments -------------------------------------------------------------------------
-    def get_training_arguments(self):
-        """TrainingArguments with the SFT settings of the specification.
-
-        Gradient checkpointing, ``label_names=["labels"]``, ``remove_unused_columns=True``,
-        ``dataloader_drop_last`` and length grouping all come from the config, translated to the
-        installed transformers' names in ``src.training.training_args``. Length grouping
-        (``group_by_length``, on by default) also applies to packed rows, where it batches the few
-        part-filled rows together instead of next to full ones.
-        """
-        return super().get_training_arguments()
 
     # -- datasets -----------------------------------------------------------------------------------
     def load_dataset(self) -> Any:
@@ -155,8 +146,6 @@ class SFTTrainer(BaseTrainer):
             training_args.eval_strategy = training_args.eval_strategy.__class__("no")
             training_args.do_eval = False
             training_args.load_best_model_at_end = False
-            from transformers import EarlyStoppingCallback
-
             callbacks = [c for c in (callbacks or []) if not isinstance(c, EarlyStoppingCallback)]
         self.attention = self.choose_attention(train_dataset, training_args)
         collator = self.data_collator()
@@ -198,16 +187,13 @@ class SFTTrainer(BaseTrainer):
     @staticmethod
     def _planned_passes(train_dataset, args) -> int:
         """Forward/backward passes this process will run: micro-batches per rank over the planned steps/epochs."""
-        import math
-
         if args.max_steps and args.max_steps > 0:
             return args.max_steps * args.gradient_accumulation_steps
         per_epoch = math.ceil(len(train_dataset) / (args.per_device_train_batch_size * max(1, args.world_size)))
         return per_epoch * math.ceil(args.num_train_epochs)
 
     def attn_implementation(self) -> str:
-        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        return getattr(model.config, "_attn_implementation", None) or "eager"
+        return getattr(unwrap_model(self.model).config, "_attn_implementation", None) or "eager"
 
     def data_collator(self) -> SFTDataCollator:
         layout = self.packed_layout()
@@ -234,11 +220,8 @@ class SFTTrainer(BaseTrainer):
             return 1.0  # each batch is one flattened row: nothing is padded
         lengths = dataset["length"]
         sampler = trainer._get_train_sampler(dataset)
-        rng_state = torch.random.get_rng_state()  # samplers draw from the global generator: leave it untouched
-        try:
+        with torch.random.fork_rng(devices=[]):  # samplers draw from the global (CPU) generator: leave it untouched
             order = list(iter(sampler)) if sampler is not None else list(range(len(lengths)))
-        finally:
-            torch.random.set_rng_state(rng_state)
         size = trainer.args.per_device_train_batch_size
         batches = [[lengths[i] for i in order[s:s + size]] for s in range(0, len(order), size)]
         if trainer.args.dataloader_drop_last and batches and len(batches[-1]) < size:
@@ -297,8 +280,6 @@ class SFTTrainer(BaseTrainer):
             [example_tokenizer.encode_prompt(r["instruction"], r.get("system")) for r in chosen],
             max_length=max_length or self.config.eval_generation_max_length,
             batch_size=self.config.per_device_eval_batch_size)
-        from src.data.chat_templates import split_reasoning
-
         reasoning, predictions = zip(*map(split_reasoning, predictions)) if predictions else ((), ())  # score answers
         metrics, exact = generation.generation_metrics(list(predictions), [r["response"] for r in chosen],
                                                        self.config.normalizer())
@@ -324,12 +305,6 @@ class SFTTrainer(BaseTrainer):
 
     def _inference_trainer(self):
         """A Trainer for evaluation only (after load_model, with no training data loaded)."""
-        from dataclasses import replace
-
-        from transformers import TrainingArguments
-
-        from src.training.training_args import training_arguments_kwargs
-
         inference = replace(self.config, evaluation_strategy="no", load_best_model_at_end=False, report_to="none",
                             early_stopping_patience=None,
                             gradient_checkpointing=False)
@@ -376,8 +351,6 @@ class SFTTrainer(BaseTrainer):
                                            max_length=max_length, batch_size=batch_size, **kwargs)
         if include_reasoning:
             return texts
-        from src.data.chat_templates import split_reasoning
-
         return [split_reasoning(text)[1] for text in texts]
 
     def generate_from_prompts(self, prompts: List[List[int]], max_length: int = 512, batch_size: int = 4,
@@ -423,8 +396,6 @@ class SFTTrainer(BaseTrainer):
         # Runs saved before normalization existed trained on untouched text: "none", not today's default.
         normalization = metadata.get("normalization") or {"preset": metadata.get("config", {}).get("normalization", "none")}
         # Generation must normalize exactly as training did: take the saved switches, not the preset's.
-        from src.data.normalization import SWITCHES
-
         self.config.normalization = normalization["preset"]
         for switch in SWITCHES:
             if switch in normalization:
@@ -441,8 +412,6 @@ class SFTTrainer(BaseTrainer):
     def write_generation_config(self, output_dir: str) -> None:
         """generation_config.json whose EOS ids include the template's end token (``<|im_end|>`` for ChatML),
         so plain ``transformers`` generation and serving engines stop where ``generate_response`` stops."""
-        from transformers import GenerationConfig
-
         base = getattr(self.unwrapped_model(), "generation_config", None)
         config = GenerationConfig.from_dict(base.to_dict()) if base is not None else GenerationConfig()
         existing = config.eos_token_id

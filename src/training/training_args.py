@@ -12,8 +12,9 @@ only place that knows the installed names:
 - ``ddp_find_unused_parameters`` None -> False (``ddp_find_unused_parameters``: every parameter gets a gradient).
 
 Every key is checked against the installed ``TrainingArguments``: a key it does not accept raises
-:class:`TrainingArgumentsMismatch` naming it, never a silent drop (tests/test_training_args.py pins the
-mapping). Decisions that depend on the machine (CUDA, the launcher) are not made here but by the trainer,
+:class:`TrainingArgumentsMismatch` naming it, never a silent drop (tests/test_config.py pins the
+mapping: ``test_training_arguments_translation_to_installed_transformers``,
+``test_translation_is_pinned_to_the_installed_transformers``). Decisions that depend on the machine (CUDA, the launcher) are not made here but by the trainer,
 through ``environment``.
 """
 
@@ -21,6 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Any
+
+import transformers
+from transformers import TrainingArguments
 
 # Ours -> the installed name, first that the installed TrainingArguments accepts.
 RENAMES: dict[str, tuple[str, ...]] = {
@@ -36,8 +40,6 @@ class TrainingArgumentsMismatch(RuntimeError):
 
 
 def accepted_fields() -> set[str]:
-    from transformers import TrainingArguments
-
     return {f.name for f in dataclasses.fields(TrainingArguments)}
 
 
@@ -45,8 +47,6 @@ def installed_name(ours: str, accepted: set[str]) -> str:
     for candidate in RENAMES[ours]:
         if candidate in accepted:
             return candidate
-    import transformers
-
     raise TrainingArgumentsMismatch(
         f"transformers {transformers.__version__} TrainingArguments has none of {RENAMES[ours]} for SFTConfig.{ours}; "
         "update src/training/training_args.py"
@@ -136,8 +136,6 @@ def training_arguments_kwargs(config: Any, environment: dict[str, Any] | None = 
     kwargs.update(environment or {})
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
-        import transformers
-
         raise TrainingArgumentsMismatch(
             f"transformers {transformers.__version__} TrainingArguments does not accept {unknown}; "
             "update src/training/training_args.py"
