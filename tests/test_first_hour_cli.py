@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import train_sft
-from src.cli.args import parse_config
+from src.cli.args import parse_config, parser_view
 from src.config import SFTConfig
 from tests.helpers import PAIRS, ROOT, write_jsonl
 
@@ -28,7 +28,8 @@ ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": ""}
 
 
 def list_fields(cls=SFTConfig) -> set[str]:
-    hints = typing.get_type_hints(cls)
+    """The fields the command line reads as lists (a structured field such as ``datasets`` is read as JSON text)."""
+    hints = typing.get_type_hints(parser_view(cls))
     return {n for n, t in hints.items() if list in (typing.get_origin(t), *(typing.get_origin(a) for a in typing.get_args(t)))}
 
 

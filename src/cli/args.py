@@ -32,8 +32,9 @@ def parse_config(cls: type, argv: list[str] | None = None) -> Any:
     """
     import typing
 
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    view = parser_view(cls)
+    hints = typing.get_type_hints(view)
+    fields = {f.name: f for f in dataclasses.fields(view)}
     optional = {n for n, t in hints.items() if n in fields and type(None) in typing.get_args(t)}
     optional_bool = {n for n in optional if bool in typing.get_args(hints[n])}
     list_fields = {n for n, t in hints.items() if n in fields and list in
@@ -120,13 +121,37 @@ UNHEADED_GROUP = {"SFTConfig": "SFT formatting"}
 GROUP_OF = {"resume_from_checkpoint": "evaluation, saving, logging", "resume_allow_changes": "evaluation, saving, logging"}
 
 
+# Fields that hold a structure (a list of sources, a mapping of template variables): a YAML list or mapping in the
+# file, JSON text on the command line. The config class states their real type; the parser reads them as text.
+STRUCTURED_FIELDS = ("datasets", "chat_template_kwargs")
+
+
+def parser_view(cls: type) -> type:
+    """``cls`` as the parser sees it: the same fields, defaults and help, with ``STRUCTURED_FIELDS`` typed as
+    optional text (``HfArgumentParser`` cannot parse a Union of text and a structure)."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    if not any(f.name in STRUCTURED_FIELDS for f in dataclasses.fields(cls)):
+        return cls
+    spec = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        default = ({"default_factory": f.default_factory} if f.default_factory is not dataclasses.MISSING
+                   else {"default": f.default})
+        spec.append((f.name, typing.Optional[str] if f.name in STRUCTURED_FIELDS else hints[f.name],
+                     dataclasses.field(metadata=f.metadata, **default)))
+    return dataclasses.make_dataclass(cls.__name__, spec)
+
+
 def build_parser(cls: type, usage: str | None = USAGE, description: str | None = None) -> Any:
     """The ``HfArgumentParser`` of ``cls`` (plus ``--config``), its flags grouped as the config class groups its fields
     (``field_groups``), each shown once (underscore spelling; the dashed one works too), a ``--no_FIELD`` switch
     described as what it does."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(cls, allow_abbrev=False, usage=usage, description=description,  # exact flag names
+    parser = HfArgumentParser(parser_view(cls), allow_abbrev=False, usage=usage, description=description,  # exact flag names
                               formatter_class=_HelpFormatter)
     parser.error = _raise_argument_error  # one line, not a usage dump and exit
     parser.add_argument("--config", default=None, metavar="FILE", help="YAML file with field values; flags override it.")

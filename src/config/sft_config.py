@@ -17,7 +17,7 @@ import os
 import struct
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from src.config.loss_settings import check_loss_settings
 from src.data.chat_templates import parse_template_kwargs
@@ -55,7 +55,7 @@ class BaseConfig:
         "be None when a datasets.Dataset is passed to create_trainer directly.",
         default=None,
     )
-    datasets: Optional[str] = _help(
+    datasets: Optional[Union[str, list[dict[str, Any]]]] = _help(
         "Instead of dataset_path, several sources mixed with weights: a list (YAML) or JSON text of "
         "{path, weight or fraction, split, max_samples} (src/data/mixing.py); deterministic with the seed.",
         default=None,
@@ -313,7 +313,7 @@ class SFTConfig(BaseConfig):
     custom_template: Optional[str] = _help("Template with '{instruction}' when instruction_template='custom'.", default=None)
     response_template: Optional[str] = _help("Response prefix; None derives it from the template.", default=None)
     system_prompt: Optional[str] = _help("Optional system prompt prepended to every prompt.", default=None)
-    chat_template_kwargs: Optional[str] = _help(
+    chat_template_kwargs: Optional[Union[str, dict[str, Any]]] = _help(
         "With instruction_template='tokenizer': variables passed to the chat template for every row, as a mapping "
         "(YAML/Python) or JSON text, e.g. {\"enable_thinking\": false} (Qwen3, Qwen3.5+) or {\"reasoning_effort\": "
         "\"low\"} (Qwen3.8). Saved with the model as the template's defaults.", default=None)
