@@ -440,9 +440,13 @@ class SFTTrainer(BaseTrainer):
         """Each source's final figures (a mixture): its token-weighted training loss over the run and its trained
         tokens, and the final evaluation's loss, perplexity and tokens on its validation rows."""
         train = getattr(self.trainer, "source_train_losses", None) or {}
+        paths = {}
+        if self.config.datasets is not None:
+            sources = parse_mixture(self.config.datasets)
+            paths = {name: source.path for name, source in zip(source_names(sources), sources)}
         figures: Dict[str, Dict[str, Any]] = {}
         for name in self.source_names or []:
-            entry: Dict[str, Any] = {}
+            entry: Dict[str, Any] = {"path": paths[name]} if name in paths else {}
             if name in train:
                 entry.update(train_loss=train[name]["loss"], train_tokens=train[name]["tokens"])
             for key in ("loss", "perplexity", "tokens"):
