@@ -258,3 +258,34 @@ def test_the_readme_example_names_its_sources_and_watches_one(tmp_path):
     config = parse_config(SFTConfig, ["--datasets", json.dumps(datasets), "--metric_for_best_model",
                                       example["metric_for_best_model"]])
     assert config.metric_for_best_model == "eval_gulf_loss"
+
+
+def test_every_loss_path_gives_the_same_per_source_sums_and_they_add_up(tiny_model_dir, tmp_path):
+    """The fused trained-tokens head, its chunked fallback (checkpointed, with gradients), the full-logits loss and
+    ``return_outputs``: each leaves sums and counts per source that add up to its own loss sum, all alike."""
+    from src.training.losses import FullLogitsLoss, TrainedTokensLoss
+    from tests.helpers import load_tiny
+
+    trainer = SFTTrainer(_config(tiny_model_dir, tmp_path, _mixture(tmp_path), packing=True))
+    trainer.prepare()
+    dataset = trainer.trainer.train_dataset
+    batch = trainer.data_collator()([dataset[i] for i in range(len(dataset))])
+    source_ids = batch.pop("source_ids")
+    model, _ = load_tiny(tiny_model_dir)
+    results = {}
+    for name, loss, outputs in (("fused", TrainedTokensLoss(), False), ("chunked", TrainedTokensLoss(8, fused=False), False),
+                                ("full", FullLogitsLoss(), False), ("outputs", TrainedTokensLoss(), True)):
+        model.zero_grad()
+        with loss.per_source(source_ids, 2):
+            result = loss(model, batch, return_outputs=outputs)
+        result.loss.backward()  # gradients still flow (the chunked path recomputes its chunks)
+        sums, counts = loss.last_sources
+        assert int(counts.sum()) == int(result.num_tokens)
+        assert sums.sum().item() == pytest.approx(result.loss_sum.item(), rel=1e-6)
+        results[name] = (sums, counts)
+        with loss.per_source(None, 2):  # outside a mixture nothing is left per source
+            loss(model, batch)
+        assert loss.last_sources is None
+    for name, (sums, counts) in results.items():
+        assert torch.equal(counts, results["fused"][1])
+        assert torch.allclose(sums, results["fused"][0], rtol=1e-5), name
