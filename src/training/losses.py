@@ -391,7 +391,7 @@ class _TrainedPositionsHead:
             compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
             loss_sum = _LinearCrossEntropy.apply(hidden, module.weight, module.bias, targets, chunk_size, compute_dtype,
                                                  torch.is_grad_enabled(), token_out)
-            return self._leave(hidden_states, loss_sum, n, sources, flat_labels, positions, token_out)
+            return self._leave(hidden_states, loss_sum, n, sources, positions, token_out)
         chunks = range(0, max(targets.numel(), 1), chunk_size)  # one (empty) chunk when nothing is trained: every parameter gets a grad
         loss_sum = None
         chunk_loss = self._chunk_loss if token_out is None else self._chunk_token_losses
@@ -405,10 +405,10 @@ class _TrainedPositionsHead:
                 part, losses = part
                 token_out[start:start + losses.numel()] = losses.detach()
             loss_sum = part if loss_sum is None else loss_sum + part
-        return self._leave(hidden_states, loss_sum, n, sources, flat_labels, positions, token_out)
+        return self._leave(hidden_states, loss_sum, n, sources, positions, token_out)
 
     def _leave(self, hidden_states: torch.Tensor, loss_sum: torch.Tensor, n: int, sources: Any = None,
-               flat_labels: Any = None, positions: Any = None, token_out: Any = None) -> torch.Tensor:
+               positions: Any = None, token_out: Any = None) -> torch.Tensor:
         self.result = torch.tensor(n, device=loss_sum.device)
         if sources is not None:
             source_ids, n_sources = sources

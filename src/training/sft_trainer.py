@@ -122,10 +122,11 @@ class SFTTrainer(BaseTrainer):
             return tokenize_records(records, self.example_tokenizer(), split, self.tokenize_report,
                                     packing=self.packed_layout().packs, cache_dir=cache_dir, source_names=source_names)
 
-    def _attach_sources(self, dataset: Any, records: Dict[str, List[dict]]) -> Optional[List[str]]:
+    def _attach_sources(self, dataset: Any, records: Dict[str, List[dict]]) -> Dict[str, Optional[List[str]]]:
         """Put each row's source (the ``_source`` a mixture gives every record, :mod:`src.data.mixing`) back on the
-        validated records of ``dataset`` (validation keeps only the fields it knows) and return the sources' names in
-        id order: the mixture's order, then any other name met. None when no split names sources (no mixture)."""
+        validated records of ``dataset`` (validation keeps only the fields it knows); set ``source_names``, the
+        sources' names in id order (the mixture's order, then any other name met; None when no split names sources:
+        no mixture), and return them for each split whose rows name their source (None for the others)."""
         tagged: Dict[str, list] = {}
         for split, rows in records.items():
             names = _source_column(_raw_split(dataset, split))
@@ -138,15 +139,16 @@ class SFTTrainer(BaseTrainer):
                 if not (isinstance(name, str) and SOURCE_NAME_RE.fullmatch(name)):
                     raise ValueError(f"{split} row {i}: {SOURCE_KEY}={name!r} is not a source name ([A-Za-z0-9_-]+)")
             tagged[split] = names
+        self.source_names = None
         if not tagged:
-            return None
+            return {split: None for split in records}
         order = source_names(parse_mixture(self.config.datasets)) if self.config.datasets is not None else []
         for names in tagged.values():
             order += [n for n in dict.fromkeys(names) if n not in order]
         for split, names in tagged.items():
             records[split] = [{**row, SOURCE_KEY: name} for row, name in zip(records[split], names)]
-        self._tagged_splits = set(tagged)
-        return order
+        self.source_names = order
+        return {split: order if split in tagged else None for split in records}
 
     def create_trainer(self, dataset, training_args, callbacks):
         """Create and configure the SFT trainer instance.
@@ -165,9 +167,7 @@ class SFTTrainer(BaseTrainer):
                                            skip_invalid=self.config.skip_invalid_rows,
                                            log=dataset is not self.dataset)  # load_dataset logged these rows already
             self.tokenize_report = TokenizeReport()
-            self._tagged_splits: set = set()
-            self.source_names = self._attach_sources(dataset, records)
-            tags = {split: self.source_names if split in self._tagged_splits else None for split in records}
+            tags = self._attach_sources(dataset, records)
             train_dataset = self.tokenize_split(records["train"], "train", tags["train"])
             eval_dataset = self.tokenize_split(records["validation"], "validation", tags["validation"]) \
                 if records.get("validation") else None
