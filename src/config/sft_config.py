@@ -22,7 +22,7 @@ from typing import Any, Optional, Union
 from src.config.loss_settings import check_loss_settings
 from src.data.chat_templates import parse_template_kwargs
 from src.data.loading import check_data_path
-from src.data.mixing import parse_mixture
+from src.data.mixing import parse_mixture, source_names
 from src.data.normalization import SWITCHES, ArabicNormalizer, build_normalizer
 from src.data.templates import check_template_settings, default_response_template
 from src.models.loading import bf16_supported
@@ -174,6 +174,9 @@ class BaseConfig:
         "needs evaluation_strategy 'steps' or 'epoch' and keeps the best checkpoint (load_best_model_at_end).",
         default=None)
     early_stopping_threshold: float = _help("Smallest eval_loss decrease that counts as an improvement.", default=0.0)
+    metric_for_best_model: Optional[str] = _help(
+        "What early stopping and load_best_model_at_end watch (lower is better): None/'eval_loss' (the whole validation "
+        "set), or one source of a datasets mixture, 'eval_<name>_loss' (its validation rows only).", default=None)
     use_liger_kernel: bool = _help(
         "Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (pip install -e '.[liger]'; CUDA GPUs only), applied by "
         "transformers when training starts. Liger's fused cross-entropy is left off: the loss stays ours "
@@ -207,6 +210,17 @@ class BaseConfig:
         self.validate()
 
     # -- validation ----------------------------------------------------------------------------------
+    def _check_best_metric(self, bad: Any) -> None:
+        """``metric_for_best_model``: eval_loss, or eval_<name>_loss of a source of the mixture."""
+        metric = self.metric_for_best_model
+        if metric is None or metric == "eval_loss":
+            return
+        names = source_names(parse_mixture(self.datasets)) if self.datasets is not None else []
+        if not (isinstance(metric, str) and metric.startswith("eval_") and metric.endswith("_loss")
+                and metric[len("eval_"):-len("_loss")] in names):
+            bad("metric_for_best_model", "None, 'eval_loss' or 'eval_<name>_loss' for a source of datasets ("
+                + (", ".join(f"eval_{n}_loss" for n in names) if names else "no datasets mixture is set") + ")")
+
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field whose value cannot work."""
 
@@ -229,6 +243,7 @@ class BaseConfig:
                 bad("datasets", "None when dataset_path is set (give one or the other)")
             for source in _ask("datasets", parse_mixture, self.datasets):
                 _ask("datasets", check_data_path, source.path)
+        self._check_best_metric(bad)
         if not isinstance(self.output_dir, str) or not self.output_dir.strip():
             bad("output_dir", "a directory path")
         if self.bf16 is True and self.fp16:

@@ -16,7 +16,8 @@ Arrow stream that ``datasets`` memory-maps, and ``meta.json``). The key is a BLA
   chat template, plus the prefix, end and suffix ids it gives for the template;
 - the prompt format (template, response template, end token and suffix, system prompt), the
   normalization settings, ``max_seq_length``, ``overlong_policy``, ``train_on_last_turn_only``, ``train_on_prompt``
-  (and its markup choice), ``packing``; per-message ``loss: false`` flags through the records;
+  (and its markup choice), ``packing``; per-message ``loss: false`` flags through the records; for a mixture, the
+  names of its sources (whose ids the ``sources`` column holds) and, through the records, each row's source;
 - ``CACHE_VERSION`` (bump it whenever the output of ``src/data`` tokenization, packing or loading
   changes) and the ``tokenizers``/``transformers`` versions.
 
@@ -62,7 +63,7 @@ from typing import Any
 import pyarrow.compute as pc
 from datasets import Dataset
 
-from src.data.arrow import PACKED_COLUMNS, UNPACKED_COLUMNS, features
+from src.data.arrow import column_names, features
 
 logger = logging.getLogger(__name__)
 
@@ -238,10 +239,11 @@ def normalization_description(normalize: Any) -> dict | None:
     return {"type": f"{type(normalize).__module__}.{type(normalize).__qualname__}", **to_dict()}
 
 
-def cache_settings(records: list[dict], example_tokenizer: Any, packing: bool,
-                   source: dict | None = None) -> tuple[dict | None, str]:
+def cache_settings(records: list[dict], example_tokenizer: Any, packing: bool, source: dict | None = None,
+                   source_names: list[str] | None = None) -> tuple[dict | None, str]:
     """The key's inputs as a dict, or (None, why the cache cannot be used). ``source`` describes records that are
-    read while tokenizing (a streamed file: its fingerprint and how it is split) instead of ``records``."""
+    read while tokenizing (a streamed file: its fingerprint and how it is split) instead of ``records``.
+    ``source_names``: a mixture's sources, in the order of the ids of the ``sources`` column (None: no mixture)."""
     import tokenizers
     import transformers
 
@@ -268,6 +270,8 @@ def cache_settings(records: list[dict], example_tokenizer: Any, packing: bool,
         **({"train_on_prompt": True, "train_on_prompt_markup": bool(et.train_on_prompt_markup)}
            if et.train_on_prompt else {}),
         "packing": bool(packing),
+        # (only for a mixture: the keys of runs without one stay what they were)
+        **({"sources": list(source_names)} if source_names is not None else {}),
         "libraries": {"tokenizers": tokenizers.__version__, "transformers": transformers.__version__},
     }, ""
 
@@ -286,10 +290,11 @@ class Lookup:
     found: tuple[Any, dict] | None
 
 
-def look_up(records: list[dict], example_tokenizer: Any, split: str, cache_dir: str, packing: bool) -> Lookup | None:
+def look_up(records: list[dict], example_tokenizer: Any, split: str, cache_dir: str, packing: bool,
+            source_names: list[str] | None = None) -> Lookup | None:
     """The entry for these records and settings, hit or miss (one log line either way); None, with a warning, when
     the cache cannot be used for them."""
-    settings, why_not = cache_settings(records, example_tokenizer, packing)
+    settings, why_not = cache_settings(records, example_tokenizer, packing, source_names=source_names)
     if settings is None:
         logger.warning("%s: dataset cache not used: %s", split, why_not)
         return None
@@ -354,11 +359,12 @@ def load_entry(entry: str, key: str, packing: bool, warn: bool = True) -> tuple[
         if problem is None:
             dataset = Dataset.from_file(data_path)
             counts = meta["counts"]
-            expected = list(PACKED_COLUMNS if packing else UNPACKED_COLUMNS)
+            sources = bool((meta.get("settings") or {}).get("sources"))  # a mixture's rows: a sources column
+            expected = list(column_names(packing, sources))
             rows = meta["num_rows"] if packing else counts["examples"]
             if dataset.column_names != expected or len(dataset) != rows or len(dataset) != meta["num_rows"]:
                 problem = f"it holds {len(dataset)} rows of {dataset.column_names}, expected {rows} of {expected}"
-            elif dataset.features != features(packing):
+            elif dataset.features != features(packing, sources):
                 problem = f"its column types {dataset.features} are not the expected ones"
             elif (pc.sum(dataset.data.column("length")).as_py() or 0) != counts["total_tokens"]:
                 problem = "its token count differs from the metadata"

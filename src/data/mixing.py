@@ -2,19 +2,26 @@
 
 A mixture is a list of sources, each ``{"path": ..., "weight": w}`` (or ``"fraction"``; the shares are
 normalised to sum to 1), optionally ``"split"`` ("train", the default, or "validation") and
-``"max_samples"`` (use at most this many rows of the source, taken by a seeded shuffle). The mixture has
+``"max_samples"`` (use at most this many rows of the source, taken by a seeded shuffle) and ``"name"`` (what the
+per-source figures call it: ``[A-Za-z0-9_-]+``, unique; by default the file's stem, made unique). The mixture has
 as many rows as the sources offer together (after ``max_samples``); each source contributes its share of
 that total, drawing its rows without replacement while it has enough and repeating them (a seeded
 shuffle each pass) when its share is larger than the source. Row counts are exact up to rounding
 (a 70/30 mix of 1,000 rows is 700/300), the order is a seeded shuffle, and rows of different shapes
 (instruction rows, conversations, text) mix freely.
+
+Every record of a mixture (the held-out validation rows included) carries its source's name under
+:data:`SOURCE_KEY`, which tokenization turns into a per-document source id: the loss is then reported per
+source (``eval_<name>_loss``, ``loss_<name>``; ``src.training.hf_trainer``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -24,6 +31,9 @@ from src.data.records import LoadReport
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation")
+# The record key that names a row's source in a mixture (what per-source losses group by); absent outside mixtures.
+SOURCE_KEY = "_source"
+SOURCE_NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
 
 
 @dataclass(frozen=True)
@@ -32,6 +42,27 @@ class MixtureSource:
     weight: float
     split: str = "train"
     max_samples: Optional[int] = None
+    name: Optional[str] = None  # as given; the name the figures use is source_names()'s
+
+
+def source_names(sources: list[MixtureSource]) -> list[str]:
+    """The name of each source in the per-source figures: its ``name``, else its file's stem with every character
+    outside ``[A-Za-z0-9_-]`` replaced by ``_``, made unique with ``_2``, ``_3``... (given names are unique already)."""
+    taken = {s.name for s in sources if s.name is not None}
+    names = []
+    for source in sources:
+        if source.name is not None:
+            names.append(source.name)
+            continue
+        stem = os.path.splitext(os.path.basename(source.path.rstrip("/\\")))[0]
+        base = re.sub(r"[^A-Za-z0-9_-]", "_", stem).strip("_") or "source"
+        name, n = base, 1
+        while name in taken:
+            n += 1
+            name = f"{base}_{n}"
+        taken.add(name)
+        names.append(name)
+    return names
 
 
 def parse_mixture(value: Any) -> list[MixtureSource]:
@@ -49,10 +80,10 @@ def parse_mixture(value: Any) -> list[MixtureSource]:
     for i, entry in enumerate(value):
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
             raise ValueError(f"datasets[{i}]: expected a mapping with a 'path'")
-        unknown = set(entry) - {"path", "weight", "fraction", "split", "max_samples"}
+        unknown = set(entry) - {"path", "weight", "fraction", "split", "max_samples", "name"}
         if unknown:
             raise ValueError(f"datasets[{i}]: unknown key(s) {sorted(unknown)}; expected path, weight or fraction, "
-                             "split, max_samples")
+                             "split, max_samples, name")
         if "weight" in entry and "fraction" in entry:
             raise ValueError(f"datasets[{i}]: give 'weight' or 'fraction', not both")
         weight = entry.get("weight", entry.get("fraction", 1.0))
@@ -64,7 +95,15 @@ def parse_mixture(value: Any) -> list[MixtureSource]:
         max_samples = entry.get("max_samples")
         if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1):
             raise ValueError(f"datasets[{i}]: max_samples={max_samples!r} is invalid: expected a positive integer")
-        sources.append(MixtureSource(entry["path"], float(weight), split, max_samples))
+        name = entry.get("name")
+        if name is not None and not (isinstance(name, str) and SOURCE_NAME_RE.fullmatch(name)):
+            raise ValueError(f"datasets[{i}].name={name!r} is invalid: expected letters, digits, '_' or '-' "
+                             "(it becomes part of metric names such as eval_<name>_loss)")
+        if name is not None and name in (s.name for s in sources):
+            first = next(j for j, s in enumerate(sources) if s.name == name)
+            raise ValueError(f"datasets[{i}].name={name!r} is invalid: datasets[{first}] has that name already; "
+                             "names must be unique")
+        sources.append(MixtureSource(entry["path"], float(weight), split, max_samples, name))
     return sources
 
 
@@ -119,6 +158,10 @@ def load_mixture(sources: list[MixtureSource], eval_source: Any = None, *, valid
             raise ValueError(f"datasets[{i}]: {source.path} has no {source.split!r} rows (it has {sorted(records)})")
         parts.append((cap_rows(rows, source.max_samples, seed + i), source.weight))
         reports.append((report, len(rows)))
+    names = source_names(sources)
+    for (rows, _), name in zip(parts, names):
+        for row in rows:  # the held-out validation rows keep it too: evaluation is reported per source
+            row[SOURCE_KEY] = name
     mixed, counts = mix_records(parts, seed)
     logger.info("Mixed %d training rows: %s", len(mixed),
                 ", ".join(f"{s.path} {n} ({n / len(mixed):.1%})" for s, n in zip(sources, counts)))

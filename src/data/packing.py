@@ -31,7 +31,7 @@ import torch
 from torch.nn.functional import pad
 from torch.nn.utils.rnn import pad_sequence
 
-from src.data.arrow import IGNORE_INDEX, dataset_from_batches, packed_batch
+from src.data.arrow import IGNORE_INDEX, SOURCES_COLUMN, dataset_from_batches, packed_batch
 
 
 def decreasing_order(lengths: Sequence[int]) -> list[int]:
@@ -131,14 +131,16 @@ def pack_examples(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 
 
 def packed_batches(input_ids: np.ndarray, labels: np.ndarray | None, lengths: np.ndarray, max_seq_length: int,
-                   rows_per_batch: int = 256, trained: np.ndarray | None = None) -> Iterator[Any]:
+                   rows_per_batch: int = 256, trained: np.ndarray | None = None,
+                   sources: np.ndarray | None = None) -> Iterator[Any]:
     """Pack examples given as flat ``input_ids``/``labels`` and their ``lengths`` into Arrow record batches.
 
     The rows are those of :func:`pack_examples` (best-fit decreasing, then balanced); each row holds its
     examples in bin order with their own ``position_ids`` from 0 and the first label of every example set
     to -100, as :func:`pack_dataset` documents. Built with numpy gathers, ``rows_per_batch`` rows at a time.
     Instead of ``labels``, a boolean ``trained`` mask may be given: labels are then the ids where it is
-    set and -100 elsewhere (a quarter of the memory while everything waits to be packed).
+    set and -100 elsewhere (a quarter of the memory while everything waits to be packed). ``sources`` (a mixture:
+    the source id of every example) gives each row the ids of its examples, in row order (the ``sources`` column).
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     if len(lengths) and lengths.min() <= 0:
@@ -164,7 +166,7 @@ def packed_batches(input_ids: np.ndarray, labels: np.ndarray | None, lengths: np
         lab[member_out] = IGNORE_INDEX  # nothing is trained across a seam
         positions = np.arange(total) - np.repeat(member_out, member_lengths)
         row_lengths = np.add.reduceat(member_lengths, np.concatenate(([0], np.cumsum(sizes[:-1]))))
-        yield packed_batch(ids, lab, positions, row_lengths, sizes)
+        yield packed_batch(ids, lab, positions, row_lengths, sizes, None if sources is None else sources[members])
 
 
 def pack_dataset(dataset: Any, max_seq_length: int) -> Any:
@@ -199,6 +201,11 @@ class SFTDataCollator:
     too (hybrid linear-attention models, ``src.models.architectures``), that row also carries its documents'
     boundaries as transformers' kernels take them: ``cu_seq_lens_q``/``_k`` (int32 offsets), ``max_length_q``/``_k``
     and ``seq_idx`` (int32, the document index of each token, for causal-conv1d).
+
+    Rows of a mixture (a ``sources`` column: each document's source id) also give ``source_ids``, the source of every
+    token (a document's id over its tokens, found by the restarts of ``position_ids`` in packed rows; 0 on padding,
+    which is never trained), shaped like ``labels``. It is for the loss per source only: the trainer takes it out of
+    the batch before the model's forward (``src.training.hf_trainer``).
     """
 
     pad_token_id: int
@@ -208,9 +215,12 @@ class SFTDataCollator:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         packed = "position_ids" in features[0]
+        sources = SOURCES_COLUMN in features[0]
         if packed and self.flatten_packed:
             batch = {key: torch.tensor([[v for f in features for v in f[key]]], dtype=torch.long)
                      for key in ("input_ids", "labels", "position_ids")}
+            if sources:
+                batch["source_ids"] = torch.cat([token_sources(f) for f in features]).unsqueeze(0)
             return {**batch, **document_boundaries(batch["position_ids"])} if self.boundaries else batch
         longest = max(len(f["input_ids"]) for f in features)
         if self.pad_to_multiple_of:
@@ -229,7 +239,23 @@ class SFTDataCollator:
         else:
             lengths = torch.tensor([len(f["input_ids"]) for f in features])
             batch["attention_mask"] = (torch.arange(longest)[None, :] < lengths[:, None]).long()
+        if sources:
+            batch["source_ids"] = torch.stack([pad(token_sources(f), (0, longest - len(f["input_ids"])))
+                                               for f in features])
         return batch
+
+
+def token_sources(row: dict[str, Any]) -> torch.Tensor:
+    """The source id of every token of a tokenized row (its ``sources``: one id per document, in order): a packed
+    row's documents start where its ``position_ids`` restart at 0; an unpacked row is one document."""
+    ids = torch.as_tensor(row[SOURCES_COLUMN], dtype=torch.long)
+    if "position_ids" not in row:
+        return ids[:1].expand(len(row["input_ids"])).clone()
+    document = torch.cumsum(torch.as_tensor(row["position_ids"], dtype=torch.long).eq(0), 0) - 1
+    if int(document[0]) < 0 or int(document[-1]) + 1 != len(ids):
+        raise ValueError(f"a packed row holds {int(document[-1]) + 1} documents by its position_ids but "
+                         f"{len(ids)} source ids")
+    return ids[document]
 
 
 def document_boundaries(position_ids: torch.Tensor) -> dict[str, Any]:

@@ -33,8 +33,9 @@ from src.data.cache import (
     new_entry_dir,
     warn_unusable,
 )
+from src.data.mixing import SOURCE_KEY
 from src.data.packing import packed_batches
-from src.data.tokenization import ExampleTokenizer, _Chunk, drop_reason
+from src.data.tokenization import DROPPED, ExampleTokenizer, _Chunk, drop_reason
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def apply_counts(report: TokenizeReport, split: str, counts: dict[str, int], exa
 def tokenize_records(
     records: list[dict], example_tokenizer: ExampleTokenizer, split: str, report: TokenizeReport | None = None,
     batch_size: int = 1000, *, packing: bool = False, cache_dir: str | os.PathLike | None = None,
-    num_threads: int | None = None,
+    num_threads: int | None = None, source_names: list[str] | None = None,
 ) -> Dataset:
     """Tokenize validated records into a ``datasets.Dataset`` with ``input_ids``, ``labels``, ``length``.
 
@@ -108,41 +109,71 @@ def tokenize_records(
     ``packing`` and the code version (:mod:`src.data.cache`); an unchanged second run memory-maps it and
     restores ``report`` exactly, without tokenizing. Without ``cache_dir`` the result is an in-memory
     Arrow table. ``num_threads``: tokenizer threads (None: CPU count, at most 4).
+
+    ``source_names`` (a mixture, :mod:`src.data.mixing`): every record names its source under ``_source``; the rows
+    get a ``sources`` column (each document's index in ``source_names``) and the cache key both the names and, through
+    the records, the tagging. None (every run without a mixture): no such column, the key as before.
     """
     report = report if report is not None else TokenizeReport()
-    options = {"packing": packing, "batch_size": batch_size, "num_threads": num_threads}
+    options = {"packing": packing, "batch_size": batch_size, "num_threads": num_threads,
+               "sources": record_sources(records, source_names, split) if source_names is not None else None}
     if cache_dir is not None:
-        dataset = _tokenize_cached(records, example_tokenizer, split, report, os.fspath(cache_dir), **options)
+        dataset = _tokenize_cached(records, example_tokenizer, split, report, os.fspath(cache_dir), source_names,
+                                   **options)
         if dataset is not None:
             return dataset
     return _tokenize_in_memory(records, example_tokenizer, split, report, **options)
 
 
+def record_sources(records: list[dict], source_names: list[str], split: str) -> np.ndarray:
+    """The index in ``source_names`` of every record's ``_source`` (int32); a record without one is an error."""
+    index = {name: i for i, name in enumerate(source_names)}
+    out = np.empty(len(records), dtype=np.int32)
+    for i, record in enumerate(records):
+        name = record.get(SOURCE_KEY)
+        if name not in index:
+            raise ValueError(f"{split} row {i}: its source {name!r} is not one of the mixture's sources {source_names}")
+        out[i] = index[name]
+    return out
+
+
 def _tokenize_in_memory(records: list[dict], example_tokenizer: ExampleTokenizer, split: str, report: TokenizeReport,
                         **options: Any) -> Dataset:
-    sink = ArrowSink(None, packed=options["packing"])
+    sink = ArrowSink(None, packed=options["packing"], sources=options["sources"] is not None)
     counts = write_tokenized(records, example_tokenizer, split, sink, **options)
     apply_counts(report, split, counts, example_tokenizer, len(records))
     return sink.dataset()
 
 
 def write_tokenized(records: list[dict], example_tokenizer: ExampleTokenizer, split: str, sink: ArrowSink, *,
-                    packing: bool, batch_size: int = 1000, num_threads: int | None = None) -> dict[str, int]:
-    """Tokenize ``records`` into ``sink`` (packed or not); return the report counts of this split."""
+                    packing: bool, batch_size: int = 1000, num_threads: int | None = None,
+                    sources: np.ndarray | None = None) -> dict[str, int]:
+    """Tokenize ``records`` into ``sink`` (packed or not); return the report counts of this split. ``sources``: the
+    source id of every record (a mixture), written as the rows' ``sources`` column."""
     counts = empty_counts()
     pending = _PackingBuffer(len(records)) if packing else None
+    kept_sources: list[np.ndarray] = []
+    first = 0  # the chunk's first record
     for chunk in example_tokenizer.tokenize_chunks(records, split, batch_size, num_threads, progress=len(records) > 5000):
         chunk.count_into(counts)
+        chunk_sources = None
+        if sources is not None:
+            chunk_sources = sources[first : first + len(chunk.status)][chunk.status != DROPPED]
+        first += len(chunk.status)
         if not len(chunk.lengths):
             continue
         if pending is not None:
             pending.add(chunk)
+            if chunk_sources is not None:
+                kept_sources.append(chunk_sources)
         else:
-            sink.write(unpacked_batch(chunk.input_ids, chunk.labels, chunk.lengths))
+            sink.write(unpacked_batch(chunk.input_ids, chunk.labels, chunk.lengths, chunk_sources))
     if pending is not None and counts["examples"]:
         input_ids, trained, lengths = pending.arrays()
         del pending
-        for batch in packed_batches(input_ids, None, lengths, example_tokenizer.max_seq_length, trained=trained):
+        example_sources = np.concatenate(kept_sources) if sources is not None else None
+        for batch in packed_batches(input_ids, None, lengths, example_tokenizer.max_seq_length, trained=trained,
+                                    sources=example_sources):
             sink.write(batch)
     return counts
 
@@ -184,9 +215,9 @@ class _PackingBuffer:
 
 
 def _tokenize_cached(records: list[dict], example_tokenizer: ExampleTokenizer, split: str, report: TokenizeReport,
-                     cache_dir: str, **options: Any) -> Dataset | None:
+                     cache_dir: str, source_names: list[str] | None, **options: Any) -> Dataset | None:
     """Memory-map a verified entry, or build one atomically; None (after a warning) when the cache cannot be used."""
-    lookup = look_up(records, example_tokenizer, split, cache_dir, options["packing"])
+    lookup = look_up(records, example_tokenizer, split, cache_dir, options["packing"], source_names)
     if lookup is None:
         return None
     if lookup.found is not None:
@@ -210,7 +241,7 @@ def _build_entry(records: list[dict], example_tokenizer: ExampleTokenizer, split
     packing = options["packing"]
     tmp = new_entry_dir(cache_dir, lookup.key)
     try:
-        sink = ArrowSink(os.path.join(tmp, DATA_FILE), packed=packing)
+        sink = ArrowSink(os.path.join(tmp, DATA_FILE), packed=packing, sources=options["sources"] is not None)
         try:
             counts = write_tokenized(records, example_tokenizer, split, sink, **options)
         except BaseException:

@@ -24,6 +24,10 @@ It overrides only what must change:
   empty history).
 - reloading a checkpoint (resume, best checkpoint) does not warn about the tied LM head it never holds
   (``lm_head.weight`` of a model with ``tie_word_embeddings``): only missing keys that are really missing.
+- a mixture's rows (``source_names``, ``src.data.mixing``) keep their ``sources`` column, whose per-token expansion
+  (``source_ids``) is taken out of every batch before the model sees it: ``evaluate`` adds
+  ``eval_<name>_loss``/``_perplexity``/``_tokens`` per source and each training log line ``loss_<name>``, token-weighted
+  sums over the steps since the last line, divided once, over all ranks (``losses.SFTLoss.per_source``).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from transformers.trainer_utils import rotate_checkpoints
 
+from src.data.arrow import SOURCES_COLUMN
 from src.models.architectures import unwrap_model
 from src.training.guards import check_finite_weights
 from src.training.losses import SFTLoss, safe_perplexity, token_loss_sum
@@ -52,7 +57,8 @@ class SFTHFTrainer(Trainer):
     # Set per call in compute_loss: True when the loss was divided by num_items_in_batch.
     loss_is_scaled_for_ga = None
 
-    def __init__(self, *args: Any, owner: Any, sft_loss: SFTLoss, **kwargs: Any):
+    def __init__(self, *args: Any, owner: Any, sft_loss: SFTLoss, source_names: Optional[list[str]] = None,
+                 **kwargs: Any):
         # compute_loss_func: the hook that makes the Trainer count num_items_in_batch for every
         # accumulated batch, whatever the model's forward signature. Our compute_loss calls the owner.
         super().__init__(*args, compute_loss_func=_HookSignature(sft_loss), **kwargs)
@@ -74,6 +80,28 @@ class SFTHFTrainer(Trainer):
         self._training = False
         self.add_callback(_KeepStepZeroEval(self))
         _defer_tensorboard(self)
+        # A mixture's sources (None: no loss per source). Training: this process's float64 loss sums and trained-token
+        # counts per source since the last log line (_source_window) and since train() began (_source_run); after
+        # train(), ``source_train_losses``: each source's token-weighted training loss over the run, all ranks.
+        self.source_names = list(source_names) if source_names else None
+        self._source_window: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._source_run: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.source_train_losses: Optional[dict[str, dict[str, float]]] = None
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """The model's forward arguments, plus a mixture's ``sources`` column: the collator turns it into the
+        ``source_ids`` that compute_loss takes out of the batch (the stock Trainer drops every other column)."""
+        super()._set_signature_columns_if_needed()
+        if self.source_names and SOURCES_COLUMN not in self._signature_columns:
+            self._signature_columns.append(SOURCES_COLUMN)
+
+    def _take_sources(self, inputs: Any) -> tuple[Any, Optional[torch.Tensor]]:
+        """``inputs`` without ``source_ids`` (the model never sees them), and the ``source_ids`` of a mixture's batch."""
+        if "source_ids" not in inputs:
+            return inputs, None
+        source_ids = inputs["source_ids"]
+        inputs = {k: v for k, v in inputs.items() if k != "source_ids"}
+        return inputs, source_ids if self.source_names else None
 
     @property
     def engine(self) -> str:
@@ -119,10 +147,29 @@ class SFTHFTrainer(Trainer):
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         self._training = True
+        self._source_window = self._source_run = None
         try:
-            return super().train(*args, **kwargs)
+            result = super().train(*args, **kwargs)
         finally:
             self._training = False
+        if self.source_names:  # every rank gets here (a collective): the run's loss per source
+            sums, counts = self._reduced_sources(self._source_run)
+            self.source_train_losses = {name: {"loss": sums[i] / counts[i], "tokens": counts[i]}
+                                        for i, name in enumerate(self.source_names) if counts[i]}
+        return result
+
+    def _reduced_sources(self, totals: Optional[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list[float], list[int]]:
+        """Per-source sums and counts added over ranks (zeros where this process has none): every rank calls it."""
+        n = len(self.source_names)
+        sums, counts = totals if totals is not None else (torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.long))
+        sums = self.accelerator.reduce(sums.to(self.args.device), "sum")
+        counts = self.accelerator.reduce(counts.to(self.args.device), "sum")
+        return sums.tolist(), [int(c) for c in counts.tolist()]
+
+    def _add_sources(self, sums: torch.Tensor, counts: torch.Tensor) -> None:
+        for name in ("_source_window", "_source_run"):
+            total = getattr(self, name)
+            setattr(self, name, (sums, counts) if total is None else (total[0] + sums, total[1] + counts))
 
     def _issue_warnings_after_load(self, load_result: Any) -> None:
         """The stock warning about a checkpoint's missing and unexpected keys, less the keys that are missing by
@@ -139,8 +186,12 @@ class SFTHFTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         micro_batches = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
         self.sft_loss.last_aux = None
-        with self.sft_loss.accumulated_tokens(num_items_in_batch, self.data_parallel_scale(), micro_batches) as step:
+        inputs, source_ids = self._take_sources(inputs)
+        with self.sft_loss.accumulated_tokens(num_items_in_batch, self.data_parallel_scale(), micro_batches) as step, \
+                self.sft_loss.per_source(source_ids, len(self.source_names or ())):
             result = self.owner.compute_loss(model, inputs, return_outputs)
+        if self.sft_loss.last_sources is not None and model.training:
+            self._add_sources(*self.sft_loss.last_sources)
         # A compute_loss override that returns its own per-micro-batch mean (it never reached the loss
         # object) gets the stock division by the accumulation steps in training_step.
         self.loss_is_scaled_for_ga = step.calls > 0
@@ -157,6 +208,11 @@ class SFTHFTrainer(Trainer):
             steps = max(1, self.state.global_step - self._aux_logged_step)
             logs["aux_loss"] = self.accelerator.reduce(self._aux_sum.to(self.args.device), "mean").item() / steps
             self._aux_sum, self._aux_logged_step = None, self.state.global_step
+        if "loss" in logs and self.source_names and self._training:
+            # each source's trained-token loss since the last line: sums and counts over steps and ranks, divided once
+            window, self._source_window = self._source_window, None
+            sums, counts = self._reduced_sources(window)
+            logs.update({f"loss_{name}": sums[i] / counts[i] for i, name in enumerate(self.source_names) if counts[i]})
         super().log(logs, start_time)
 
     def _get_train_sampler(self, train_dataset=None):
@@ -236,15 +292,22 @@ class SFTHFTrainer(Trainer):
         start = time.time()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.args.device)
         tokens = torch.zeros((), dtype=torch.long, device=self.args.device)
+        n_sources = len(self.source_names or ())
+        source_sums = torch.zeros(n_sources, dtype=torch.float64, device=self.args.device)
+        source_tokens = torch.zeros(n_sources, dtype=torch.long, device=self.args.device)
         samples = 0
         steps = 0
         for batch, filler in dataloader:
-            batch = self._prepare_inputs(batch)
+            batch, source_ids = self._take_sources(self._prepare_inputs(batch))
             # accelerate.autocast: the bare module is not wrapped in mixed precision until training starts.
-            with self.compute_loss_context_manager(), self.accelerator.autocast():
+            with self.compute_loss_context_manager(), self.accelerator.autocast(), \
+                    self.sft_loss.per_source(source_ids, n_sources):
                 batch_sum, batch_tokens, _ = self.sft_loss.sums(model, batch)
             loss_sum += batch_sum.double()
             tokens += batch_tokens
+            if self.sft_loss.last_sources is not None:
+                source_sums += self.sft_loss.last_sources[0].to(source_sums.device)
+                source_tokens += self.sft_loss.last_sources[1].to(source_tokens.device)
             if not filler:
                 samples += int(batch["labels"].shape[0])
                 steps += 1
@@ -257,6 +320,7 @@ class SFTHFTrainer(Trainer):
             f"{metric_key_prefix}_loss": loss,
             f"{metric_key_prefix}_perplexity": safe_perplexity(loss),
             f"{metric_key_prefix}_tokens": int(tokens.item()),
+            **self._source_metrics(source_sums, source_tokens, metric_key_prefix),
             f"{metric_key_prefix}_runtime": round(runtime, 4),
             f"{metric_key_prefix}_samples_per_second": round(n_examples / runtime, 3) if runtime > 0 else float("inf"),
             f"{metric_key_prefix}_steps_per_second": round(steps / runtime, 3) if runtime > 0 else float("inf"),
@@ -269,6 +333,21 @@ class SFTHFTrainer(Trainer):
             self._eval_before_training = dict(self.state.log_history[-1])  # the untrained model on the validation split
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         self._memory_tracker.stop_and_update_metrics(metrics)
+        return metrics
+
+
+    def _source_metrics(self, sums: torch.Tensor, tokens: torch.Tensor, prefix: str) -> dict[str, float]:
+        """``<prefix>_<name>_loss``, ``_perplexity`` and ``_tokens`` of every source with trained tokens in the
+        evaluated rows (sums and counts over all ranks, divided once); nothing without a mixture."""
+        if not self.source_names:
+            return {}
+        sums, tokens = self._reduced_sources((sums, tokens))
+        metrics: dict[str, float] = {}
+        for i, name in enumerate(self.source_names):
+            if tokens[i]:
+                loss = sums[i] / tokens[i]
+                metrics.update({f"{prefix}_{name}_loss": loss, f"{prefix}_{name}_perplexity": safe_perplexity(loss),
+                                f"{prefix}_{name}_tokens": tokens[i]})
         return metrics
 
 

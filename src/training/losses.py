@@ -25,6 +25,13 @@ Evaluation (``SFTHFTrainer.evaluate``) calls hop 4 directly and adds the sums an
 ``loss_type="full_logits"`` (and ``return_outputs=True``) replaces hops 4-6 by the model's real logits and
 :func:`token_loss_sum`.
 
+Loss per data source (a mixture, ``src.data.mixing``): the batch's ``source_ids`` (the source of every token, from the
+collator) never reach the model: hop 1 (or ``evaluate``) takes them out of the batch and opens
+``loss.per_source(source_ids, n)`` around the call, and hop 5 (or :meth:`SFTLoss._full_logits`) adds the very
+per-token losses whose sum is ``loss_sum`` into one float64 sum and one count per source (``index_add_`` and
+``bincount`` over the trained positions: no extra forward, nothing without a mixture), left in
+``loss.last_sources``. Summed over sources they are the batch's ``loss_sum`` and trained-token count.
+
 Why the sum leaves as the head's output instead of a separate return value (``outputs.loss`` as TRL patches it):
 backward must enter the head through its output, where the hooks of engines that shard parameters (ZeRO-3, FSDP)
 gather the head's weight again, and DDP's unused-parameter search walks the graph from the outputs. Why the
@@ -106,6 +113,22 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return loss_sum, shifted.ne(IGNORE_INDEX).sum()
 
 
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy (float32) of every position (0 where not trained), flat, and the shifted labels."""
+    shifted = shift_labels(labels).to(logits.device).reshape(-1)
+    losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), shifted, ignore_index=IGNORE_INDEX,
+                             reduction="none")
+    return losses, shifted
+
+
+def per_source_sums(losses: torch.Tensor, sources: torch.Tensor, n_sources: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 sum of ``losses`` and their count per source id (``sources``, aligned with ``losses``)."""
+    sources = sources.to(losses.device, torch.long)
+    sums = torch.zeros(n_sources, dtype=torch.float64, device=losses.device)
+    sums.index_add_(0, sources, losses.detach().double())
+    return sums, torch.bincount(sources, minlength=n_sources)
+
+
 def safe_perplexity(loss: float) -> float:
     """exp(loss) without OverflowError: losses above ~709 give ``inf``."""
     try:
@@ -141,6 +164,22 @@ class SFTLoss:
         # trainer from the model's own router_aux_loss_coef (src.models.architectures) or the config's override.
         self.router_aux_coef = 0.0
         self.last_aux: Optional[torch.Tensor] = None  # the router loss of the last call (detached), for logging
+        # Loss per data source (see the module docstring): (source id of every token, number of sources) for the calls
+        # inside per_source(), and the (float64 loss sums, trained-token counts) per source of the last such call.
+        self._sources: Optional[tuple[torch.Tensor, int]] = None
+        self.last_sources: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    @contextlib.contextmanager
+    def per_source(self, source_ids: Optional[torch.Tensor], n_sources: int) -> Iterator[None]:
+        """Inside the block, each call also leaves its loss sum and trained tokens per source in ``last_sources``;
+        ``source_ids`` (shaped like the labels) gives the source of every token. ``None``: nothing per source."""
+        previous = self._sources
+        self._sources = (source_ids, n_sources) if source_ids is not None else None
+        self.last_sources = None
+        try:
+            yield
+        finally:
+            self._sources = previous
 
     @contextlib.contextmanager
     def accumulated_tokens(self, num_items_in_batch: Any, scale: float = 1.0, micro_batches: int = 1) -> Iterator[_Step]:
@@ -161,7 +200,7 @@ class SFTLoss:
         """The loss of one batch. ``return_outputs=True`` computes full logits so ``outputs.logits`` is real."""
         router = {"output_router_logits": True} if self.router_aux_coef else {}
         if return_outputs:
-            loss_sum, num_tokens, outputs = full_logits_sums(model, inputs, router)
+            loss_sum, num_tokens, outputs = self._full_logits(model, inputs, router)
         else:
             loss_sum, num_tokens, outputs = self.sums(model, inputs, router)
         step = self._step
@@ -186,12 +225,26 @@ class SFTLoss:
     def sums(self, model: Any, inputs: dict, extra: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
         raise NotImplementedError
 
+    def _full_logits(self, model: Any, inputs: dict, extra: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """:func:`full_logits_sums`; inside :meth:`per_source`, from per-token losses, also summed per source."""
+        if self._sources is None:
+            return full_logits_sums(model, inputs, extra)
+        outputs = model(**_model_inputs(inputs, extra))
+        losses, shifted = token_losses(outputs.logits, inputs["labels"])
+        trained = shifted.ne(IGNORE_INDEX)
+        source_ids, n_sources = self._sources
+        sources = shift_labels(source_ids).to(losses.device).reshape(-1)
+        self.last_sources = per_source_sums(losses[trained], sources[trained], n_sources)
+        return losses.sum(), trained.sum(), outputs
+
 
 def _model_inputs(inputs: dict, extra: Optional[dict] = None) -> dict:
     # No labels (the model would compute its own loss on full logits), no KV cache (packed rows are
     # isolated only when no cache is built), and not the "skip_logits" that transformers' evaluation adds
-    # under use_liger_kernel for liger's fused loss, which we leave off. ``extra``: output_router_logits for MoE.
-    return {**{k: v for k, v in inputs.items() if k not in ("labels", "skip_logits")}, "use_cache": False, **(extra or {})}
+    # under use_liger_kernel for liger's fused loss, which we leave off, nor a mixture's "source_ids" (the loss per
+    # source reads them; hf_trainer takes them out before this). ``extra``: output_router_logits for MoE.
+    return {**{k: v for k, v in inputs.items() if k not in ("labels", "skip_logits", "source_ids")}, "use_cache": False,
+            **(extra or {})}
 
 
 def full_logits_sums(model: Any, inputs: dict, extra: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
@@ -206,7 +259,7 @@ class FullLogitsLoss(SFTLoss):
     name = "full_logits"
 
     def sums(self, model: Any, inputs: dict, extra: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        return full_logits_sums(model, inputs, extra)
+        return self._full_logits(model, inputs, extra)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -221,10 +274,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     the hidden-state gradient and the weight (and bias) gradient, accumulated in float32. Only one chunk's logits
     exist at a time, nothing of them is kept for backward, and the head is never run twice; backward only scales
     the stored gradients by the incoming one. The weight gradient buffer exists only when the weight is trained.
+    ``token_out`` (a float32 vector as long as ``targets``, or None) receives each row's loss, the very values summed.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, compute_dtype, grad_enabled):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, compute_dtype, grad_enabled, token_out=None):
         need_hidden, need_weight = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
         need_bias = grad_enabled and bias is not None and ctx.needs_input_grad[2]
         # float32 buffers: the step's scale (1/trained tokens) is applied in backward before any rounding
@@ -245,7 +299,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 shifted = logits.sub_(logits.amax(dim=-1, keepdim=True))
                 target = shifted.gather(1, index).squeeze(1)
                 sum_exp = shifted.exp_().sum(dim=-1)
-                loss_sum += ((sum_exp.log() - target) * valid).sum()
+                losses = (sum_exp.log() - target) * valid
+                loss_sum += losses.sum()
+                if token_out is not None:
+                    token_out[start:start + chunk_size] = losses
                 if not (need_hidden or need_weight or need_bias):
                     continue
                 grad = shifted.div_(sum_exp.unsqueeze(1))  # softmax
@@ -276,7 +333,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None
         scale = grad_output.to(torch.float32)
         return (*(None if g is None else g.mul_(scale).to(dtype) for g, dtype in zip(grads, ctx.dtypes)),
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def _plain_linear(module: Any) -> bool:
@@ -300,14 +357,16 @@ class _TrainedPositionsHead:
 
     def __init__(self, original_forward: Any):
         self.original_forward = original_forward
-        # (shift labels, chunk_size, row_multiple, fused) of the pending loss (see TrainedTokensLoss)
-        self.pending: Optional[tuple[torch.Tensor, int, int, bool]] = None
+        # (shift labels, chunk_size, row_multiple, fused, (shifted source ids, number of sources) or None) of the
+        # pending loss (see TrainedTokensLoss)
+        self.pending: Optional[tuple[torch.Tensor, int, int, bool, Optional[tuple[torch.Tensor, int]]]] = None
         self.result: Optional[torch.Tensor] = None  # the trained-token count of the last loss
+        self.source_result: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # its sums and counts per source
 
     def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.pending is None:
             return self.original_forward(hidden_states, *args, **kwargs)
-        labels, chunk_size, row_multiple, fused = self.pending
+        labels, chunk_size, row_multiple, fused, sources = self.pending
         self.pending = None
         flat_labels = labels.to(hidden_states.device).reshape(-1)
         if flat_labels.numel() != hidden_states.shape[:-1].numel():
@@ -325,25 +384,36 @@ class _TrainedPositionsHead:
         if positions.numel() > n:
             targets[n:] = IGNORE_INDEX
         module = getattr(self.original_forward, "__self__", None)
+        # a mixture: the loss of every trained row is kept, to be added up per source (_leave)
+        token_out = None if sources is None else torch.zeros(targets.numel(), dtype=torch.float32, device=hidden.device)
         if fused and _plain_linear(module):
             device = hidden.device.type
             compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
             loss_sum = _LinearCrossEntropy.apply(hidden, module.weight, module.bias, targets, chunk_size, compute_dtype,
-                                                 torch.is_grad_enabled())
-            return self._leave(hidden_states, loss_sum, n)
+                                                 torch.is_grad_enabled(), token_out)
+            return self._leave(hidden_states, loss_sum, n, sources, positions, token_out)
         chunks = range(0, max(targets.numel(), 1), chunk_size)  # one (empty) chunk when nothing is trained: every parameter gets a grad
         loss_sum = None
+        chunk_loss = self._chunk_loss if token_out is None else self._chunk_token_losses
         for start in chunks:
             args_ = (hidden[start:start + chunk_size], targets[start:start + chunk_size])
             if len(chunks) > 1 and torch.is_grad_enabled():
-                part = checkpoint(self._chunk_loss, *args_, use_reentrant=False)
+                part = checkpoint(chunk_loss, *args_, use_reentrant=False)
             else:
-                part = self._chunk_loss(*args_)
+                part = chunk_loss(*args_)
+            if token_out is not None:
+                part, losses = part
+                token_out[start:start + losses.numel()] = losses.detach()
             loss_sum = part if loss_sum is None else loss_sum + part
-        return self._leave(hidden_states, loss_sum, n)
+        return self._leave(hidden_states, loss_sum, n, sources, positions, token_out)
 
-    def _leave(self, hidden_states: torch.Tensor, loss_sum: torch.Tensor, n: int) -> torch.Tensor:
+    def _leave(self, hidden_states: torch.Tensor, loss_sum: torch.Tensor, n: int, sources: Any = None,
+               positions: Any = None, token_out: Any = None) -> torch.Tensor:
         self.result = torch.tensor(n, device=loss_sum.device)
+        if sources is not None:
+            source_ids, n_sources = sources
+            trained_sources = source_ids.to(token_out.device).reshape(-1).index_select(0, positions[:n])
+            self.source_result = per_source_sums(token_out[:n], trained_sources, n_sources)
         # The loss leaves through the head's (and the model's) output, one float32 value per position: the
         # caller reads it there, so backward enters the head through its output, where the hooks of engines
         # that shard parameters (ZeRO-3, FSDP) gather the head's weight again before it is needed.
@@ -352,6 +422,12 @@ class _TrainedPositionsHead:
     def _chunk_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self.original_forward(hidden)
         return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+    def _chunk_token_losses(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_chunk_loss` from the loss of every row, which it returns too (a mixture's loss per source)."""
+        logits = self.original_forward(hidden)
+        losses = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
+        return losses.sum(), losses.detach()
 
 
 class TrainedTokensLoss(SFTLoss):
@@ -407,9 +483,10 @@ class TrainedTokensLoss(SFTLoss):
     def sums(self, model: Any, inputs: dict, extra: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
         head = self.head(model)
         if head is None:
-            return full_logits_sums(model, inputs, extra)
-        head.pending = (shift_labels(inputs["labels"]), self.chunk_size, self.row_multiple, self.fused)
-        head.result = None
+            return self._full_logits(model, inputs, extra)
+        sources = None if self._sources is None else (shift_labels(self._sources[0]), self._sources[1])
+        head.pending = (shift_labels(inputs["labels"]), self.chunk_size, self.row_multiple, self.fused, sources)
+        head.result, head.source_result = None, None
         try:
             outputs = model(**_model_inputs(inputs, extra))
         finally:
@@ -418,6 +495,8 @@ class TrainedTokensLoss(SFTLoss):
             raise RuntimeError("trained-tokens loss: the model's forward never called its output-embedding module; "
                                "use loss_type='full_logits' for this model")
         num_tokens, head.result = head.result, None
+        if sources is not None:
+            self.last_sources, head.source_result = head.source_result, None
         return outputs.logits.reshape(-1)[0], num_tokens, outputs
 
 

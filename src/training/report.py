@@ -290,6 +290,18 @@ def model_card(metadata: dict[str, Any], metrics: dict[str, float], has_plot: bo
         *[f"| {k} | {_fmt(v)} |" for k, v in sorted(metrics.items())],
         "",
     ]
+    per_source = metadata.get("per_source")
+    if per_source:  # a mixture: src.training.hf_trainer computes these from the per-token losses
+        lines += ["## Loss per data source", "",
+                  "Trained-token cross-entropy of each source of the mixture: training over the whole run, evaluation on "
+                  "its validation rows with the final model (token-weighted, so the sources recombine into the overall "
+                  "loss).", "",
+                  "| source | file | train loss | train tokens | eval loss | eval perplexity | eval tokens |",
+                  "|---|---|---|---|---|---|---|",
+                  *[f"| {name} | {_code(display_name(f.get('path'))) if f.get('path') else '—'} | {_fmt(f.get('train_loss'))} "
+                    f"| {_fmt(f.get('train_tokens'))} | {_fmt(f.get('eval_loss'))} | {_fmt(f.get('eval_perplexity'))} "
+                    f"| {_fmt(f.get('eval_tokens'))} |" for name, f in per_source.items()],
+                  ""]
     language = metadata.get("language_consistency")
     if language:
         lines += ["## Arabic language consistency", "",

@@ -22,6 +22,7 @@ from src.config import SFTConfig
 from src.data.chat_templates import split_reasoning
 from src.data.language import answer_language, check_foreign_script_rate, describe_language, language_metrics, language_summary
 from src.data.loading import load_records
+from src.data.mixing import SOURCE_KEY, SOURCE_NAME_RE, parse_mixture, source_names
 from src.data.normalization import SWITCHES
 from src.data.packing import SFTDataCollator, padding_efficiency
 from src.data.preprocess import TokenizeReport, tokenize_records
@@ -62,6 +63,7 @@ class SFTTrainer(BaseTrainer):
         self.language_consistency: Optional[dict] = None  # of the last generation-based evaluation (src.data.language)
         self.attention = None  # the AttentionChoice of the last create_trainer (src.training.attention)
         self._layout: Optional[tuple[tuple, PackedLayout]] = None  # (model, packing, attention) -> layout
+        self.source_names: Optional[List[str]] = None  # a mixture's sources, in the ids' order (loss per source)
 
     def packed_layout(self) -> PackedLayout:
         """How this run lays out its rows for its model (``src.models.architectures.plan_packed_layout``): packed rows,
@@ -106,18 +108,47 @@ class SFTTrainer(BaseTrainer):
         self.load_report = self.dataset.load_report
         return self.dataset
 
-    def tokenize_split(self, records: List[dict], split: str) -> Any:
+    def tokenize_split(self, records: List[dict], split: str, source_names: Optional[List[str]] = None) -> Any:
         """Records -> tokenized (and, with packing, packed) ``datasets.Dataset``.
 
         With a dataset cache (``config.dataset_cache_dir``), an unchanged split (same records, tokenizer and
         settings) is memory-mapped from disk instead of tokenized again; under torchrun the main process
-        tokenizes first and the other ranks then read its cache entry.
+        tokenizes first and the other ranks then read its cache entry. ``source_names`` (a mixture's records, each
+        naming its source under ``_source``): the rows get the ``sources`` column of the loss per source.
         """
         self.tokenize_report = self.tokenize_report or TokenizeReport()
         cache_dir = self.config.resolved_dataset_cache_dir
         with main_process_first() if cache_dir else contextlib.nullcontext():
             return tokenize_records(records, self.example_tokenizer(), split, self.tokenize_report,
-                                    packing=self.packed_layout().packs, cache_dir=cache_dir)
+                                    packing=self.packed_layout().packs, cache_dir=cache_dir, source_names=source_names)
+
+    def _attach_sources(self, dataset: Any, records: Dict[str, List[dict]]) -> Dict[str, Optional[List[str]]]:
+        """Put each row's source (the ``_source`` a mixture gives every record, :mod:`src.data.mixing`) back on the
+        validated records of ``dataset`` (validation keeps only the fields it knows); set ``source_names``, the
+        sources' names in id order (the mixture's order, then any other name met; None when no split names sources:
+        no mixture), and return them for each split whose rows name their source (None for the others)."""
+        tagged: Dict[str, list] = {}
+        for split, rows in records.items():
+            names = _source_column(_raw_split(dataset, split))
+            if names is None:
+                continue
+            if len(names) != len(rows):
+                raise ValueError(f"{split}: {len(names)} rows name a source ({SOURCE_KEY}) but {len(rows)} rows are valid; "
+                                 "the source of each row cannot be told (fix or drop the invalid rows)")
+            for i, name in enumerate(names):
+                if not (isinstance(name, str) and SOURCE_NAME_RE.fullmatch(name)):
+                    raise ValueError(f"{split} row {i}: {SOURCE_KEY}={name!r} is not a source name ([A-Za-z0-9_-]+)")
+            tagged[split] = names
+        self.source_names = None
+        if not tagged:
+            return {split: None for split in records}
+        order = source_names(parse_mixture(self.config.datasets)) if self.config.datasets is not None else []
+        for names in tagged.values():
+            order += [n for n in dict.fromkeys(names) if n not in order]
+        for split, names in tagged.items():
+            records[split] = [{**row, SOURCE_KEY: name} for row, name in zip(records[split], names)]
+        self.source_names = order
+        return {split: order if split in tagged else None for split in records}
 
     def create_trainer(self, dataset, training_args, callbacks):
         """Create and configure the SFT trainer instance.
@@ -136,8 +167,11 @@ class SFTTrainer(BaseTrainer):
                                            skip_invalid=self.config.skip_invalid_rows,
                                            log=dataset is not self.dataset)  # load_dataset logged these rows already
             self.tokenize_report = TokenizeReport()
-            train_dataset = self.tokenize_split(records["train"], "train")
-            eval_dataset = self.tokenize_split(records["validation"], "validation") if records.get("validation") else None
+            tags = self._attach_sources(dataset, records)
+            train_dataset = self.tokenize_split(records["train"], "train", tags["train"])
+            eval_dataset = self.tokenize_split(records["validation"], "validation", tags["validation"]) \
+                if records.get("validation") else None
+            self._check_best_metric(records.get("validation"), training_args)
         logger.info("Tokenized: %s", self.tokenize_report.summary())
         self._check_batches(train_dataset, training_args)
         if eval_dataset is None and (training_args.eval_strategy != "no" or training_args.load_best_model_at_end):
@@ -159,11 +193,27 @@ class SFTTrainer(BaseTrainer):
             callbacks=callbacks or None,
             owner=self,
             sft_loss=self.loss,
+            source_names=self.source_names,
         )
         self.trainer = trainer
         self.padding_efficiency = self.measure_padding_efficiency(trainer)
         logger.info("Padding efficiency (real tokens / tokens computed, first epoch): %.4f", self.padding_efficiency)
         return trainer
+
+    def _check_best_metric(self, validation: Optional[List[dict]], training_args) -> None:
+        """A source's metric for early stopping / the best checkpoint needs that source's rows in the validation set
+        (``metric_for_best_model: eval_<name>_loss``); refused before training rather than failing at the first
+        evaluation."""
+        metric = self.config.metric_for_best_model
+        if not metric or metric == "eval_loss" or not (training_args.load_best_model_at_end or
+                                                       self.config.early_stopping_patience is not None):
+            return
+        name = metric[len("eval_"):-len("_loss")]
+        if validation and not any(row.get(SOURCE_KEY) == name for row in validation):
+            where = ("the validation rows come from eval_dataset_path, which is not a source of the mixture"
+                     if self.config.eval_dataset_path else "no validation row comes from that source")
+            raise ValueError(f"SFTConfig.metric_for_best_model={metric!r}: {where}; watch eval_loss or give the "
+                             "source validation rows (validation_split_ratio holds rows of every source out)")
 
     def choose_attention(self, train_dataset, training_args) -> Any:
         """The attention implementation for training (see :mod:`src.training.attention`).
@@ -378,11 +428,33 @@ class SFTTrainer(BaseTrainer):
             # of the last generation-based evaluation (the final model's, after training): src.data.language
             "language_consistency": self.language_consistency,
         })
+        if self.source_names:
+            meta["per_source"] = self.per_source_figures()
         if self.tokenize_report is not None:
             meta["examples"] = dict(self.tokenize_report.examples)
             meta["truncated_examples"] = dict(self.tokenize_report.truncated)
             meta["dropped_examples"] = dict(self.tokenize_report.dropped)
         return meta
+
+    def per_source_figures(self) -> Dict[str, Dict[str, Any]]:
+        """Each source's final figures (a mixture): its token-weighted training loss over the run and its trained
+        tokens, and the final evaluation's loss, perplexity and tokens on its validation rows."""
+        train = getattr(self.trainer, "source_train_losses", None) or {}
+        paths = {}
+        if self.config.datasets is not None:
+            sources = parse_mixture(self.config.datasets)
+            paths = {name: source.path for name, source in zip(source_names(sources), sources)}
+        figures: Dict[str, Dict[str, Any]] = {}
+        for name in self.source_names or []:
+            entry: Dict[str, Any] = {"path": paths[name]} if name in paths else {}
+            if name in train:
+                entry.update(train_loss=train[name]["loss"], train_tokens=train[name]["tokens"])
+            for key in ("loss", "perplexity", "tokens"):
+                value = self.final_metrics.get(f"eval_{name}_{key}")
+                if value is not None:
+                    entry[f"eval_{key}"] = int(value) if key == "tokens" else value
+            figures[name] = entry
+        return figures
 
     def restore_from_metadata(self, metadata: Dict[str, Any]) -> None:
         super().restore_from_metadata(metadata)
@@ -420,6 +492,28 @@ class SFTTrainer(BaseTrainer):
         if config.pad_token_id is None:
             config.pad_token_id = self.tokenizer.pad_token_id
         config.save_pretrained(output_dir)
+
+
+def _raw_split(dataset: Any, split: str) -> Any:
+    """The rows of ``split`` in what ``create_trainer`` was given (a dict/``DatasetDict`` of splits, whose validation
+    split ``load_records`` also takes from 'eval' or 'valid', or one ``Dataset``: the training rows)."""
+    if not isinstance(dataset, dict):  # (a DatasetDict is a dict)
+        return dataset if split == "train" else None
+    for key in (split,) if split == "train" else ("validation", "eval", "valid"):
+        if key in dataset:
+            return dataset[key]
+    return None
+
+
+def _source_column(data: Any) -> Optional[list]:
+    """The ``_source`` of every row of a split (a ``datasets.Dataset`` column or the records' key), or None."""
+    if data is None:
+        return None
+    if hasattr(data, "column_names"):
+        return list(data[SOURCE_KEY]) if SOURCE_KEY in data.column_names else None
+    if isinstance(data, list) and any(isinstance(row, dict) and SOURCE_KEY in row for row in data):
+        return [row.get(SOURCE_KEY) if isinstance(row, dict) else None for row in data]
+    return None
 
 
 def create_sft_trainer(config: SFTConfig) -> SFTTrainer:

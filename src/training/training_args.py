@@ -121,7 +121,8 @@ def training_arguments_kwargs(config: Any, environment: dict[str, Any] | None = 
         # Early stopping keeps the best checkpoint: transformers' EarlyStoppingCallback works through it.
         kwargs["load_best_model_at_end"] = True
         # transformers requires matching save and eval schedules for load_best_model_at_end.
-        kwargs.update(save_strategy=eval_strategy, metric_for_best_model="eval_loss", greater_is_better=False)
+        kwargs.update(save_strategy=eval_strategy, metric_for_best_model=config.metric_for_best_model or "eval_loss",
+                      greater_is_better=False)
     if eval_strategy == "steps":
         kwargs["eval_steps"] = config.eval_steps or config.save_steps
     kwargs[installed_name("evaluation_strategy", accepted)] = eval_strategy

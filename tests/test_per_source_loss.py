@@ -1,0 +1,291 @@
+"""Loss per data source (issue 23, item 3): a mixture's sources are named, every token carries its source, and
+evaluation, training logs, early stopping, the metadata and the model card report each source's trained-token loss,
+computed from the very per-token losses whose sum is the overall loss."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from src.config import SFTConfig
+from src.data.cache import cache_settings
+from src.data.mixing import MixtureSource, parse_mixture, source_names
+from src.data.packing import SFTDataCollator
+from src.data.preprocess import tokenize_records
+from src.training.losses import shift_labels
+from src.training.sft_trainer import SFTTrainer
+from tests.helpers import PAIRS, ROOT, write_jsonl
+
+# Two sources of different lengths: the instruction pairs, and the pairs turned around with a longer answer.
+SWAPPED = [{"instruction": p["response"], "response": p["instruction"] * (1 + i % 3)} for i, p in enumerate(PAIRS)]
+
+
+def _mixture(tmp_path, **names):
+    msa = write_jsonl(tmp_path / "msa.jsonl", PAIRS)
+    swapped = write_jsonl(tmp_path / "swapped.jsonl", SWAPPED)
+    return [{"path": msa, "weight": 1, **({"name": names["msa"]} if "msa" in names else {})},
+            {"path": swapped, "weight": 1, **({"name": names["swapped"]} if "swapped" in names else {})}]
+
+
+def _config(model_dir, tmp_path, datasets, **overrides):
+    values = dict(model_name=model_dir, datasets=datasets, output_dir=str(tmp_path / "out"), use_lora=False,
+                  max_steps=1, per_device_train_batch_size=2, per_device_eval_batch_size=3, validation_split_ratio=0.5,
+                  evaluation_strategy="no", gradient_checkpointing=False, dataloader_pin_memory=False,
+                  max_seq_length=96, warmup_ratio=0.0, lr_scheduler_type="constant", seed=3, logging_steps=1,
+                  save_steps=10_000)
+    values.update(overrides)
+    return SFTConfig(**values)
+
+
+def _trained_tokens_per_source(trainer, dataset):
+    """Trained tokens of each source in ``dataset``, counted from the collated batch (shifted labels)."""
+    batch = trainer.data_collator()([dataset[i] for i in range(len(dataset))])
+    trained = shift_labels(batch["labels"]).ne(-100)
+    counts = torch.bincount(shift_labels(batch["source_ids"])[trained], minlength=len(trainer.source_names))
+    return dict(zip(trainer.source_names, counts.tolist()))
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_per_source_eval_losses_recombine_exactly_into_eval_loss(tiny_model_dir, tmp_path, packing):
+    trainer = SFTTrainer(_config(tiny_model_dir, tmp_path, _mixture(tmp_path, msa="msa"), packing=packing))
+    trainer.prepare()
+    assert trainer.source_names == ["msa", "swapped"]  # the given name, and the file's stem
+    validation = trainer.trainer.eval_dataset
+    assert "sources" in validation.column_names
+    if packing:  # packed rows hold documents of both sources: the source is per token, not per row
+        assert any(len(set(row)) > 1 for row in validation["sources"])
+    seen = []
+    hook = trainer.model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(set(kwargs)),
+                                                   with_kwargs=True)
+    metrics = trainer.evaluate_model()
+    hook.remove()
+    assert seen and not any("source_ids" in keys or "sources" in keys for keys in seen)  # never reaches the model
+    tokens = {name: metrics[f"eval_{name}_tokens"] for name in trainer.source_names}
+    assert all(tokens.values()) and sum(tokens.values()) == metrics["eval_tokens"]
+    assert tokens == _trained_tokens_per_source(trainer, validation)
+    recombined = sum(metrics[f"eval_{n}_loss"] * tokens[n] for n in tokens) / metrics["eval_tokens"]
+    assert recombined == pytest.approx(metrics["eval_loss"], rel=1e-6)
+    for name in tokens:
+        assert metrics[f"eval_{name}_perplexity"] == pytest.approx(torch.tensor(metrics[f"eval_{name}_loss"]).exp().item())
+    # each source's figure is the loss of its own rows: evaluated alone, they give the same value
+    rows = [dict(r) for r in trainer.dataset["validation"]]
+    for name in tokens:
+        own = [{k: v for k, v in r.items() if k != "_source" and v is not None} for r in rows if r["_source"] == name]
+        alone = trainer.evaluate_model(own)
+        assert alone["eval_tokens"] == tokens[name]
+        assert alone["eval_loss"] == pytest.approx(metrics[f"eval_{name}_loss"], rel=1e-5)
+        assert not any(k.startswith(f"eval_{n}_") for k in alone for n in tokens)  # untagged rows: overall only
+
+
+def test_training_logs_each_sources_loss_and_they_recombine_into_the_logged_loss(tiny_model_dir, tmp_path):
+    # Every optimizer step sees the whole training set (2 micro-batches of half of it), so each step's tokens per
+    # source are known; transformers' logged loss is the token mean of the step, which the sources must recombine into.
+    config = _config(tiny_model_dir, tmp_path, _mixture(tmp_path), max_steps=3, per_device_train_batch_size=4,
+                     gradient_accumulation_steps=2, dataloader_drop_last=False, group_by_length=False,
+                     validation_split_ratio=0.5, evaluation_strategy="steps", eval_steps=3)
+    trainer = SFTTrainer(config)
+    trainer.prepare()
+    assert len(trainer.trainer.train_dataset) == 8
+    counts = _trained_tokens_per_source(trainer, trainer.trainer.train_dataset)
+    assert all(counts.values())
+    trainer.train()
+    logged = [e for e in trainer.trainer.state.log_history if "loss" in e]
+    assert len(logged) == 3
+    for entry in logged:
+        assert {f"loss_{n}" for n in counts} <= set(entry)
+        recombined = sum(entry[f"loss_{n}"] * counts[n] for n in counts) / sum(counts.values())
+        assert recombined == pytest.approx(entry["loss"], rel=1e-5)
+    # the metadata and the model card carry the final figures per source
+    metadata = json.loads((tmp_path / "out" / "sft_metadata.json").read_text(encoding="utf-8"))
+    per_source = metadata["per_source"]
+    assert list(per_source) == ["msa", "swapped"]
+    for name, figures in per_source.items():
+        assert figures["path"].endswith(f"{name}.jsonl")
+        assert figures["train_tokens"] == 3 * counts[name]  # three steps over the whole training set
+        assert figures["eval_loss"] == metadata["final_metrics"][f"eval_{name}_loss"]
+        assert figures["eval_tokens"] == metadata["final_metrics"][f"eval_{name}_tokens"]
+    run_mean = sum(per_source[n]["train_loss"] * per_source[n]["train_tokens"] for n in counts) / (3 * sum(counts.values()))
+    assert run_mean == pytest.approx(sum(e["loss"] for e in logged) / 3, rel=1e-5)  # equal tokens every step
+    card = (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
+    assert "## Loss per data source" in card
+    for name, figures in per_source.items():
+        assert f"| {name} | `msa.jsonl (local)`" in card or f"| {name} | `swapped.jsonl (local)`" in card
+        assert f"{figures['eval_loss']:.4g}" in card
+
+
+def test_early_stopping_and_the_best_checkpoint_can_watch_one_source(tiny_model_dir, tmp_path):
+    config = _config(tiny_model_dir, tmp_path, _mixture(tmp_path, msa="msa"), max_steps=4,
+                     evaluation_strategy="steps", eval_steps=1, save_steps=1, early_stopping_patience=1,
+                     metric_for_best_model="eval_swapped_loss", learning_rate=5e-3, save_total_limit=None)
+    trainer = SFTTrainer(config)
+    trainer.train()
+    state = trainer.trainer.state
+    assert trainer.trainer.args.metric_for_best_model == "eval_swapped_loss"
+    evaluations = [e for e in state.log_history if "eval_swapped_loss" in e and e["step"] > 0]
+    best = min(evaluations, key=lambda e: e["eval_swapped_loss"])
+    assert state.best_metric == best["eval_swapped_loss"]
+    assert state.best_model_checkpoint.endswith(f"checkpoint-{best['step']}")
+    if trainer.early_stopped:
+        assert trainer.early_stopped["metric"] == "eval_swapped_loss"
+
+
+def test_a_source_metric_must_name_a_source_with_validation_rows(tiny_model_dir, tmp_path):
+    datasets = _mixture(tmp_path, msa="msa")
+    with pytest.raises(ValueError, match=r"SFTConfig.metric_for_best_model='eval_other_loss'.*eval_msa_loss, "
+                                         r"eval_swapped_loss"):
+        _config(tiny_model_dir, tmp_path, datasets, metric_for_best_model="eval_other_loss")
+    with pytest.raises(ValueError, match="metric_for_best_model.*no datasets mixture"):
+        SFTConfig(dataset_path=datasets[0]["path"], metric_for_best_model="eval_msa_loss")
+    assert SFTConfig(dataset_path=datasets[0]["path"], metric_for_best_model="eval_loss")
+    # validation from eval_dataset_path: not a source, so no figure per source to watch; refused before training
+    config = _config(tiny_model_dir, tmp_path, datasets, eval_dataset_path=datasets[0]["path"],
+                     metric_for_best_model="eval_msa_loss", evaluation_strategy="steps", eval_steps=1, save_steps=1,
+                     load_best_model_at_end=True)
+    with pytest.raises(ValueError, match="metric_for_best_model='eval_msa_loss': the validation rows come from "
+                                         "eval_dataset_path"):
+        SFTTrainer(config).prepare()
+
+
+def test_source_names_are_validated_and_default_to_unique_file_stems(tmp_path):
+    with pytest.raises(ValueError, match=r"datasets\[1\]\.name='a b' is invalid"):
+        parse_mixture([{"path": "x.jsonl"}, {"path": "y.jsonl", "name": "a b"}])
+    with pytest.raises(ValueError, match=r"datasets\[2\]\.name='news' is invalid: datasets\[0\] has that name"):
+        parse_mixture([{"path": "x.jsonl", "name": "news"}, {"path": "y.jsonl"}, {"path": "z.jsonl", "name": "news"}])
+    with pytest.raises(ValueError, match=r"datasets\[0\]\.name=3 is invalid"):
+        parse_mixture([{"path": "x.jsonl", "name": 3}])
+    a = write_jsonl(tmp_path / "a.jsonl", PAIRS)
+    with pytest.raises(ValueError, match=r"SFTConfig.datasets: datasets\[1\]\.name='ن' is invalid"):
+        SFTConfig(datasets=[{"path": a}, {"path": a, "name": "ن"}])
+    sources = [MixtureSource("d1/chat.jsonl", 1.0), MixtureSource("d2/chat.jsonl", 1.0),
+               MixtureSource("عربي v1.jsonl", 1.0), MixtureSource("x.jsonl", 1.0, name="chat_2"),
+               MixtureSource("org/name", 1.0)]
+    assert source_names(sources) == ["chat", "chat_3", "v1", "chat_2", "name"]
+
+
+def test_a_single_file_run_is_unchanged_and_the_cache_key_includes_the_tagging(tiny_model_dir, tmp_path):
+    from src.data.loading import load_records
+    from src.data.wiring import example_tokenizer_for
+
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    trainer = SFTTrainer(_config(tiny_model_dir, tmp_path, None, dataset_path=data))
+    trainer.prepare()
+    assert trainer.source_names is None and trainer.trainer.source_names is None
+    assert trainer.trainer.train_dataset.column_names == ["input_ids", "labels", "length"]
+    metrics = trainer.evaluate_model()
+    assert sorted(k for k in metrics if k.endswith(("_loss", "_perplexity", "_tokens"))) == \
+        ["eval_loss", "eval_perplexity", "eval_tokens"]
+    assert "per_source" not in trainer.metadata()
+    records = load_records(data, validation_split_ratio=0.0)[0]["train"]
+    assert not any("_source" in r for r in records)
+    et = example_tokenizer_for(trainer.config, trainer.tokenizer)
+    plain = cache_settings(records, et, packing=False)[0]
+    assert "sources" not in plain
+    tagged = [{**r, "_source": "a" if i % 2 else "b"} for i, r in enumerate(records)]
+    keys = {json.dumps(cache_settings(rows, et, packing=False, source_names=names)[0], sort_keys=True)
+            for rows, names in ((records, None), (tagged, ["a", "b"]), (tagged, ["b", "a"]),
+                                ([{**r, "_source": "a"} for r in records], ["a", "b"]))}
+    assert len(keys) == 4  # the tagging and the names' order both change the key
+    # a tagged split through the cache: the entry is read back with its sources column, ids as tagged
+    cache = tmp_path / "cache"
+    for _ in range(2):  # a miss, then a hit
+        for packing in (False, True):
+            dataset = tokenize_records(tagged, et, "train", packing=packing, cache_dir=cache, source_names=["a", "b"])
+            collated = SFTDataCollator(trainer.tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
+            trained = shift_labels(collated["labels"]).ne(-100)
+            per_source = torch.bincount(shift_labels(collated["source_ids"])[trained], minlength=2).tolist()
+            assert per_source == [_trained_tokens(et, [r for r in tagged if r["_source"] == s]) for s in ("a", "b")]
+
+
+def _trained_tokens(example_tokenizer, records):
+    """Trained tokens of ``records`` tokenized on their own (no sources)."""
+    from src.data.preprocess import TokenizeReport
+
+    report = TokenizeReport()
+    tokenize_records([{k: v for k, v in r.items() if k != "_source"} for r in records], example_tokenizer, "t", report)
+    return report.trained_tokens["t"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="torch.distributed with the gloo backend is not available")
+@pytest.mark.parametrize("packing", [False, True])
+def test_two_ranks_give_the_same_per_source_losses_as_one_process(tiny_model_dir, tmp_path, packing):
+    datasets = json.dumps(_mixture(tmp_path, msa="msa"))
+    script = os.path.join(ROOT, "tests", "per_source_run.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    results = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"n{nproc}"
+        launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                        "--nproc_per_node", "2", "--master_port", str(_free_port())]
+        done = subprocess.run(launcher + [script, tiny_model_dir, datasets, str(out), str(4 // nproc),
+                                          "1" if packing else "0"], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[nproc] = json.loads((out / "per_source.json").read_text())
+    single, double = results[1], results[2]
+    for name in ("msa", "swapped"):
+        assert double["eval"][f"eval_{name}_tokens"] == single["eval"][f"eval_{name}_tokens"] > 0
+        assert double["eval"][f"eval_{name}_loss"] == pytest.approx(single["eval"][f"eval_{name}_loss"], rel=1e-6)
+        assert double["train"][f"loss_{name}"] == pytest.approx(single["train"][f"loss_{name}"], rel=1e-5)
+    assert double["eval"]["eval_loss"] == pytest.approx(single["eval"]["eval_loss"], rel=1e-6)
+
+
+def test_the_readme_example_names_its_sources_and_watches_one(tmp_path):
+    import yaml
+
+    from src.cli.args import parse_config
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
+        readme = fh.read()
+    block = readme[readme.index("- **Loss per data source**"):]
+    block = block[block.index("```yaml") + len("```yaml"):]
+    example = yaml.safe_load(block[:block.index("```")])
+    sources = parse_mixture(example["datasets"])
+    assert source_names(sources) == ["msa", "gulf"]
+    # the same settings through the command line, with files that exist
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    datasets = [{**entry, "path": data} for entry in example["datasets"]]
+    config = parse_config(SFTConfig, ["--datasets", json.dumps(datasets), "--metric_for_best_model",
+                                      example["metric_for_best_model"]])
+    assert config.metric_for_best_model == "eval_gulf_loss"
+
+
+def test_every_loss_path_gives_the_same_per_source_sums_and_they_add_up(tiny_model_dir, tmp_path):
+    """The fused trained-tokens head, its chunked fallback (checkpointed, with gradients), the full-logits loss and
+    ``return_outputs``: each leaves sums and counts per source that add up to its own loss sum, all alike."""
+    from src.training.losses import FullLogitsLoss, TrainedTokensLoss
+    from tests.helpers import load_tiny
+
+    trainer = SFTTrainer(_config(tiny_model_dir, tmp_path, _mixture(tmp_path), packing=True))
+    trainer.prepare()
+    dataset = trainer.trainer.train_dataset
+    batch = trainer.data_collator()([dataset[i] for i in range(len(dataset))])
+    source_ids = batch.pop("source_ids")
+    model, _ = load_tiny(tiny_model_dir)
+    results = {}
+    for name, loss, outputs in (("fused", TrainedTokensLoss(), False), ("chunked", TrainedTokensLoss(8, fused=False), False),
+                                ("full", FullLogitsLoss(), False), ("outputs", TrainedTokensLoss(), True)):
+        model.zero_grad()
+        with loss.per_source(source_ids, 2):
+            result = loss(model, batch, return_outputs=outputs)
+        result.loss.backward()  # gradients still flow (the chunked path recomputes its chunks)
+        sums, counts = loss.last_sources
+        assert int(counts.sum()) == int(result.num_tokens)
+        assert sums.sum().item() == pytest.approx(result.loss_sum.item(), rel=1e-6)
+        results[name] = (sums, counts)
+        with loss.per_source(None, 2):  # outside a mixture nothing is left per source
+            loss(model, batch)
+        assert loss.last_sources is None
+    for name, (sums, counts) in results.items():
+        assert torch.equal(counts, results["fused"][1])
+        assert torch.allclose(sums, results["fused"][0], rtol=1e-5), name
