@@ -22,7 +22,7 @@ import torch
 import train_sft
 from src.cli.args import parse_config
 from src.config import SFTConfig
-from tests.helpers import PAIRS, ROOT, write_jsonl
+from tests.helpers import PAIRS, ROOT, free_port, write_jsonl
 
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": ""}
 
@@ -385,14 +385,6 @@ def test_ddp_does_not_search_for_unused_parameters_unless_asked(tmp_path, data):
 
     assert kwargs()["ddp_find_unused_parameters"] is False
     assert kwargs(ddp_find_unused_parameters=True)["ddp_find_unused_parameters"] is True
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -3,24 +3,17 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.helpers import PAIRS, ROOT, write_jsonl
+from tests.helpers import PAIRS, ROOT, free_port, write_jsonl
 
 pytestmark = pytest.mark.slow  # subprocesses / long runs: `pytest -m "not slow"` skips them
 
-SCRIPT = os.path.join(ROOT, "tests", "ddp_one_step.py")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+SCRIPT = os.path.join(ROOT, "tests", "distributed", "ddp_one_step.py")
 
 
 def run(nproc, model_dir, data, out, batch, packing, mode=None):
