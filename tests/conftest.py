@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.helpers import CORPUS, PAIRS, QWEN_TOKENIZER_DIR, write_jsonl  # noqa: E402
+from tests.helpers import CORPUS, PAIRS, QWEN_TOKENIZER_DIR, need_shared, write_jsonl  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -71,8 +71,8 @@ def tiny_family_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def qwen_tokenizer():
-    if not os.path.isfile(os.path.join(QWEN_TOKENIZER_DIR, "vocab.json")):
-        pytest.skip(f"real Qwen2.5 tokenizer not found at {os.path.normpath(QWEN_TOKENIZER_DIR)} (../shared absent)")
+    need_shared(os.path.join(QWEN_TOKENIZER_DIR, "vocab.json"),
+                f"real Qwen2.5 tokenizer at {os.path.normpath(QWEN_TOKENIZER_DIR)}")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(QWEN_TOKENIZER_DIR)

@@ -41,6 +41,19 @@ def write_jsonl(path, rows) -> str:
 
 
 
+def need_shared(path: str, what: str = "") -> None:
+    """Skip the test when ``path`` (a file from ../shared) is absent; with REQUIRE_SHARED=1 (set by .ci/run, where
+    ../shared is always laid) fail instead, so that a broken setup cannot pass as skipped tests."""
+    if os.path.exists(path):
+        return
+    import pytest
+
+    message = f"{what or os.path.normpath(path)} not found (../shared absent)"
+    if os.environ.get("REQUIRE_SHARED") == "1":
+        pytest.fail(f"{message}; REQUIRE_SHARED=1 requires it", pytrace=False)
+    pytest.skip(message)
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now (torchrun's --master_port)."""
     with socket.socket() as sock:

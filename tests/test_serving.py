@@ -23,7 +23,7 @@ import pytest
 import train_sft
 from src.training import ollama, serving
 from src.training.sft_trainer import SFTTrainer, example_tokenizer_for
-from tests.helpers import PAIRS, QWEN_TOKENIZER_DIR, ROOT, make_config, write_jsonl
+from tests.helpers import PAIRS, QWEN_TOKENIZER_DIR, ROOT, make_config, need_shared, write_jsonl
 
 SYSTEM = "أنت مساعد مفيد يجيب بالعربية."
 TRANSFORMERS4_PYTHON = os.environ.get("TRANSFORMERS4_PYTHON", "/tmp/transformers4-venv/bin/python")
@@ -322,8 +322,7 @@ def test_modelfile_for_qwen_own_templates(template, kwargs, qwen_tokenizer, tmp_
     import copy
 
     path = os.path.join(os.path.dirname(QWEN_TOKENIZER_DIR), "qwen-chat-templates", f"{template}.jinja")
-    if not os.path.isfile(path):
-        pytest.skip(f"{path} not found (../shared absent)")
+    need_shared(path)
     tokenizer = copy.deepcopy(qwen_tokenizer)
     with open(path, encoding="utf-8") as fh:
         tokenizer.chat_template = fh.read()
@@ -453,8 +452,8 @@ def test_llama_cpp_conversion_carries_template_stop_tokens_and_rope_base(tmp_pat
     gguf = _gguf_module(llama_cpp)
     if gguf is None:
         pytest.skip("the gguf package is not importable (pip install gguf, or a checkout with gguf-py)")
-    if not os.path.isfile(os.path.join(QWEN_TOKENIZER_DIR, "vocab.json")):
-        pytest.skip("the real Qwen2.5 tokenizer is not in ../shared (the converter refuses tokenizers it does not know)")
+    # the converter refuses tokenizers it does not know
+    need_shared(os.path.join(QWEN_TOKENIZER_DIR, "vocab.json"), "the real Qwen2.5 tokenizer")
     from transformers import AutoTokenizer
 
     from src.models.tiny import build_tiny_model
