@@ -10,6 +10,8 @@ from src.training.sft_trainer import SFTTrainer
 from tests.helpers import CORPUS, ROOT, make_config, write_jsonl
 
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install -e '.[test]')")
+# trains 150 steps and scores three times; an unknown task name is known only after indexing lm-eval's 14,683 tasks
+pytestmark = pytest.mark.slow
 QUESTIONS = [json.loads(line) for line in open(os.path.join(ROOT, "data", "arabic_mc_benchmark.jsonl"), encoding="utf-8")]
 
 

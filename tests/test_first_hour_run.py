@@ -157,6 +157,7 @@ def test_summary_previews_are_short():
 
 
 # -- the tiny model and a real tokenizer ------------------------------------------------------------------------------
+@pytest.mark.slow  # trains a model with the real 151,665-token vocabulary
 def test_tiny_model_is_built_with_a_real_tokenizers_vocabulary(tmp_path, capsys):
     need_shared(os.path.join(QWEN_TOKENIZER_DIR, "vocab.json"),
                 f"real Qwen2.5 tokenizer at {os.path.normpath(QWEN_TOKENIZER_DIR)}")

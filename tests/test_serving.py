@@ -570,6 +570,7 @@ def _normalize(args: list[str], text: str) -> subprocess.CompletedProcess:
                           capture_output=True, cwd=ROOT, timeout=60)
 
 
+@pytest.mark.slow  # runs python -m src.data.normalization four times
 def test_normalization_filter_makes_served_prompts_equal_trained_ones(exported, chatml_run):
     trainer, _ = chatml_run
     target, _ = exported

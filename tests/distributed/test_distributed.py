@@ -77,34 +77,44 @@ def _saved_files(out):
     return sorted(f for f in os.listdir(out) if not f.startswith("checkpoint-"))
 
 
-@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                    reason="torch.distributed with the gloo backend is not available")
-def test_repeated_torchrun_runs_save_one_complete_run(tmp_path):
-    """Every rank used to save (one run in six exited 1 without model.safetensors): now the main process writes,
-    the others wait, and each run leaves the same complete folder as one process, printed once."""
-    from safetensors.torch import load_file
-
-    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
-    single = _train_cli(1, data, tmp_path / "single", 4)
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory):
+    """The same command-line run in one process (batch 4) and under torchrun with 2 ranks (batch 2), once each."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available")
+    tmp = tmp_path_factory.mktemp("cli_runs")
+    data = write_jsonl(tmp / "d.jsonl", PAIRS)
+    single = _train_cli(1, data, tmp / "single", 4)
     assert single.returncode == 0, single.stderr[-3000:]
-    expected_files = _saved_files(tmp_path / "single")
+    ddp = _train_cli(2, data, tmp / "ddp", 2)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    return tmp / "single", tmp / "ddp", ddp
+
+
+def test_a_torchrun_run_saves_one_complete_run_like_one_process(cli_runs):
+    """Every rank used to save (one run in six exited 1 without model.safetensors): now the main process writes,
+    the others wait, and the run leaves the same complete folder as one process, printed once."""
+    single, out, result = cli_runs
+    expected_files = _saved_files(single)
     assert {"model.safetensors", "sft_metadata.json", "tokenizer.json", "generation_config.json", "README.md",
             "base_model"} <= set(expected_files)
-    expected = load_file(str(tmp_path / "single" / "model.safetensors"))
-    for attempt in range(3):
-        out = tmp_path / f"ddp{attempt}"
-        result = _train_cli(2, data, out, 2)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert _saved_files(out) == expected_files
-        weights = load_file(str(out / "model.safetensors"))
-        assert weights.keys() == expected.keys()
-        worst = max(((weights[k] - expected[k]).abs().max() / expected[k].abs().max().clamp(min=1e-12)).item()
-                    for k in expected)
-        assert worst < 1e-4
-        metadata = json.loads((out / "sft_metadata.json").read_text(encoding="utf-8"))
-        assert metadata["world_size"] == 2
-        assert result.stdout.count("Model saved to") == 1
-        assert sorted(os.listdir(out / "base_model")) == sorted(os.listdir(tmp_path / "single" / "base_model"))
+    assert _saved_files(out) == expected_files
+    metadata = json.loads((out / "sft_metadata.json").read_text(encoding="utf-8"))
+    assert metadata["world_size"] == 2
+    assert result.stdout.count("Model saved to") == 1
+    assert sorted(os.listdir(out / "base_model")) == sorted(os.listdir(single / "base_model"))
+
+
+def test_a_torchrun_run_trains_the_weights_of_one_process(cli_runs):
+    from safetensors.torch import load_file
+
+    single, out, _ = cli_runs
+    expected = load_file(str(single / "model.safetensors"))
+    weights = load_file(str(out / "model.safetensors"))
+    assert weights.keys() == expected.keys()
+    worst = max(((weights[k] - expected[k]).abs().max() / expected[k].abs().max().clamp(min=1e-12)).item()
+                for k in expected)
+    assert worst < 1e-4
 
 
 def test_exit_rank_runs_pythons_exit_work_and_keeps_the_exit_code(tmp_path):
