@@ -573,6 +573,7 @@ def thinking_tiny_model(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # trains 80 steps on rows of up to 2,048 tokens
 def test_training_with_the_models_template_round_trips_to_plain_transformers(thinking_tiny_model, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -314,16 +314,22 @@ def test_modelfile_renders_the_prompts_training_formatted(name, tiny_model_dir, 
         assert tokenizer(served, add_special_tokens=False)["input_ids"] == ours
 
 
-@pytest.mark.parametrize("template", ["qwen2_5", "qwen3", "qwen3_instruct_2507", "qwen3_5_think", "qwen3_6", "qwen3_8"])
-@pytest.mark.parametrize("kwargs", [None, {"enable_thinking": False}])
-def test_modelfile_for_qwen_own_templates(template, kwargs, qwen_tokenizer, tmp_path):
-    """instruction_template='tokenizer': the ChatML framing, the system block and the generation prompt of the model's
-    own template, read off the saved template; tools and earlier reasoning are named as not reproduced."""
+@pytest.fixture(scope="module")
+def template_tokenizer(qwen_tokenizer):
+    """A copy of the real tokenizer whose chat_template each test below replaces (one copy: ~2 s each)."""
     import copy
 
+    return copy.deepcopy(qwen_tokenizer)
+
+
+@pytest.mark.parametrize("template", ["qwen2_5", "qwen3", "qwen3_instruct_2507", "qwen3_5_think", "qwen3_6", "qwen3_8"])
+@pytest.mark.parametrize("kwargs", [None, {"enable_thinking": False}])
+def test_modelfile_for_qwen_own_templates(template, kwargs, template_tokenizer, tmp_path):
+    """instruction_template='tokenizer': the ChatML framing, the system block and the generation prompt of the model's
+    own template, read off the saved template; tools and earlier reasoning are named as not reproduced."""
     path = os.path.join(os.path.dirname(QWEN_TOKENIZER_DIR), "qwen-chat-templates", f"{template}.jinja")
     need_shared(path)
-    tokenizer = copy.deepcopy(qwen_tokenizer)
+    tokenizer = template_tokenizer
     with open(path, encoding="utf-8") as fh:
         tokenizer.chat_template = fh.read()
     for system_prompt in (None, SYSTEM):
