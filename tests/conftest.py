@@ -91,6 +91,19 @@ def tiny_family_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_full_run(tiny_model_dir, tmp_path_factory):
+    """A saved one-step full fine-tuning run of the tiny model on PAIRS, trained once per session: for tests that only
+    read a finished run (copy it before changing it)."""
+    from src.training.sft_trainer import SFTTrainer
+    from tests.helpers import make_config
+
+    folder = tmp_path_factory.mktemp("tiny_full_run")
+    out = folder / "run"
+    SFTTrainer(make_config(tiny_model_dir, write_jsonl(folder / "pairs.jsonl", PAIRS), out, max_steps=1)).train()
+    return out
+
+
+@pytest.fixture(scope="session")
 def qwen_tokenizer():
     need_shared(os.path.join(QWEN_TOKENIZER_DIR, "vocab.json"),
                 f"real Qwen2.5 tokenizer at {os.path.normpath(QWEN_TOKENIZER_DIR)}")

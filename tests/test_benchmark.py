@@ -44,10 +44,8 @@ def test_the_task_scores_deterministically_and_training_on_its_answers_raises_th
     assert "arabic_mc_sft" in (after / "README.md").read_text(encoding="utf-8")
 
 
-def test_an_unknown_task_is_a_one_line_error(tmp_path, capsys, tiny_model_dir, pairs_file):
-    run_dir = tmp_path / "run"
-    SFTTrainer(make_config(tiny_model_dir, pairs_file, run_dir, max_steps=1)).train()
+def test_an_unknown_task_is_a_one_line_error(capsys, tiny_full_run):
     capsys.readouterr()
-    assert train_sft.main(["evaluate", "--model", str(run_dir), "--tasks", "no_such_task_xyz", "--no_record"]) == 2
+    assert train_sft.main(["evaluate", "--model", str(tiny_full_run), "--tasks", "no_such_task_xyz", "--no_record"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no_such_task_xyz" in err[-1]
