@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import PAIRS, ROOT, free_port, write_jsonl
+from tests.helpers import PAIRS, ROOT, torchrun, write_jsonl
 
 pytestmark = pytest.mark.slow  # subprocesses / long runs: `pytest -m "not slow"` skips them
 
@@ -21,8 +21,7 @@ def run(nproc, model_dir, data, out, batch, packing, mode=None):
     if nproc == 1:
         cmd = [sys.executable, SCRIPT]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(free_port()), SCRIPT]
+        cmd = torchrun(nproc) + [SCRIPT]
     result = subprocess.run(cmd + [model_dir, data, str(out), str(batch), "1" if packing else "0"] + ([mode] if mode else []),
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -60,8 +59,7 @@ def test_two_ranks_evaluate_every_row_once(tiny_model_dir, tmp_path):
 
 def _train_cli(nproc, data, out, batch):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                                                    str(nproc), "--master_port", str(free_port())]
+    launcher = [sys.executable] if nproc == 1 else torchrun(nproc)
     flags = ["--model_name", "local:tiny-qwen2", "--dataset_path", data, "--output_dir", str(out), "--use_lora", "false",
              "--max_steps", "2", "--per_device_train_batch_size", str(batch), "--optim", "sgd", "--learning_rate", "0.5",
              "--max_grad_norm", "0", "--warmup_ratio", "0", "--lr_scheduler_type", "constant", "--evaluation_strategy",
@@ -152,8 +150,7 @@ def test_every_rank_takes_the_main_process_choice(tmp_path):
     script = tmp_path / "from_main.py"
     script.write_text(FROM_MAIN.format(root=ROOT, out=str(tmp_path)), encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             str(free_port()), str(script)], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(torchrun(2) + [str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     choices = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert choices[0] == choices[1]
@@ -172,7 +169,7 @@ def test_two_ranks_resumed_inside_a_later_epoch_train_as_if_never_stopped(tiny_m
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
     def train(out, *extra):
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        command = torchrun(2) + [
                    os.path.join(ROOT, "train_sft.py"), "--model_name", tiny_model_dir, "--dataset_path", data,
                    "--output_dir", str(out), "--use_lora", "false", "--max_steps", "6", "--save_steps", "1",
                    "--save_total_limit", "None", "--per_device_train_batch_size", "2", "--evaluation_strategy", "no",
@@ -221,8 +218,7 @@ def test_a_check_only_the_main_process_runs_fails_on_every_rank_alike(tmp_path):
     script = tmp_path / "main_decides.py"
     script.write_text(MAIN_DECIDES.format(root=ROOT, out=str(tmp_path)), encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             str(free_port()), str(script)], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(torchrun(2) + [str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["ran_check"] == [0] and ranks[1]["ran_check"] == []

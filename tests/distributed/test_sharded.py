@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import PAIRS, ROOT, free_port, make_config, write_jsonl
+from tests.helpers import PAIRS, ROOT, free_port, make_config, torchrun, write_jsonl
 
 pytestmark = [
     pytest.mark.slow,
@@ -51,10 +51,6 @@ def launch(cmd, out, engine, model_dir, data, batch, *overrides):
     assert result.returncode == 0, result.stderr[-4000:]
     with open(os.path.join(out, "result.json")) as fh:
         return json.load(fh), result
-
-
-def torchrun(nproc=2):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
 
 
 # LoRA adapters with gradient checkpointing on packed rows: 4 rows of at most 80 tokens, the whole set each step
@@ -190,8 +186,7 @@ def test_fsdp2_on_gpus_trains_what_one_process_does(tiny_model_dir, data, single
     nproc = 2 if torch.cuda.device_count() >= 2 else 1
     out = tmp_path / "fsdp2"
     train, evaluation = data
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-           SCRIPT, "fsdp2", tiny_model_dir, train, evaluation, str(out), str(4 // nproc)]
+    cmd = torchrun(nproc) + [SCRIPT, "fsdp2", tiny_model_dir, train, evaluation, str(out), str(4 // nproc)]
     result = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     with open(out / "result.json") as fh:
@@ -216,7 +211,7 @@ def test_zero2_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result
     train, _ = data
 
     def command(out, *extra):
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        return torchrun(2) + [
                 os.path.join(ROOT, "train_sft.py"), "--model_name", tiny_model_dir, "--dataset_path", train,
                 "--output_dir", str(out), "--use_lora", "false", "--max_steps", "16", "--save_steps", "1",
                 "--save_total_limit", "None", "--per_device_train_batch_size", "2", "--evaluation_strategy", "no",
