@@ -57,7 +57,7 @@ else
 fi
 want tests && run $PY -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_kernels.py \
   "tests/test_lora_options.py::test_qlora_trains_adapters_on_a_4bit_base_and_saves_only_them" \
-  tests/test_sharded.py -k "gpu or qlora or liger or attention" 2>&1 | tee "$OUT/pytest.log" | tail -15
+  tests/distributed/test_sharded.py -k "gpu or qlora or liger or attention" 2>&1 | tee "$OUT/pytest.log" | tail -15
 if want hybrid; then
   for pkg in fla causal_conv1d; do $PY -c "import $pkg; print('$pkg', getattr($pkg, '__version__', '?'))" 2>&1 | tail -1; done \
     | tee "$OUT/hybrid_kernels.txt"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -9,15 +10,35 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.helpers import CORPUS, PAIRS, QWEN_TOKENIZER_DIR, write_jsonl  # noqa: E402
+from tests.helpers import CORPUS, PAIRS, QWEN_TOKENIZER_DIR, need_shared, write_jsonl  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One CPU thread count for the whole session and every process it starts. Training otherwise picks it from the
+# machine's load at that moment (src.distributed.configure_cpu_threads), so two runs a test compares numerically
+# (resumed vs uninterrupted, one process vs another) could run with different counts, hence different float
+# reduction orders. The plan keeps an OMP_NUM_THREADS it is given; a user's own setting wins here too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The tokenized-data cache of every run in this session (and its subprocesses) lives in one fresh folder.
 if "ARABIC_QWEN_SFT_CACHE" not in os.environ:
     import tempfile
 
     os.environ["ARABIC_QWEN_SFT_CACHE"] = tempfile.mkdtemp(prefix="sft-test-cache-")
+
+
+def pytest_collection_finish(session):
+    """Freeze what the imports built (gc.freeze): every training run ends in accelerate's free_memory, a full
+    gc.collect that otherwise walks those ~450,000 objects again (about 1.5 s a run, over 100 runs in-process)."""
+    gc.collect()
+    gc.freeze()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _freeze_long_lived_objects():
+    """The same for what earlier modules imported lazily (lm_eval, peft, deepspeed...): collected, then frozen."""
+    gc.collect()
+    gc.freeze()
+    yield
 
 
 @pytest.fixture(scope="session")
@@ -70,9 +91,22 @@ def tiny_family_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_full_run(tiny_model_dir, tmp_path_factory):
+    """A saved one-step full fine-tuning run of the tiny model on PAIRS, trained once per session: for tests that only
+    read a finished run (copy it before changing it)."""
+    from src.training.sft_trainer import SFTTrainer
+    from tests.helpers import make_config
+
+    folder = tmp_path_factory.mktemp("tiny_full_run")
+    out = folder / "run"
+    SFTTrainer(make_config(tiny_model_dir, write_jsonl(folder / "pairs.jsonl", PAIRS), out, max_steps=1)).train()
+    return out
+
+
+@pytest.fixture(scope="session")
 def qwen_tokenizer():
-    if not os.path.isfile(os.path.join(QWEN_TOKENIZER_DIR, "vocab.json")):
-        pytest.skip(f"real Qwen2.5 tokenizer not found at {os.path.normpath(QWEN_TOKENIZER_DIR)} (../shared absent)")
+    need_shared(os.path.join(QWEN_TOKENIZER_DIR, "vocab.json"),
+                f"real Qwen2.5 tokenizer at {os.path.normpath(QWEN_TOKENIZER_DIR)}")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(QWEN_TOKENIZER_DIR)

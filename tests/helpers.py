@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,6 +39,32 @@ def write_jsonl(path, rows) -> str:
     return str(path)
 
 
+
+
+def need_shared(path: str, what: str = "") -> None:
+    """Skip the test when ``path`` (a file from ../shared) is absent; with REQUIRE_SHARED=1 (set by .ci/run, where
+    ../shared is always laid) fail instead, so that a broken setup cannot pass as skipped tests."""
+    if os.path.exists(path):
+        return
+    import pytest
+
+    message = f"{what or os.path.normpath(path)} not found (../shared absent)"
+    if os.environ.get("REQUIRE_SHARED") == "1":
+        pytest.fail(f"{message}; REQUIRE_SHARED=1 requires it", pytrace=False)
+    pytest.skip(message)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (torchrun's --master_port)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(nproc: int = 2) -> list[str]:
+    """The command that launches a script under torchrun with ``nproc`` processes on this machine."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+            str(free_port())]
 
 
 def make_config(model_dir, data_path, out, **overrides):

@@ -24,6 +24,8 @@ from tests.helpers import PAIRS, make_config, write_jsonl
 FAMILY_NAMES = ["qwen2", "qwen3", "qwen3-moe", "qwen3.5", "qwen3.5-moe"]
 HYBRID = {"qwen3.5", "qwen3.5-moe"}
 MOE = {"qwen3-moe", "qwen3.5-moe"}
+# The matrices below train every family; the quick loop (-m "not slow") keeps the default family, Qwen2.
+FAMILY_PARAMS = [family if family == "qwen2" else pytest.param(family, marks=pytest.mark.slow) for family in FAMILY_NAMES]
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +98,7 @@ def train_run(model_dir, data, out, lora, packing, checkpointing):
 
 @pytest.mark.parametrize("packing", [False, True], ids=["unpacked", "packing"])
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_every_family_trains_exactly(family, lora, packing, tiny_family_dir, data, tmp_path):
     model_dir = tiny_family_dir(family)
     runs = {gc: train_run(model_dir, data, tmp_path / f"gc{gc}", lora, packing, gc) for gc in (False, True)}
@@ -139,7 +141,7 @@ def test_hybrid_models_leak_across_packed_documents_without_their_kernels(family
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("family", FAMILY_PARAMS)
 def test_save_load_export_and_generate_alike(family, lora, tiny_family_dir, data, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -53,6 +53,7 @@ def test_session_answers_like_generate_response_and_keeps_history(chat_run):
     assert session.messages == [] and session.reply(PAIRS[0]["instruction"]) == first
 
 
+@pytest.mark.slow
 def test_piped_input_with_commands(chat_run):
     trainer, run_dir = chat_run
     expected = trainer.generate_response(PAIRS[0]["instruction"], max_length=16)

@@ -18,7 +18,7 @@ from src.data.chat_templates import ChatTemplateError, TokenizerChatFormat, spli
 from src.data.loading import DatasetError, load_records
 from src.data.templates import get_prompt_format
 from src.data.tokenization import IGNORE_INDEX, ExampleTokenizer
-from tests.helpers import QWEN_TOKENIZER_DIR, ROOT, write_jsonl
+from tests.helpers import QWEN_TOKENIZER_DIR, ROOT, need_shared, write_jsonl
 
 TEMPLATES_DIR = os.path.join(ROOT, "..", "shared", "qwen-chat-templates")
 TEMPLATES = ["qwen2_5", "qwen3", "qwen3_instruct_2507", "qwen3_5_think", "qwen3_5_nothink", "qwen3_6", "qwen3_8"]
@@ -28,8 +28,7 @@ _TOKENIZERS: dict = {}
 
 def qwen_tokenizer_for(name: str):
     for folder, what in ((QWEN_TOKENIZER_DIR, "vocab.json"), (TEMPLATES_DIR, f"{name}.jinja")):
-        if not os.path.isfile(os.path.join(folder, what)):
-            pytest.skip(f"{os.path.normpath(os.path.join(folder, what))} not found (../shared absent)")
+        need_shared(os.path.join(folder, what))
     if name not in _TOKENIZERS:
         from tokenizers import AddedToken
         from transformers import AutoTokenizer
@@ -555,8 +554,7 @@ def test_other_templates_refuse_tool_rows_and_write_reasoning_before_the_answer(
 def thinking_tiny_model(tmp_path_factory):
     """The tiny Qwen2 model with a Qwen3-family tokenizer: Qwen3's template and its added tokens."""
     template = os.path.join(TEMPLATES_DIR, "qwen3.jinja")
-    if not os.path.isfile(template):
-        pytest.skip(f"{os.path.normpath(template)} not found (../shared absent)")
+    need_shared(template)
     from tokenizers import AddedToken
 
     from src.models.tiny import build_tiny_qwen2
@@ -575,6 +573,7 @@ def thinking_tiny_model(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # trains 80 steps on rows of up to 2,048 tokens
 def test_training_with_the_models_template_round_trips_to_plain_transformers(thinking_tiny_model, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -17,7 +17,7 @@ import train_sft
 from src.training import persistence
 from src.training.guards import TrainingDiverged
 from src.training.sft_trainer import SFTTrainer
-from tests.helpers import PAIRS, ROOT, make_config, write_jsonl
+from tests.helpers import PAIRS, ROOT, free_port, make_config, write_jsonl
 
 
 @pytest.fixture
@@ -389,7 +389,7 @@ def test_sigterm_to_the_launcher_of_two_ranks_ends_with_143_and_one_line(tiny_mo
     data = write_jsonl(tmp_path / "d.jsonl", PAIRS * 20)
     out = tmp_path / "o"
     args = [sys.executable, os.path.join(ROOT, "train_sft.py"), "launch", "--nproc_per_node", "2", "--master_port",
-            str(__import__("tests.test_distributed", fromlist=["free_port"]).free_port()), "--",
+            str(free_port()), "--",
             "--model_name", tiny_model_dir, "--dataset_path", data, "--output_dir", str(out), "--use_lora", "false",
             "--max_steps", "500", "--logging_steps", "1", "--evaluation_strategy", "no", "--validation_split_ratio", "0",
             "--dataloader_pin_memory", "false", "--gradient_checkpointing", "false", "--per_device_train_batch_size", "1"]
@@ -411,7 +411,6 @@ def test_sigterm_to_the_launcher_of_two_ranks_ends_with_143_and_one_line(tiny_mo
 
 @pytest.mark.slow
 def test_a_user_error_under_two_ranks_is_printed_once(tiny_model_dir, data, tmp_path):
-    from tests.test_distributed import free_port
 
     args = [sys.executable, os.path.join(ROOT, "train_sft.py"), "launch", "--nproc_per_node", "2", "--master_port",
             str(free_port()), "--", "--model_name", tiny_model_dir, "--dataset_path", data, "--output_dir",

@@ -74,9 +74,8 @@ def test_export_refuses_an_existing_folder_and_names_it(lora_run, tmp_path, caps
     assert "did not write" in capsys.readouterr().err and os.listdir(target) == ["notes.txt"]
 
 
-def test_export_of_a_full_run_and_of_a_folder_that_is_not_a_run(tiny_model_dir, pairs_file, tmp_path, capsys):
-    run_dir = tmp_path / "full"
-    SFTTrainer(make_config(tiny_model_dir, pairs_file, run_dir, max_steps=1)).train()
+def test_export_of_a_full_run_and_of_a_folder_that_is_not_a_run(tiny_model_dir, tiny_full_run, tmp_path, capsys):
+    run_dir = tiny_full_run
     assert train_sft.main(["export", "--model", str(run_dir), "--to", str(tmp_path / "copy")]) == 0
     meta = json.loads((tmp_path / "copy" / "sft_metadata.json").read_text(encoding="utf-8"))
     assert meta["merged_lora_adapter"] is False

@@ -1,7 +1,8 @@
 """A practitioner's first hour, command-line side (issue 22): YAML and flag lists, CPU threads, --help, the library's
 logging, noise under torchrun, and refusals that happen before anything is built.
 
-Slow tests run torchrun or a whole Python API example in a subprocess; the rest are in-process and fast.
+Slow tests start a fresh Python process (torchrun, a Python API example, the library's logging on import); the
+rest are in-process and fast.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 import train_sft
 from src.cli.args import parse_config, parser_view
 from src.config import SFTConfig
-from tests.helpers import PAIRS, ROOT, write_jsonl
+from tests.helpers import PAIRS, ROOT, free_port, write_jsonl
 
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": ""}
 
@@ -223,6 +224,7 @@ def test_cpu_threads_are_shared_among_the_ranks_of_a_machine(plan_env, monkeypat
     assert plan_env.cpu_thread_plan()[0] == 1
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_omp_num_threads_set_by_the_launcher_is_told_from_the_users():
     """A worker whose parent started without OMP_NUM_THREADS got it from the launcher (torchrun sets 1)."""
     if not os.path.exists(f"/proc/{os.getpid()}/environ"):
@@ -300,6 +302,7 @@ def run_python(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_library_logs_info_lines_when_the_application_configures_no_logging():
     result = run_python("""\
         import logging
@@ -310,6 +313,7 @@ def test_library_logs_info_lines_when_the_application_configures_no_logging():
     assert result.stderr.splitlines() == ["INFO src.data.loading: hello", "not ours"], result.stderr
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_library_logging_gives_way_to_the_applications_own():
     """An application's handler gets each line once, in its own format; the root logger is never configured by us."""
     result = run_python("""\
@@ -326,6 +330,7 @@ def test_library_logging_gives_way_to_the_applications_own():
     assert result.stderr == "", result.stderr
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_lora_wrapping_raises_no_deprecation_warning():
     """peft asks the model for transformers' deprecated is_gradient_checkpointing whenever we wrap it in adapters."""
     result = run_python("""\
@@ -365,6 +370,7 @@ def test_python_api_example_logs_and_warns_nothing_spurious(tmp_path, data, tiny
 
 
 # -- 10. noise: DeepSpeed, DDP, every rank, lm-eval ---------------------------------------------------------------------
+@pytest.mark.slow  # a fresh Python process
 def test_deepspeed_says_nothing_about_its_cpu_accelerator():
     pytest.importorskip("deepspeed")
     if torch.cuda.is_available():
@@ -386,14 +392,6 @@ def test_ddp_does_not_search_for_unused_parameters_unless_asked(tmp_path, data):
 
     assert kwargs()["ddp_find_unused_parameters"] is False
     assert kwargs(ddp_find_unused_parameters=True)["ddp_find_unused_parameters"] is True
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow

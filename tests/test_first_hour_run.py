@@ -17,7 +17,7 @@ from src.data.templates import get_prompt_format
 from src.data.tokenization import ExampleTokenizer
 from src.training import report
 from src.training.sft_trainer import SFTTrainer
-from tests.helpers import PAIRS, QWEN_TOKENIZER_DIR, make_config, write_jsonl
+from tests.helpers import PAIRS, QWEN_TOKENIZER_DIR, make_config, need_shared, write_jsonl
 
 
 class _Records(logging.Handler):
@@ -158,9 +158,10 @@ def test_summary_previews_are_short():
 
 
 # -- the tiny model and a real tokenizer ------------------------------------------------------------------------------
+@pytest.mark.slow  # trains a model with the real 151,665-token vocabulary
 def test_tiny_model_is_built_with_a_real_tokenizers_vocabulary(tmp_path, capsys):
-    if not os.path.isfile(os.path.join(QWEN_TOKENIZER_DIR, "vocab.json")):
-        pytest.skip(f"real Qwen2.5 tokenizer not found at {os.path.normpath(QWEN_TOKENIZER_DIR)} (../shared absent)")
+    need_shared(os.path.join(QWEN_TOKENIZER_DIR, "vocab.json"),
+                f"real Qwen2.5 tokenizer at {os.path.normpath(QWEN_TOKENIZER_DIR)}")
     from transformers import AutoConfig, AutoTokenizer
 
     data = write_jsonl(tmp_path / "d.jsonl", PAIRS)

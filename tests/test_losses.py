@@ -170,6 +170,7 @@ def test_a_batch_without_trained_tokens_still_gives_every_parameter_a_gradient(t
     assert {n for n, p in model.named_parameters() if p.requires_grad} == set(grads)  # DDP needs every grad
 
 
+@pytest.mark.slow  # torch.compile compiles the model first
 def test_trained_tokens_loss_under_torch_compile(tiny_model_dir):
     model, tokenizer = load_tiny(tiny_model_dir)
     batch = _batch(tokenizer, True)

@@ -4,9 +4,6 @@ computed from the very per-token losses whose sum is the overall loss."""
 
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -207,37 +204,6 @@ def _trained_tokens(example_tokenizer, records):
     report = TokenizeReport()
     tokenize_records([{k: v for k, v in r.items() if k != "_source"} for r in records], example_tokenizer, "t", report)
     return report.trained_tokens["t"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                    reason="torch.distributed with the gloo backend is not available")
-@pytest.mark.parametrize("packing", [False, True])
-def test_two_ranks_give_the_same_per_source_losses_as_one_process(tiny_model_dir, tmp_path, packing):
-    datasets = json.dumps(_mixture(tmp_path, msa="msa"))
-    script = os.path.join(ROOT, "tests", "per_source_run.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    results = {}
-    for nproc in (1, 2):
-        out = tmp_path / f"n{nproc}"
-        launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                        "--nproc_per_node", "2", "--master_port", str(_free_port())]
-        done = subprocess.run(launcher + [script, tiny_model_dir, datasets, str(out), str(4 // nproc),
-                                          "1" if packing else "0"], env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-        results[nproc] = json.loads((out / "per_source.json").read_text())
-    single, double = results[1], results[2]
-    for name in ("msa", "swapped"):
-        assert double["eval"][f"eval_{name}_tokens"] == single["eval"][f"eval_{name}_tokens"] > 0
-        assert double["eval"][f"eval_{name}_loss"] == pytest.approx(single["eval"][f"eval_{name}_loss"], rel=1e-6)
-        assert double["train"][f"loss_{name}"] == pytest.approx(single["train"][f"loss_{name}"], rel=1e-5)
-    assert double["eval"]["eval_loss"] == pytest.approx(single["eval"]["eval_loss"], rel=1e-6)
 
 
 def test_the_readme_example_names_its_sources_and_watches_one(tmp_path):

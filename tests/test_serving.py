@@ -24,7 +24,7 @@ import train_sft
 from src.data.wiring import example_tokenizer_for
 from src.training import ollama, serving
 from src.training.sft_trainer import SFTTrainer
-from tests.helpers import PAIRS, QWEN_TOKENIZER_DIR, ROOT, make_config, write_jsonl
+from tests.helpers import PAIRS, QWEN_TOKENIZER_DIR, ROOT, make_config, need_shared, write_jsonl
 
 SYSTEM = "أنت مساعد مفيد يجيب بالعربية."
 TRANSFORMERS4_PYTHON = os.environ.get("TRANSFORMERS4_PYTHON", "/tmp/transformers4-venv/bin/python")
@@ -315,17 +315,22 @@ def test_modelfile_renders_the_prompts_training_formatted(name, tiny_model_dir, 
         assert tokenizer(served, add_special_tokens=False)["input_ids"] == ours
 
 
-@pytest.mark.parametrize("template", ["qwen2_5", "qwen3", "qwen3_instruct_2507", "qwen3_5_think", "qwen3_6", "qwen3_8"])
-@pytest.mark.parametrize("kwargs", [None, {"enable_thinking": False}])
-def test_modelfile_for_qwen_own_templates(template, kwargs, qwen_tokenizer, tmp_path):
-    """instruction_template='tokenizer': the ChatML framing, the system block and the generation prompt of the model's
-    own template, read off the saved template; tools and earlier reasoning are named as not reproduced."""
+@pytest.fixture(scope="module")
+def template_tokenizer(qwen_tokenizer):
+    """A copy of the real tokenizer whose chat_template each test below replaces (one copy: ~2 s each)."""
     import copy
 
+    return copy.deepcopy(qwen_tokenizer)
+
+
+@pytest.mark.parametrize("template", ["qwen2_5", "qwen3", "qwen3_instruct_2507", "qwen3_5_think", "qwen3_6", "qwen3_8"])
+@pytest.mark.parametrize("kwargs", [None, {"enable_thinking": False}])
+def test_modelfile_for_qwen_own_templates(template, kwargs, template_tokenizer, tmp_path):
+    """instruction_template='tokenizer': the ChatML framing, the system block and the generation prompt of the model's
+    own template, read off the saved template; tools and earlier reasoning are named as not reproduced."""
     path = os.path.join(os.path.dirname(QWEN_TOKENIZER_DIR), "qwen-chat-templates", f"{template}.jinja")
-    if not os.path.isfile(path):
-        pytest.skip(f"{path} not found (../shared absent)")
-    tokenizer = copy.deepcopy(qwen_tokenizer)
+    need_shared(path)
+    tokenizer = template_tokenizer
     with open(path, encoding="utf-8") as fh:
         tokenizer.chat_template = fh.read()
     for system_prompt in (None, SYSTEM):
@@ -454,8 +459,8 @@ def test_llama_cpp_conversion_carries_template_stop_tokens_and_rope_base(tmp_pat
     gguf = _gguf_module(llama_cpp)
     if gguf is None:
         pytest.skip("the gguf package is not importable (pip install gguf, or a checkout with gguf-py)")
-    if not os.path.isfile(os.path.join(QWEN_TOKENIZER_DIR, "vocab.json")):
-        pytest.skip("the real Qwen2.5 tokenizer is not in ../shared (the converter refuses tokenizers it does not know)")
+    # the converter refuses tokenizers it does not know
+    need_shared(os.path.join(QWEN_TOKENIZER_DIR, "vocab.json"), "the real Qwen2.5 tokenizer")
     from transformers import AutoTokenizer
 
     from src.models.tiny import build_tiny_model
@@ -572,6 +577,7 @@ def _normalize(args: list[str], text: str) -> subprocess.CompletedProcess:
                           capture_output=True, cwd=ROOT, timeout=60)
 
 
+@pytest.mark.slow  # runs python -m src.data.normalization four times
 def test_normalization_filter_makes_served_prompts_equal_trained_ones(exported, chatml_run):
     trainer, _ = chatml_run
     target, _ = exported

@@ -17,7 +17,7 @@ import shutil
 import pytest
 import torch
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, need_shared
 
 pytestmark = pytest.mark.slow  # subprocesses / long runs: `pytest -m "not slow"` skips them
 
@@ -50,8 +50,7 @@ def substitute(code: str, model_dir: str) -> str:
 
 
 def test_every_specification_example_runs(shipped_tiny_model, tmp_path, monkeypatch):
-    if not os.path.isfile(SPEC):
-        pytest.skip(f"specification not found at {os.path.normpath(SPEC)} (../shared absent)")
+    need_shared(SPEC, f"specification at {os.path.normpath(SPEC)}")
     os.symlink(os.path.join(ROOT, "data"), tmp_path / "data")
     shutil.copytree(os.path.join(ROOT, "configs"), tmp_path / "configs")
     monkeypatch.chdir(tmp_path)

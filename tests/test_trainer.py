@@ -215,6 +215,7 @@ def test_gradient_checkpointing_with_lora_gives_the_same_update(tiny_model_dir, 
     assert max_rel_diff(checkpointed, plain) < 1e-5
 
 
+@pytest.mark.slow  # trains 150 steps until the pairs are memorised
 def test_chatml_model_stops_at_im_end_with_plain_transformers(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

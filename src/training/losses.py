@@ -438,7 +438,7 @@ class TrainedTokensLoss(SFTLoss):
     change the logits after the head (``final_logit_softcapping``, ``logit_scale``, ``logits_scaling``),
     and single-process multi-GPU ``DataParallel`` (its per-call replicas would not carry the installed
     head). Engines that shard parameters (ZeRO-3, FSDP2) need no fallback: the loss leaves through the
-    head's output, where their hooks gather the weight for backward (tests/test_sharded.py compares them
+    head's output, where their hooks gather the weight for backward (tests/distributed/test_sharded.py compares them
     with one process).
     """
 

@@ -3,24 +3,17 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.helpers import PAIRS, ROOT, write_jsonl
+from tests.helpers import PAIRS, ROOT, torchrun, write_jsonl
 
 pytestmark = pytest.mark.slow  # subprocesses / long runs: `pytest -m "not slow"` skips them
 
-SCRIPT = os.path.join(ROOT, "tests", "ddp_one_step.py")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+SCRIPT = os.path.join(ROOT, "tests", "distributed", "ddp_one_step.py")
 
 
 def run(nproc, model_dir, data, out, batch, packing, mode=None):
@@ -28,8 +21,7 @@ def run(nproc, model_dir, data, out, batch, packing, mode=None):
     if nproc == 1:
         cmd = [sys.executable, SCRIPT]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(free_port()), SCRIPT]
+        cmd = torchrun(nproc) + [SCRIPT]
     result = subprocess.run(cmd + [model_dir, data, str(out), str(batch), "1" if packing else "0"] + ([mode] if mode else []),
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -67,8 +59,7 @@ def test_two_ranks_evaluate_every_row_once(tiny_model_dir, tmp_path):
 
 def _train_cli(nproc, data, out, batch):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                                                    str(nproc), "--master_port", str(free_port())]
+    launcher = [sys.executable] if nproc == 1 else torchrun(nproc)
     flags = ["--model_name", "local:tiny-qwen2", "--dataset_path", data, "--output_dir", str(out), "--use_lora", "false",
              "--max_steps", "2", "--per_device_train_batch_size", str(batch), "--optim", "sgd", "--learning_rate", "0.5",
              "--max_grad_norm", "0", "--warmup_ratio", "0", "--lr_scheduler_type", "constant", "--evaluation_strategy",
@@ -84,34 +75,44 @@ def _saved_files(out):
     return sorted(f for f in os.listdir(out) if not f.startswith("checkpoint-"))
 
 
-@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                    reason="torch.distributed with the gloo backend is not available")
-def test_repeated_torchrun_runs_save_one_complete_run(tmp_path):
-    """Every rank used to save (one run in six exited 1 without model.safetensors): now the main process writes,
-    the others wait, and each run leaves the same complete folder as one process, printed once."""
-    from safetensors.torch import load_file
-
-    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
-    single = _train_cli(1, data, tmp_path / "single", 4)
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory):
+    """The same command-line run in one process (batch 4) and under torchrun with 2 ranks (batch 2), once each."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available")
+    tmp = tmp_path_factory.mktemp("cli_runs")
+    data = write_jsonl(tmp / "d.jsonl", PAIRS)
+    single = _train_cli(1, data, tmp / "single", 4)
     assert single.returncode == 0, single.stderr[-3000:]
-    expected_files = _saved_files(tmp_path / "single")
+    ddp = _train_cli(2, data, tmp / "ddp", 2)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    return tmp / "single", tmp / "ddp", ddp
+
+
+def test_a_torchrun_run_saves_one_complete_run_like_one_process(cli_runs):
+    """Every rank used to save (one run in six exited 1 without model.safetensors): now the main process writes,
+    the others wait, and the run leaves the same complete folder as one process, printed once."""
+    single, out, result = cli_runs
+    expected_files = _saved_files(single)
     assert {"model.safetensors", "sft_metadata.json", "tokenizer.json", "generation_config.json", "README.md",
             "base_model"} <= set(expected_files)
-    expected = load_file(str(tmp_path / "single" / "model.safetensors"))
-    for attempt in range(3):
-        out = tmp_path / f"ddp{attempt}"
-        result = _train_cli(2, data, out, 2)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert _saved_files(out) == expected_files
-        weights = load_file(str(out / "model.safetensors"))
-        assert weights.keys() == expected.keys()
-        worst = max(((weights[k] - expected[k]).abs().max() / expected[k].abs().max().clamp(min=1e-12)).item()
-                    for k in expected)
-        assert worst < 1e-4
-        metadata = json.loads((out / "sft_metadata.json").read_text(encoding="utf-8"))
-        assert metadata["world_size"] == 2
-        assert result.stdout.count("Model saved to") == 1
-        assert sorted(os.listdir(out / "base_model")) == sorted(os.listdir(tmp_path / "single" / "base_model"))
+    assert _saved_files(out) == expected_files
+    metadata = json.loads((out / "sft_metadata.json").read_text(encoding="utf-8"))
+    assert metadata["world_size"] == 2
+    assert result.stdout.count("Model saved to") == 1
+    assert sorted(os.listdir(out / "base_model")) == sorted(os.listdir(single / "base_model"))
+
+
+def test_a_torchrun_run_trains_the_weights_of_one_process(cli_runs):
+    from safetensors.torch import load_file
+
+    single, out, _ = cli_runs
+    expected = load_file(str(single / "model.safetensors"))
+    weights = load_file(str(out / "model.safetensors"))
+    assert weights.keys() == expected.keys()
+    worst = max(((weights[k] - expected[k]).abs().max() / expected[k].abs().max().clamp(min=1e-12)).item()
+                for k in expected)
+    assert worst < 1e-4
 
 
 def test_exit_rank_runs_pythons_exit_work_and_keeps_the_exit_code(tmp_path):
@@ -149,8 +150,7 @@ def test_every_rank_takes_the_main_process_choice(tmp_path):
     script = tmp_path / "from_main.py"
     script.write_text(FROM_MAIN.format(root=ROOT, out=str(tmp_path)), encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             str(free_port()), str(script)], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(torchrun(2) + [str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     choices = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert choices[0] == choices[1]
@@ -169,7 +169,7 @@ def test_two_ranks_resumed_inside_a_later_epoch_train_as_if_never_stopped(tiny_m
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
     def train(out, *extra):
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        command = torchrun(2) + [
                    os.path.join(ROOT, "train_sft.py"), "--model_name", tiny_model_dir, "--dataset_path", data,
                    "--output_dir", str(out), "--use_lora", "false", "--max_steps", "6", "--save_steps", "1",
                    "--save_total_limit", "None", "--per_device_train_batch_size", "2", "--evaluation_strategy", "no",
@@ -218,8 +218,7 @@ def test_a_check_only_the_main_process_runs_fails_on_every_rank_alike(tmp_path):
     script = tmp_path / "main_decides.py"
     script.write_text(MAIN_DECIDES.format(root=ROOT, out=str(tmp_path)), encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             str(free_port()), str(script)], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(torchrun(2) + [str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["ran_check"] == [0] and ranks[1]["ran_check"] == []

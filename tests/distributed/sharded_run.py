@@ -1,6 +1,6 @@
-"""A short SFT run on one engine, launched by tests/test_sharded.py (and by hand on GPUs) to compare engines.
+"""A short SFT run on one engine, launched by tests/distributed/test_sharded.py (and by hand on GPUs) to compare engines.
 
-usage: [torchrun --nproc_per_node=N] tests/sharded_run.py ENGINE MODEL_DIR TRAIN EVAL OUT_DIR BATCH_PER_DEVICE [KEY=VALUE ...]
+usage: [torchrun --nproc_per_node=N] tests/distributed/sharded_run.py ENGINE MODEL_DIR TRAIN EVAL OUT_DIR BATCH_PER_DEVICE [KEY=VALUE ...]
 ENGINE: single | ddp | zero2 | zero3 (configs/deepspeed_zero*.json) | fsdp2 (configs/fsdp2.json).
 Three AdamW steps (logging every step), then evaluation on EVAL; the run is saved to OUT_DIR as training saves it.
 Rank 0 writes OUT_DIR/result.json: the per-step training losses and the evaluation metrics. KEY=VALUE pairs
@@ -12,13 +12,13 @@ import logging
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from src.config import SFTConfig  # noqa: E402
 from src.distributed import exit_rank, shutdown  # noqa: E402
 from src.training.sft_trainer import SFTTrainer  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENGINES = {"single": {}, "ddp": {},
            "zero2": {"deepspeed": os.path.join(ROOT, "configs", "deepspeed_zero2.json")},
            "zero3": {"deepspeed": os.path.join(ROOT, "configs", "deepspeed_zero3.json")},

@@ -1,6 +1,6 @@
-"""One SGD step of SFT, launched by tests/test_distributed.py under torchrun (CPU, gloo).
+"""One SGD step of SFT, launched by tests/distributed/test_distributed.py under torchrun (CPU, gloo).
 
-usage: torchrun --nproc_per_node=N tests/ddp_one_step.py MODEL_DIR DATA OUT_DIR BATCH_PER_DEVICE PACKING [eval]
+usage: torchrun --nproc_per_node=N tests/distributed/ddp_one_step.py MODEL_DIR DATA OUT_DIR BATCH_PER_DEVICE PACKING [eval]
 Rank 0 writes the parameter update to OUT_DIR/update.pt; with "eval", it evaluates on DATA instead and
 writes the metrics to OUT_DIR/eval.json.
 """
@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from src.config import SFTConfig  # noqa: E402
 from src.distributed import exit_rank, shutdown  # noqa: E402

@@ -4,7 +4,7 @@ Each engine trains the tiny model for three AdamW steps with 2 ranks x batch 2 a
 process x batch 4 (same global batch): the per-step losses, the evaluation (every validation row counted
 once), the saved files and the saved weights must be the same. DeepSpeed ZeRO-2 and ZeRO-3 run on CPUs
 (DeepSpeed's CPU accelerator, gloo); FSDP does not (accelerate selects FSDP for accelerator devices only),
-so an FSDP run on CPUs is refused with the reason, and ``tests/sharded_run.py fsdp2`` runs the same
+so an FSDP run on CPUs is refused with the reason, and ``tests/distributed/sharded_run.py fsdp2`` runs the same
 comparison on GPUs (see README, "Training at scale").
 """
 
@@ -16,8 +16,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import PAIRS, ROOT, make_config, write_jsonl
-from tests.test_distributed import free_port
+from tests.helpers import PAIRS, ROOT, free_port, make_config, torchrun, write_jsonl
 
 pytestmark = [
     pytest.mark.slow,
@@ -25,7 +24,7 @@ pytestmark = [
                        reason="torch.distributed with the gloo backend is not available"),
 ]
 
-SCRIPT = os.path.join(ROOT, "tests", "sharded_run.py")
+SCRIPT = os.path.join(ROOT, "tests", "distributed", "sharded_run.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
@@ -52,10 +51,6 @@ def launch(cmd, out, engine, model_dir, data, batch, *overrides):
     assert result.returncode == 0, result.stderr[-4000:]
     with open(os.path.join(out, "result.json")) as fh:
         return json.load(fh), result
-
-
-def torchrun(nproc=2):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
 
 
 # LoRA adapters with gradient checkpointing on packed rows: 4 rows of at most 80 tokens, the whole set each step
@@ -105,7 +100,7 @@ ENGINE_NAMES = {"zero2": "deepspeed-zero2", "zero3": "deepspeed-zero3", "fsdp2-c
 @pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp2-cpu"])
 def test_sharded_engines_on_two_cpu_ranks_train_and_save_what_one_process_does(engine, lora, tiny_model_dir, data, single,
                                                                               single_lora, tmp_path):
-    """fsdp2-cpu: accelerate's engine choice is forced to FSDP on the CPU ranks (tests/sharded_run.py); from there on
+    """fsdp2-cpu: accelerate's engine choice is forced to FSDP on the CPU ranks (tests/distributed/sharded_run.py); from there on
     it is accelerate's FSDP2 preparation, torch's fully_shard over a CPU mesh, the Trainer and our code."""
     if engine.startswith("zero") and deepspeed_missing():
         pytest.skip("deepspeed is not installed (scripts/test.sh installs it; pip install --no-build-isolation deepspeed)")
@@ -156,7 +151,7 @@ def test_fsdp_on_cpus_is_refused_with_the_reason_before_loading_data(tiny_model_
     from src.training.sft_trainer import SFTTrainer
 
     if torch.cuda.is_available():
-        pytest.skip("checks the CPU refusal; on GPUs tests/sharded_run.py fsdp2 runs FSDP2")
+        pytest.skip("checks the CPU refusal; on GPUs tests/distributed/sharded_run.py fsdp2 runs FSDP2")
     broken = write_jsonl(tmp_path / "broken.jsonl", [{"instruction": "س"}])  # reading it would fail: no response
     config = make_config(tiny_model_dir, broken, tmp_path / "o", max_steps=1,
                          fsdp_config=os.path.join(ROOT, "configs", "fsdp2.json"))
@@ -187,12 +182,11 @@ def test_fsdp2_config_reaches_accelerate_as_fsdp2_of_the_models_decoder_layers(t
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP runs on GPUs only (accelerate selects it for accelerator "
                                                           "devices); this is the GPU half of the comparison")
 def test_fsdp2_on_gpus_trains_what_one_process_does(tiny_model_dir, data, single, tmp_path):
-    """The one command on a GPU machine: pytest tests/test_sharded.py -k fsdp2_on_gpus (2 GPUs shard, 1 still runs FSDP2)."""
+    """The one command on a GPU machine: pytest tests/distributed/test_sharded.py -k fsdp2_on_gpus (2 GPUs shard, 1 still runs FSDP2)."""
     nproc = 2 if torch.cuda.device_count() >= 2 else 1
     out = tmp_path / "fsdp2"
     train, evaluation = data
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-           SCRIPT, "fsdp2", tiny_model_dir, train, evaluation, str(out), str(4 // nproc)]
+    cmd = torchrun(nproc) + [SCRIPT, "fsdp2", tiny_model_dir, train, evaluation, str(out), str(4 // nproc)]
     result = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     with open(out / "result.json") as fh:
@@ -217,7 +211,7 @@ def test_zero2_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result
     train, _ = data
 
     def command(out, *extra):
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        return torchrun(2) + [
                 os.path.join(ROOT, "train_sft.py"), "--model_name", tiny_model_dir, "--dataset_path", train,
                 "--output_dir", str(out), "--use_lora", "false", "--max_steps", "16", "--save_steps", "1",
                 "--save_total_limit", "None", "--per_device_train_batch_size", "2", "--evaluation_strategy", "no",
