@@ -1,7 +1,7 @@
 """Evaluation and one training step of a two-source mixture, launched by tests/test_per_source_loss.py with or
 without torchrun (CPU, gloo).
 
-usage: [torchrun --nproc_per_node=N] tests/per_source_run.py MODEL_DIR DATASETS_JSON OUT_DIR BATCH_PER_DEVICE PACKING
+usage: [torchrun --nproc_per_node=N] tests/distributed/per_source_run.py MODEL_DIR DATASETS_JSON OUT_DIR BATCH_PER_DEVICE PACKING
 Rank 0 writes the per-source figures to OUT_DIR/per_source.json: the evaluation's metrics of the untrained model and
 the first training step's log line.
 """
