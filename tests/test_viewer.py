@@ -117,3 +117,21 @@ def test_audit_show_prints_an_arabic_row_with_its_trained_part_marked(tiny_model
     assert out.count(OPEN) - 1 == int(out.split("packed ──")[0].rsplit(", ", 1)[1].split()[0])  # a span per document
     code, _, err = _audit(base + ["--rows", "99", "--show", "1"], capsys)
     assert code == 2 and "audit: --rows [99]: the training split has rows 0 to 7" in err
+
+
+def test_the_python_api_shows_the_same_rows_as_the_command(tiny_model_dir, tmp_path, capsys):
+    from src.training.sft_trainer import SFTTrainer
+    from tests.helpers import make_config
+
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    trainer = SFTTrainer(make_config(tiny_model_dir, data, tmp_path / "o", instruction_template="chatml"))
+    text = trainer.show_examples(2, as_json=True)
+    rows = [json.loads(line) for line in text.splitlines()]
+    assert [r["row"] for r in rows] == [0, 1]
+    assert [s["text"] for s in rows[1]["trained_spans"]] == [PAIRS[1]["response"] + "<|im_end|>"]
+    code, out, _ = _audit(["--model_name", tiny_model_dir, "--dataset_path", data, "--output_dir", str(tmp_path / "o"),
+                           "--validation_split_ratio", "0", "--instruction_template", "chatml", "--show", "2", "--json"],
+                          capsys)
+    assert code == 0 and text in out
+    packed = trainer.show_examples(1, packed=True)
+    assert "║ doc 1 ║" in packed and "documents packed" in packed

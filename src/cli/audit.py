@@ -20,9 +20,8 @@ from typing import Any
 from src.cli.args import parse_config
 from src.config import SFTConfig
 from src.data.audit import audit_records, format_table
-from src.data.preprocess import TokenizeReport, tokenize_records
-from src.data.tokenization import DROPPED, drop_reason
-from src.data.viewer import describe_row, render_row
+from src.data.tokenization import drop_reason
+from src.data.viewer import show_rows
 from src.data.wiring import example_tokenizer_for, load_config_records
 from src.distributed import is_main_process
 from src.models.loading import load_tokenizer, resolve_model_path
@@ -53,7 +52,7 @@ def _take_viewer_flags(argv: list[str]) -> tuple[list[str], dict]:
 
 
 def _show(config: Any, records: dict, example_tokenizer: Any, flags: dict) -> int:
-    """The token-level viewer (module docstring)."""
+    """The token-level viewer (module docstring; ``src.data.viewer.show_rows``)."""
     try:
         count = int(flags.get("show", 0))
     except ValueError:
@@ -62,37 +61,19 @@ def _show(config: Any, records: dict, example_tokenizer: Any, flags: dict) -> in
     if color_choice not in ("auto", "always", "never"):
         raise ValueError(f"audit: --color {color_choice!r}: expected auto, always or never")
     color = color_choice == "always" or (color_choice == "auto" and sys.stdout.isatty() and not flags.get("json"))
-    train = records.get("train") or []
-    tokenizer = example_tokenizer.tokenizer
-    if flags.get("packed"):
-        if "rows" in flags:
-            raise ValueError("audit: --rows picks training examples; with --packed give --show N (the first N packed rows)")
-        dataset = tokenize_records(train, example_tokenizer, "train", TokenizeReport(), packing=True)
-        rows = [(i, dataset[i]) for i in range(min(count or 1, len(dataset)))]
-    else:
-        if "rows" in flags:
-            try:
-                indices = [int(x) for x in str(flags["rows"]).split(",") if x.strip()]
-            except ValueError:
-                raise ValueError(f"audit: --rows {flags['rows']!r}: expected 0-based row numbers like 0,4,9") from None
-            outside = [i for i in indices if not 0 <= i < len(train)]
-            if outside:
-                raise ValueError(f"audit: --rows {outside}: the training split has rows 0 to {len(train) - 1}")
-        else:
-            indices = list(range(min(count or 1, len(train))))
-        tokenized = example_tokenizer.tokenize_batch([train[i] for i in indices], "train") if indices else []
-        rows = []
-        for i, (ids, labels, status) in zip(indices, tokenized):
-            if status == DROPPED:
-                print(f"── train row {i}: dropped by overlong_policy={config.overlong_policy!r} "
-                      f"({drop_reason(config.overlong_policy)}) ──\n")
-                continue
-            rows.append((i, {"input_ids": ids, "labels": labels}))
-    if not is_main_process():
-        return 0
-    for index, row in rows:
-        described = describe_row(tokenizer, row, index)
-        print(json.dumps(described, ensure_ascii=False) if flags.get("json") else render_row(described, color))
+    rows = None
+    if "rows" in flags:
+        try:
+            rows = [int(x) for x in str(flags["rows"]).split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"audit: --rows {flags['rows']!r}: expected 0-based row numbers like 0,4,9") from None
+    try:
+        text = show_rows(records.get("train") or [], example_tokenizer, count, rows, bool(flags.get("packed")), color,
+                         bool(flags.get("json")), drop_note=f" ({drop_reason(config.overlong_policy)})")
+    except ValueError as exc:
+        raise ValueError(f"audit: {exc}") from None
+    if is_main_process():
+        print(text)
     return 0
 
 

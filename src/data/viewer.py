@@ -19,8 +19,12 @@ isolated: JSON readers do their own layout).
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Optional
+
+from src.data.preprocess import TokenizeReport, tokenize_records
+from src.data.tokenization import DROPPED
 
 IGNORE_INDEX = -100
 FSI, PDI = "\u2068", "\u2069"
@@ -140,3 +144,38 @@ def render_row(described: dict, color: bool) -> str:
                                                          if described["packed"] else "") + " ──")
     legend = "(trained tokens in green)" if color else f"(trained tokens between {OPEN} and {CLOSE})"
     return "\n".join([head, legend, render_text(described, color), "", render_table(described, color), ""])
+
+
+def training_rows(records: list[dict], example_tokenizer: Any, count: int = 1, rows: Optional[list[int]] = None,
+                  packed: bool = False) -> list[tuple[int, Optional[dict]]]:
+    """The rows to show, as training builds them: ``(index, row)`` for the first ``count`` training records (or those
+    at the 0-based ``rows``), each tokenized by ``example_tokenizer`` (row None: dropped by the over-long policy), or
+    with ``packed`` the first ``count`` packed rows of the whole split (packing as training packs)."""
+    if packed:
+        if rows is not None:
+            raise ValueError("--rows picks training examples; with --packed give --show N (the first N packed rows)")
+        dataset = tokenize_records(records, example_tokenizer, "train", TokenizeReport(), packing=True)
+        return [(i, dataset[i]) for i in range(min(max(count, 1), len(dataset)))]
+    if rows is not None:
+        outside = [i for i in rows if not 0 <= i < len(records)]
+        if outside:
+            raise ValueError(f"--rows {outside}: the training split has rows 0 to {len(records) - 1}")
+        indices = list(rows)
+    else:
+        indices = list(range(min(max(count, 1), len(records))))
+    tokenized = example_tokenizer.tokenize_batch([records[i] for i in indices], "train") if indices else []
+    return [(i, None if status == DROPPED else {"input_ids": ids, "labels": labels})
+            for i, (ids, labels, status) in zip(indices, tokenized)]
+
+
+def show_rows(records: list[dict], example_tokenizer: Any, count: int = 1, rows: Optional[list[int]] = None,
+              packed: bool = False, color: bool = False, as_json: bool = False, drop_note: str = "") -> str:
+    """``training_rows`` rendered: each row's text and token table (``render_row``), or one JSON object per line."""
+    out = []
+    for index, row in training_rows(records, example_tokenizer, count, rows, packed):
+        if row is None:
+            out.append(f"── train row {index}: dropped by the over-long policy{drop_note} ──\n")
+            continue
+        described = describe_row(example_tokenizer.tokenizer, row, index)
+        out.append(json.dumps(described, ensure_ascii=False) if as_json else render_row(described, color))
+    return "\n".join(out)

@@ -29,9 +29,11 @@ from src.data.preprocess import TokenizeReport, tokenize_records
 from src.data.streaming import StreamedData, stream_splits
 from src.data.templates import chat_template
 from src.data.tokenization import ExampleTokenizer
-from src.data.wiring import example_tokenizer_for
+from src.data.viewer import show_rows
+from src.data.wiring import example_tokenizer_for, load_config_records
 from src.distributed import main_process_first
 from src.models.architectures import ROWS, PackedLayout, describe, plan_packed_layout, unwrap_model
+from src.models.loading import load_tokenizer, resolve_model_path
 from src.training import generation
 from src.training.attention import AUTO, AttentionChoice, check_trainable, choose_for_packed_rows
 from src.training.base_trainer import BaseTrainer
@@ -369,6 +371,19 @@ class SFTTrainer(BaseTrainer):
     def _ensure_model(self) -> None:
         if self.model is None:
             self.setup_model()
+
+    def show_examples(self, count: int = 3, rows: Optional[List[int]] = None, packed: bool = False,
+                      as_json: bool = False, color: bool = False) -> str:
+        """What the model trains on, token by token (``train_sft.py audit --show``; :mod:`src.data.viewer`): the first
+        ``count`` training rows (or those at the 0-based ``rows``), each as text with its trained part marked and a
+        token table; ``packed``: the first packed rows with their seams. Reads the config's data as training does and
+        needs only the tokenizer, loaded here if no model is."""
+        if self.tokenizer is None:
+            source = self.config.tokenizer_name or resolve_model_path(self.config.model_name, self.config.output_dir,
+                                                                      self.config.dataset_path, self.config.seed)
+            self.tokenizer = load_tokenizer(source, trust_remote_code=self.config.trust_remote_code)
+        records = load_config_records(self.config)[0].get("train") or []  # as training reads them
+        return show_rows(records, self.example_tokenizer(), count, rows, packed, color, as_json)
 
     def stop_token_ids(self) -> List[int]:
         ids = [self.example_tokenizer().end_id]
