@@ -255,3 +255,26 @@ def test_every_loss_path_gives_the_same_per_source_sums_and_they_add_up(tiny_mod
     for name, (sums, counts) in results.items():
         assert torch.equal(counts, results["fused"][1])
         assert torch.allclose(sums, results["fused"][0], rtol=1e-5), name
+
+
+def test_the_command_line_reports_and_saves_each_sources_loss(tiny_model_dir, tmp_path, capsys):
+    """train_sft.py with a YAML mixture of named sources: per-source figures in the metadata and the model card, and
+    eval_<name>_loss beside eval_loss in the final metrics."""
+    import train_sft
+
+    sources = _mixture(tmp_path, msa="msa", swapped="swapped")
+    config = tmp_path / "run.yaml"
+    config.write_text("datasets:\n" + "".join(f"  - {{path: {s['path']}, weight: 1, name: {s['name']}}}\n" for s in sources)
+                      + f"model_name: {tiny_model_dir}\noutput_dir: {tmp_path / 'out'}\nmax_steps: 2\n"
+                        "validation_split_ratio: 0.5\nmax_seq_length: 96\nper_device_train_batch_size: 2\n"
+                        "metric_for_best_model: eval_msa_loss\n", encoding="utf-8")
+    assert train_sft.main(["--config", str(config)]) == 0
+    meta = json.load(open(tmp_path / "out" / "sft_metadata.json", encoding="utf-8"))
+    final = meta["final_metrics"]
+    for name in ("msa", "swapped"):
+        assert final[f"eval_{name}_loss"] > 0 and meta["per_source"][name]["eval_loss"] == final[f"eval_{name}_loss"]
+    weights = {n: final[f"eval_{n}_tokens"] for n in ("msa", "swapped")}
+    recombined = sum(final[f"eval_{n}_loss"] * w for n, w in weights.items()) / sum(weights.values())
+    assert recombined == pytest.approx(final["eval_loss"], rel=1e-6)
+    card = open(tmp_path / "out" / "README.md", encoding="utf-8").read()
+    assert "Loss per data source" in card and "msa" in card and "swapped" in card
