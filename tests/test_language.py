@@ -104,6 +104,7 @@ def drifting_run(tiny_model_dir, tmp_path_factory):
     return trainer, tmp
 
 
+@pytest.mark.slow  # a 150-step memorising run
 def test_generation_eval_measures_language_marks_rows_and_the_gate_fails_after_saving(drifting_run):
     import json
     import os
@@ -126,6 +127,7 @@ def test_generation_eval_measures_language_marks_rows_and_the_gate_fails_after_s
     assert os.path.isfile(os.path.join(out, "model.safetensors"))
 
 
+@pytest.mark.slow  # the memorising run
 def test_generate_command_marks_each_answer_and_gates(drifting_run, capsys):
     import json
 
