@@ -278,3 +278,73 @@ def test_the_command_line_reports_and_saves_each_sources_loss(tiny_model_dir, tm
     assert recombined == pytest.approx(final["eval_loss"], rel=1e-6)
     card = open(tmp_path / "out" / "README.md", encoding="utf-8").read()
     assert "Loss per data source" in card and "msa" in card and "swapped" in card
+
+
+# -- several validation files (eval_datasets) ------------------------------------------------------------------------
+def _eval_files(tmp_path):
+    dialect = [{"instruction": p["instruction"] + " باللهجة", "response": p["response"] + " يا صاحبي"} for p in PAIRS[:5]]
+    return write_jsonl(tmp_path / "msa_val.jsonl", PAIRS[:3]), write_jsonl(tmp_path / "dialect.jsonl", dialect)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_several_validation_files_are_sources_of_their_own(tiny_model_dir, tmp_path, packing):
+    """A mixture with eval_datasets: a file named like a mixture source is its validation data, another file is a
+    source of its own; nothing is held out of training; the figures recombine into eval_loss."""
+    msa_val, dialect = _eval_files(tmp_path)
+    config = _config(tiny_model_dir, tmp_path, _mixture(tmp_path, msa="msa"), packing=packing,
+                     eval_datasets=[{"path": msa_val, "name": "msa"}, dialect], metric_for_best_model="eval_dialect_loss")
+    trainer = SFTTrainer(config)
+    trainer.prepare()
+    assert trainer.source_names == ["msa", "swapped", "dialect"]
+    assert len(trainer.dataset["train"]) == 2 * len(PAIRS) and len(trainer.dataset["validation"]) == 3 + 5
+    metrics = trainer.evaluate_model()
+    assert "eval_swapped_loss" not in metrics  # no validation rows of that source
+    tokens = {n: metrics[f"eval_{n}_tokens"] for n in ("msa", "dialect")}
+    assert all(tokens.values()) and sum(tokens.values()) == metrics["eval_tokens"]
+    recombined = sum(metrics[f"eval_{n}_loss"] * tokens[n] for n in tokens) / metrics["eval_tokens"]
+    assert recombined == pytest.approx(metrics["eval_loss"], rel=1e-6)
+
+
+def test_validation_files_beside_one_training_file(tiny_model_dir, tmp_path):
+    """No mixture: the training file is not split by source, the validation files are; the run trains, and the
+    metadata names each validation file."""
+    msa_val, dialect = _eval_files(tmp_path)
+    data = write_jsonl(tmp_path / "train.jsonl", PAIRS)
+    config = _config(tiny_model_dir, tmp_path, None, dataset_path=data, eval_datasets=json.dumps([msa_val, dialect]),
+                     max_steps=2)
+    trainer = SFTTrainer(config)
+    trainer.train()
+    final = trainer.final_metrics
+    assert final["eval_msa_val_loss"] > 0 and final["eval_dialect_loss"] > 0
+    meta = json.load(open(os.path.join(config.output_dir, "sft_metadata.json"), encoding="utf-8"))
+    assert meta["per_source"]["dialect"]["eval_path"] == dialect
+    assert meta["per_source"]["msa_val"]["eval_loss"] == final["eval_msa_val_loss"]
+
+
+def test_bad_validation_files_name_the_entry(tmp_path):
+    msa_val, dialect = _eval_files(tmp_path)
+    data = write_jsonl(tmp_path / "train.jsonl", PAIRS)
+    cases = [
+        (dict(eval_datasets=[msa_val], eval_dataset_path=dialect), "eval_datasets.*None when eval_dataset_path is set"),
+        (dict(eval_datasets=[{"path": msa_val, "name": "a"}, {"path": dialect, "name": "a"}]),
+         r"eval_datasets\[1\].name='a' is invalid: eval_datasets\[0\] has that name already"),
+        (dict(eval_datasets=[{"path": msa_val, "weight": 1}]), r"eval_datasets\[0\]: unknown key\(s\) \['weight'\]"),
+        (dict(eval_datasets=[str(tmp_path / "missing.jsonl")]), "eval_datasets.*does not exist"),
+        (dict(eval_datasets=[msa_val], metric_for_best_model="eval_other_loss"), "eval_msa_val_loss"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ValueError, match=message):
+            SFTConfig(dataset_path=data, **overrides)
+    assert SFTConfig(dataset_path=data, eval_datasets=[msa_val], metric_for_best_model="eval_msa_val_loss")
+
+
+def test_validation_files_from_yaml(tmp_path):
+    from src.cli.args import parse_config
+
+    msa_val, dialect = _eval_files(tmp_path)
+    data = write_jsonl(tmp_path / "train.jsonl", PAIRS)
+    path = tmp_path / "run.yaml"
+    path.write_text(f"dataset_path: {data}\neval_datasets:\n  - {msa_val}\n  - {{path: {dialect}, name: dia}}\n",
+                    encoding="utf-8")
+    config = parse_config(SFTConfig, ["--config", str(path)])
+    assert json.loads(config.eval_datasets) == [msa_val, {"path": dialect, "name": "dia"}]

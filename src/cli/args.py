@@ -123,7 +123,7 @@ GROUP_OF = {"resume_from_checkpoint": "evaluation, saving, logging", "resume_all
 
 # Fields that hold a structure (a list of sources, a mapping of template variables): a YAML list or mapping in the
 # file, JSON text on the command line. The config class states their real type; the parser reads them as text.
-STRUCTURED_FIELDS = ("datasets", "chat_template_kwargs")
+STRUCTURED_FIELDS = ("datasets", "eval_datasets", "chat_template_kwargs")
 
 
 def parser_view(cls: type) -> type:

@@ -22,7 +22,7 @@ from typing import Any, Optional, Union
 from src.config.loss_settings import check_loss_settings
 from src.data.chat_templates import parse_template_kwargs
 from src.data.loading import check_data_path
-from src.data.mixing import parse_mixture, source_names
+from src.data.mixing import parse_eval_sources, parse_mixture, source_names
 from src.data.normalization import SWITCHES, ArabicNormalizer, build_normalizer
 from src.data.templates import check_template_settings, default_response_template
 from src.models.loading import bf16_supported
@@ -65,6 +65,11 @@ class BaseConfig:
         "data file is used, or validation_split_ratio of the training rows is held out (seeded).",
         default=None,
     )
+    eval_datasets: Optional[Union[str, list[Any]]] = _help(
+        "Instead of eval_dataset_path, several validation files, each reported as a source of its own "
+        "(eval_<name>_loss, eval_<name>_perplexity): a list (YAML) or JSON text of paths or {path, name}; the name "
+        "defaults to the file's stem, and a file named like a datasets source is that source's validation data. "
+        "Nothing is held out of the training data then.", default=None)
     output_dir: str = _help("Where checkpoints, the final model and sft_metadata.json go.", default="./checkpoints/sft")
     overwrite_output_dir: bool = _help(
         "Allow saving the final model into a directory that already holds files. Off: refuse rather than "
@@ -216,10 +221,13 @@ class BaseConfig:
         if metric is None or metric == "eval_loss":
             return
         names = source_names(parse_mixture(self.datasets)) if self.datasets is not None else []
+        if self.eval_datasets is not None:
+            names += [n for n in source_names(parse_eval_sources(self.eval_datasets)) if n not in names]
         if not (isinstance(metric, str) and metric.startswith("eval_") and metric.endswith("_loss")
                 and metric[len("eval_"):-len("_loss")] in names):
-            bad("metric_for_best_model", "None, 'eval_loss' or 'eval_<name>_loss' for a source of datasets ("
-                + (", ".join(f"eval_{n}_loss" for n in names) if names else "no datasets mixture is set") + ")")
+            bad("metric_for_best_model", "None, 'eval_loss' or 'eval_<name>_loss' for a source of datasets or "
+                "eval_datasets (" + (", ".join(f"eval_{n}_loss" for n in names) if names else
+                                     "neither datasets nor eval_datasets is set") + ")")
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field whose value cannot work."""
@@ -243,6 +251,11 @@ class BaseConfig:
                 bad("datasets", "None when dataset_path is set (give one or the other)")
             for source in _ask("datasets", parse_mixture, self.datasets):
                 _ask("datasets", check_data_path, source.path)
+        if self.eval_datasets is not None:
+            if self.eval_dataset_path is not None:
+                bad("eval_datasets", "None when eval_dataset_path is set (give one or the other)")
+            for source in _ask("eval_datasets", parse_eval_sources, self.eval_datasets):
+                _ask("eval_datasets", check_data_path, source.path)
         self._check_best_metric(bad)
         if not isinstance(self.output_dir, str) or not self.output_dir.strip():
             bad("output_dir", "a directory path")
@@ -412,6 +425,9 @@ class SFTConfig(BaseConfig):
                 raise ValueError(f"SFTConfig.stream_data: needs eval_dataset_path to be a .jsonl file, got {self.eval_dataset_path!r}")
             if self.dataset_cache_dir is None:
                 raise ValueError("SFTConfig.stream_data: needs dataset_cache_dir (the tokenized rows live there), got None")
+            if self.eval_datasets is not None:
+                raise ValueError("SFTConfig.eval_datasets: None with stream_data=True (streaming reads one "
+                                 "eval_dataset_path)")
             if self.eval_generation_samples:
                 raise ValueError("SFTConfig.eval_generation_samples: 0 with stream_data=True (the validation rows are "
                                  "only on disk, tokenized)")

@@ -183,6 +183,53 @@ def load_mixture(sources: list[MixtureSource], eval_source: Any = None, *, valid
     return splits, total
 
 
+def parse_eval_sources(value: Any) -> list[MixtureSource]:
+    """``eval_datasets``: several validation files, each a source of its own in the per-source figures. A list of
+    paths or ``{path, name}`` mappings (or its JSON text, as the command line gives it; a text that is not JSON is one
+    path). Names as in a mixture (``source_names``); a validation file named like a mixture source is that source's
+    validation data. ``ValueError`` names the entry and key."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            value = [value]
+    if not isinstance(value, list) or not value:
+        raise ValueError("eval_datasets: expected a non-empty list of validation files (paths, or {path, name})")
+    sources = []
+    for i, entry in enumerate(value):
+        entry = {"path": entry} if isinstance(entry, str) else entry
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise ValueError(f"eval_datasets[{i}]: expected a path or a mapping with a 'path'")
+        unknown = set(entry) - {"path", "name"}
+        if unknown:
+            raise ValueError(f"eval_datasets[{i}]: unknown key(s) {sorted(unknown)}; expected path, name")
+        name = entry.get("name")
+        if name is not None and not (isinstance(name, str) and SOURCE_NAME_RE.fullmatch(name)):
+            raise ValueError(f"eval_datasets[{i}].name={name!r} is invalid: expected letters, digits, '_' or '-'")
+        if name is not None and name in [s.name for s in sources]:
+            raise ValueError(f"eval_datasets[{i}].name={name!r} is invalid: eval_datasets[{[s.name for s in sources].index(name)}] "
+                             "has that name already")
+        sources.append(MixtureSource(entry["path"], 1.0, "validation", None, name))
+    return sources
+
+
+def load_eval_sources(sources: list[MixtureSource], report: LoadReport, *, seed: int = 42,
+                      skip_invalid: bool = False) -> list[dict]:
+    """The validation rows of every file of ``eval_datasets`` (a file's ``validation`` split, else all its rows), each
+    row naming its source (``SOURCE_KEY``), in file order; each file's counts are added to ``report``."""
+    rows: list[dict] = []
+    for source, name in zip(sources, source_names(sources)):
+        loaded, file_report = load_records(source.path, validation_split_ratio=0.0, seed=seed, skip_invalid=skip_invalid,
+                                           log=False)
+        validation = loaded.get("validation") or loaded["train"]
+        rows += [{**row, SOURCE_KEY: name} for row in validation]
+        _add_source(report, file_report, "validation", path=source.path, split="validation", kept=len(validation),
+                    mixed=0)
+    logger.info("Validation files: %s", ", ".join(f"{name} {source.path}" for source, name in
+                                                    zip(sources, source_names(sources))))
+    return rows
+
+
 def _add_source(total: LoadReport, report: LoadReport, feeds: str, **counts: Any) -> None:
     """Add one source's load report to the mixture's: its reads (to the split it ``feeds``) and skips to the totals,
     its own counts to ``sources``."""

@@ -12,7 +12,7 @@ from typing import Any
 
 from src.data.chat_templates import TokenizerChatFormat, parse_template_kwargs
 from src.data.loading import load_records
-from src.data.mixing import load_mixture, parse_mixture
+from src.data.mixing import load_eval_sources, load_mixture, parse_eval_sources, parse_mixture
 from src.data.records import LoadReport
 from src.data.templates import PromptFormat, get_prompt_format
 from src.data.tokenization import ExampleTokenizer
@@ -24,6 +24,21 @@ def load_config_records(config: Any, *, skip_invalid: bool | None = None) -> tup
     ``skip_invalid_rows``) counts invalid rows instead of raising, as the audit does."""
     skip = config.skip_invalid_rows if skip_invalid is None else skip_invalid
     options = {"validation_split_ratio": config.validation_split_ratio, "seed": config.seed, "skip_invalid": skip}
+    if getattr(config, "eval_datasets", None) is not None:
+        # Several validation files, each a source of the per-source figures: the training rows are all of the
+        # training data (nothing held out), the validation rows those files' rows.
+        options["validation_split_ratio"] = 0.0
+        if config.datasets is not None:
+            splits, report = load_mixture(parse_mixture(config.datasets), None, **options)
+        else:
+            splits, report = load_records(config.dataset_path, None, **options)
+            if splits.get("validation"):
+                raise ValueError(f"SFTConfig.eval_datasets: {config.dataset_path} has a validation split of its own; "
+                                 "with eval_datasets the validation rows come from those files only")
+        splits["validation"] = load_eval_sources(parse_eval_sources(config.eval_datasets), report, seed=config.seed,
+                                                 skip_invalid=skip)
+        report.rows_kept["validation"] = len(splits["validation"])
+        return splits, report
     if config.datasets is not None:
         return load_mixture(parse_mixture(config.datasets), config.eval_dataset_path, **options)
     if config.dataset_path is None:

@@ -22,7 +22,7 @@ from src.config import SFTConfig
 from src.data.chat_templates import split_reasoning
 from src.data.language import answer_language, check_foreign_script_rate, describe_language, language_metrics, language_summary
 from src.data.loading import load_records
-from src.data.mixing import SOURCE_KEY, SOURCE_NAME_RE, parse_mixture, source_names
+from src.data.mixing import SOURCE_KEY, SOURCE_NAME_RE, parse_eval_sources, parse_mixture, source_names
 from src.data.normalization import SWITCHES
 from src.data.packing import SFTDataCollator, padding_efficiency
 from src.data.preprocess import TokenizeReport, tokenize_records
@@ -459,9 +459,15 @@ class SFTTrainer(BaseTrainer):
         if self.config.datasets is not None:
             sources = parse_mixture(self.config.datasets)
             paths = {name: source.path for name, source in zip(source_names(sources), sources)}
+        evals = {}
+        if self.config.eval_datasets is not None:
+            sources = parse_eval_sources(self.config.eval_datasets)
+            evals = {name: source.path for name, source in zip(source_names(sources), sources)}
         figures: Dict[str, Dict[str, Any]] = {}
         for name in self.source_names or []:
             entry: Dict[str, Any] = {"path": paths[name]} if name in paths else {}
+            if name in evals:
+                entry["eval_path"] = evals[name]
             if name in train:
                 entry.update(train_loss=train[name]["loss"], train_tokens=train[name]["tokens"])
             for key in ("loss", "perplexity", "tokens"):
