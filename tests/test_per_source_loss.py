@@ -135,7 +135,7 @@ def test_a_source_metric_must_name_a_source_with_validation_rows(tiny_model_dir,
     with pytest.raises(ValueError, match=r"SFTConfig.metric_for_best_model='eval_other_loss'.*eval_msa_loss, "
                                          r"eval_swapped_loss"):
         _config(tiny_model_dir, tmp_path, datasets, metric_for_best_model="eval_other_loss")
-    with pytest.raises(ValueError, match="metric_for_best_model.*no datasets mixture"):
+    with pytest.raises(ValueError, match="metric_for_best_model.*neither datasets nor eval_datasets is set"):
         SFTConfig(dataset_path=datasets[0]["path"], metric_for_best_model="eval_msa_loss")
     assert SFTConfig(dataset_path=datasets[0]["path"], metric_for_best_model="eval_loss")
     # validation from eval_dataset_path: not a source, so no figure per source to watch; refused before training
