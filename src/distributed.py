@@ -236,7 +236,13 @@ def quiet_library_noise(other_ranks: bool = False) -> None:
     os.environ.setdefault("DATASETS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    # already imported (an application that launched us in-process): the environment above comes too late for them
+    # already imported (an application that launched us in-process, or an import chain that reached them): the
+    # environment above comes too late for them. huggingface_hub first: transformers, imported later, takes its
+    # progress-bar switch from it.
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
     if "transformers" in sys.modules:
         from transformers.utils import logging as transformers_logging
 
