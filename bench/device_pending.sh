@@ -17,6 +17,8 @@
 #    (carry their wheels in .whl/: pip download --no-deps -d .whl flash-linear-attention fla-core; causal-conv1d has no CUDA wheel on PyPI and builds from source only with nvcc), then
 #    tests/test_gpu_hybrid.py: packed Qwen3.5 rows flattened with their document boundaries are exact (it skips, with
 #    the reason, when a kernel is missing: the run then trains unpacked, as on a CPU).
+# 7. Loss per data source (issue #23) on the GPU's loss paths (fused head, chunks, bf16): tests/test_per_source_loss.py
+#    runs its tiny models on the GPU when one is there (recombination into eval_loss, the four loss paths agree).
 # Results under "$OUT" (attention.json, defaults/, profiled/, qlora/, liger/, pytest.log).
 # CPU dry run of the wiring: SKIP_WHEELS=1 DRY=1 bash bench/device_pending.sh
 cd "$(dirname "$0")/.." || exit 1
@@ -36,7 +38,7 @@ else
 fi
 run() { echo "== $*"; timeout "${STEP_TIMEOUT_S:-240}" "$@" 2>&1 | tail -40; }
 # PARTS picks and orders the parts (the whole list takes about 10 minutes on an H100: split it over two calls).
-PARTS="${PARTS:-attention loss defaults qlora tests liger profiled hybrid}"
+PARTS="${PARTS:-attention loss defaults qlora tests liger profiled hybrid per_source}"
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 
 want attention && run $PY bench/attention_packed.py "${SHAPE[@]}" --json "$OUT/attention.json"
@@ -63,3 +65,5 @@ if want hybrid; then
     | tee "$OUT/hybrid_kernels.txt"
   run $PY -m pytest -q -p no:cacheprovider -rs tests/test_gpu_hybrid.py 2>&1 | tee "$OUT/hybrid.log" | tail -15
 fi
+want per_source && run $PY -m pytest -q -p no:cacheprovider -m "not slow" tests/test_per_source_loss.py 2>&1 \
+  | tee "$OUT/per_source.log" | tail -15
