@@ -65,6 +65,11 @@ def source_names(sources: list[MixtureSource]) -> list[str]:
     return names
 
 
+def named_paths(sources: list[MixtureSource]) -> dict[str, str]:
+    """``{name: path}`` of ``sources``, names as ``source_names`` gives them, in order."""
+    return {name: source.path for name, source in zip(source_names(sources), sources)}
+
+
 def parse_mixture(value: Any) -> list[MixtureSource]:
     """Sources from a list of mappings (or its JSON text, as the command line gives it); ``ValueError`` names
     the entry and key that cannot work."""
@@ -218,15 +223,15 @@ def load_eval_sources(sources: list[MixtureSource], report: LoadReport, *, seed:
     """The validation rows of every file of ``eval_datasets`` (a file's ``validation`` split, else all its rows), each
     row naming its source (``SOURCE_KEY``), in file order; each file's counts are added to ``report``."""
     rows: list[dict] = []
-    for source, name in zip(sources, source_names(sources)):
+    names = source_names(sources)
+    for source, name in zip(sources, names):
         loaded, file_report = load_records(source.path, validation_split_ratio=0.0, seed=seed, skip_invalid=skip_invalid,
                                            log=False)
         validation = loaded.get("validation") or loaded["train"]
         rows += [{**row, SOURCE_KEY: name} for row in validation]
         _add_source(report, file_report, "validation", path=source.path, split="validation", kept=len(validation),
                     mixed=0)
-    logger.info("Validation files: %s", ", ".join(f"{name} {source.path}" for source, name in
-                                                    zip(sources, source_names(sources))))
+    logger.info("Validation files: %s", ", ".join(f"{name} {source.path}" for source, name in zip(sources, names)))
     return rows
 
 

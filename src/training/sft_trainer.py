@@ -22,7 +22,7 @@ from src.config import SFTConfig
 from src.data.chat_templates import split_reasoning
 from src.data.language import answer_language, check_foreign_script_rate, describe_language, language_metrics, language_summary
 from src.data.loading import load_records
-from src.data.mixing import SOURCE_KEY, SOURCE_NAME_RE, parse_eval_sources, parse_mixture, source_names
+from src.data.mixing import SOURCE_KEY, SOURCE_NAME_RE, named_paths, parse_eval_sources, parse_mixture, source_names
 from src.data.normalization import SWITCHES
 from src.data.packing import SFTDataCollator, padding_efficiency
 from src.data.preprocess import TokenizeReport, tokenize_records
@@ -455,14 +455,9 @@ class SFTTrainer(BaseTrainer):
         """Each source's final figures (a mixture): its token-weighted training loss over the run and its trained
         tokens, and the final evaluation's loss, perplexity and tokens on its validation rows."""
         train = getattr(self.trainer, "source_train_losses", None) or {}
-        paths = {}
-        if self.config.datasets is not None:
-            sources = parse_mixture(self.config.datasets)
-            paths = {name: source.path for name, source in zip(source_names(sources), sources)}
-        evals = {}
-        if self.config.eval_datasets is not None:
-            sources = parse_eval_sources(self.config.eval_datasets)
-            evals = {name: source.path for name, source in zip(source_names(sources), sources)}
+        c = self.config
+        paths = named_paths(parse_mixture(c.datasets)) if c.datasets is not None else {}
+        evals = named_paths(parse_eval_sources(c.eval_datasets)) if c.eval_datasets is not None else {}
         figures: Dict[str, Dict[str, Any]] = {}
         for name in self.source_names or []:
             entry: Dict[str, Any] = {"path": paths[name]} if name in paths else {}

@@ -146,13 +146,18 @@ exit_rank(0)
 """
 
 
-def test_every_rank_takes_the_main_process_choice(tmp_path):
-    script = tmp_path / "from_main.py"
-    script.write_text(FROM_MAIN.format(root=ROOT, out=str(tmp_path)), encoding="utf-8")
+def run_on_two_ranks(source, tmp_path):
+    """Run a script (``source``, formatted with ``root`` and ``out``) on 2 CPU ranks; each rank's ``rank<r>.json``."""
+    script = tmp_path / "two_ranks.py"
+    script.write_text(source.format(root=ROOT, out=str(tmp_path)), encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(torchrun(2) + [str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    choices = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_every_rank_takes_the_main_process_choice(tmp_path):
+    choices = run_on_two_ranks(FROM_MAIN, tmp_path)
     assert choices[0] == choices[1]
     assert choices[1]["implementation"] == "sdpa" and choices[1]["estimated_attention_ms_per_step"] == {"sdpa": 1.0}
 
@@ -215,11 +220,6 @@ exit_rank(0)
 
 
 def test_a_check_only_the_main_process_runs_fails_on_every_rank_alike(tmp_path):
-    script = tmp_path / "main_decides.py"
-    script.write_text(MAIN_DECIDES.format(root=ROOT, out=str(tmp_path)), encoding="utf-8")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(torchrun(2) + [str(script)], env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = run_on_two_ranks(MAIN_DECIDES, tmp_path)
     assert ranks[0]["ran_check"] == [0] and ranks[1]["ran_check"] == []
     assert ranks[0]["outcome"] == ranks[1]["outcome"] == ["FileExistsError", "the output folder holds someone else's files"]
