@@ -44,7 +44,7 @@ def parse_config(cls: type, argv: list[str] | None = None) -> Any:
                   and (t is str or str in typing.get_args(t))}
 
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.error = _raise_argument_error  # one line, not a usage dump and exit
+    pre.error = raise_argument_error  # one line, not a usage dump and exit
     pre.add_argument("--config", action="append", default=None)
     known, rest = pre.parse_known_args(argv)
     if known.config and len(known.config) > 1:
@@ -153,7 +153,7 @@ def build_parser(cls: type, usage: str | None = USAGE, description: str | None =
 
     parser = HfArgumentParser(parser_view(cls), allow_abbrev=False, usage=usage, description=description,  # exact flag names
                               formatter_class=_HelpFormatter)
-    parser.error = _raise_argument_error  # one line, not a usage dump and exit
+    parser.error = raise_argument_error  # one line, not a usage dump and exit
     parser.add_argument("--config", default=None, metavar="FILE", help="YAML file with field values; flags override it.")
     general = parser._optionals
     general.title = "general"
@@ -312,7 +312,7 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _raise_argument_error(message: str) -> None:
+def raise_argument_error(message: str) -> None:
     """``ArgumentParser.error`` as a ``ValueError``: "argument --seed: invalid int value: '1.5'"."""
     raise ValueError(message)
 

@@ -12,12 +12,13 @@ and template, with invalid rows counted instead of raised), prints the table and
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 from typing import Any
 
-from src.cli.args import parse_config
+from src.cli.args import parse_config, raise_argument_error
 from src.config import SFTConfig
 from src.data.audit import audit_records, format_table
 from src.data.tokenization import drop_reason
@@ -26,50 +27,34 @@ from src.data.wiring import example_tokenizer_for, load_config_records
 from src.distributed import is_main_process
 from src.models.loading import load_tokenizer, resolve_model_path
 
-VIEWER_FLAGS = {"--show": True, "--rows": True, "--color": True, "--packed": False, "--json": False}
 
-
-def _take_viewer_flags(argv: list[str]) -> tuple[list[str], dict]:
-    """The viewer's flags out of ``argv`` (the rest is the config's)."""
-    flags: dict = {}
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        name, eq, inline = argv[i].partition("=")
-        if name in VIEWER_FLAGS:
-            if VIEWER_FLAGS[name]:
-                value = inline if eq else (argv[i + 1] if i + 1 < len(argv) else None)
-                if value is None or value.startswith("--"):
-                    raise ValueError(f"audit: {name} needs a value")
-                flags[name[2:]] = value
-                i += 1 if eq else 2
-                continue
-            flags[name[2:]] = True
-        else:
-            rest.append(argv[i])
-        i += 1
-    return rest, flags
-
-
-def _show(config: Any, records: dict, example_tokenizer: Any, flags: dict) -> int:
-    """The token-level viewer (module docstring; ``src.data.viewer.show_rows``)."""
+def _rows(text: str) -> list[int]:
     try:
-        count = int(flags.get("show", 0))
+        return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"audit: --show {flags['show']!r} is not a number of rows") from None
-    color_choice = flags.get("color", "auto")
-    if color_choice not in ("auto", "always", "never"):
-        raise ValueError(f"audit: --color {color_choice!r}: expected auto, always or never")
-    color = color_choice == "always" or (color_choice == "auto" and sys.stdout.isatty() and not flags.get("json"))
-    rows = None
-    if "rows" in flags:
-        try:
-            rows = [int(x) for x in str(flags["rows"]).split(",") if x.strip()]
-        except ValueError:
-            raise ValueError(f"audit: --rows {flags['rows']!r}: expected 0-based row numbers like 0,4,9") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 0-based row numbers like 0,4,9") from None
+
+
+def _audit_parser() -> argparse.ArgumentParser:
+    """The audit's own flags (the rest of the command line is the run's config)."""
+    parser = argparse.ArgumentParser(prog="train_sft.py audit", add_help=False, allow_abbrev=False)
+    parser.error = raise_argument_error  # one line, not a usage dump and exit
+    parser.add_argument("--audit_output", metavar="FILE")
+    parser.add_argument("--show", type=int, metavar="N")
+    parser.add_argument("--rows", type=_rows, metavar="I,J")
+    parser.add_argument("--color", choices=("auto", "always", "never"), default=None)
+    parser.add_argument("--packed", action="store_true")
+    parser.add_argument("--json", action="store_true")
+    return parser
+
+
+def _show(config: Any, records: dict, example_tokenizer: Any, flags: argparse.Namespace) -> int:
+    """The token-level viewer (module docstring; ``src.data.viewer.show_rows``)."""
+    color_choice = flags.color or "auto"
+    color = color_choice == "always" or (color_choice == "auto" and sys.stdout.isatty() and not flags.json)
     try:
-        text = show_rows(records.get("train") or [], example_tokenizer, count, rows, bool(flags.get("packed")), color,
-                         bool(flags.get("json")), drop_note=f" ({drop_reason(config.overlong_policy)})")
+        text = show_rows(records.get("train") or [], example_tokenizer, flags.show or 0, flags.rows, flags.packed, color,
+                         flags.json, drop_note=f" ({drop_reason(config.overlong_policy)})")
     except ValueError as exc:
         raise ValueError(f"audit: {exc}") from None
     if is_main_process():
@@ -78,23 +63,19 @@ def _show(config: Any, records: dict, example_tokenizer: Any, flags: dict) -> in
 
 
 def run(argv: list[str]) -> int:
-    argv, viewer = _take_viewer_flags(argv)
-    output = None
-    if "--audit_output" in argv:
-        i = argv.index("--audit_output")
-        output = argv[i + 1] if i + 1 < len(argv) else None
-        if output is None:
-            raise ValueError("--audit_output needs a file path")
-        argv = argv[:i] + argv[i + 2:]
+    flags, argv = _audit_parser().parse_known_args(argv)
+    viewing = flags.show is not None or flags.rows is not None
+    given = [f"--{name}" for name in ("color", "packed", "json") if getattr(flags, name)]
+    if given and not viewing:
+        raise ValueError(f"audit: {', '.join(given)} go with --show N (the example viewer)")
+    output = flags.audit_output
     config = parse_config(SFTConfig, argv)
     records, report = load_config_records(config, skip_invalid=True)
     # Only the tokenizer is needed; for local:tiny-qwen2 this builds the tiny model once, as training would.
     source = config.tokenizer_name or resolve_model_path(config.model_name, config.output_dir, config.dataset_path, config.seed)
     tokenizer = load_tokenizer(source, trust_remote_code=config.trust_remote_code)
-    if viewer:
-        if "show" not in viewer and "rows" not in viewer:
-            raise ValueError(f"audit: {', '.join('--' + k for k in viewer)} go with --show N (the example viewer)")
-        return _show(config, records, example_tokenizer_for(config, tokenizer), viewer)
+    if viewing:
+        return _show(config, records, example_tokenizer_for(config, tokenizer), flags)
     result = audit_records(records, report, example_tokenizer_for(config, tokenizer), config.max_seq_length,
                            config.normalizer())
     if not is_main_process():
