@@ -348,3 +348,16 @@ def test_validation_files_from_yaml(tmp_path):
                     encoding="utf-8")
     config = parse_config(SFTConfig, ["--config", str(path)])
     assert json.loads(config.eval_datasets) == [msa_val, {"path": dialect, "name": "dia"}]
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen3-moe", "qwen3.5"])
+def test_per_source_losses_recombine_on_every_qwen_family(tiny_family_dir, tmp_path, family):
+    """The per-source figures on Qwen3, Qwen3-MoE (the token loss; the router loss is not per source) and the hybrid
+    Qwen3.5 (packing asked: it trains unpacked on a CPU), not only Qwen2."""
+    trainer = SFTTrainer(_config(tiny_family_dir(family), tmp_path, _mixture(tmp_path, msa="msa"), packing=True))
+    trainer.prepare()
+    metrics = trainer.evaluate_model()
+    tokens = {n: metrics[f"eval_{n}_tokens"] for n in ("msa", "swapped")}
+    assert all(tokens.values()) and sum(tokens.values()) == metrics["eval_tokens"]
+    recombined = sum(metrics[f"eval_{n}_loss"] * tokens[n] for n in tokens) / metrics["eval_tokens"]
+    assert recombined == pytest.approx(metrics["eval_loss"], rel=1e-6)
