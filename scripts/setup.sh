@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-CHECK="import torch, transformers, peft, datasets, accelerate, sacrebleu, matplotlib, pytest, hypothesis, src"
+CHECK="import torch, transformers, peft, datasets, accelerate, sacrebleu, matplotlib, pytest, xdist, hypothesis, src"
 if [ "${WITH_DEEPSPEED:-0}" = 1 ]; then CHECK="$CHECK, deepspeed"; fi
 if ! python -c "$CHECK" 2>/dev/null || [ pyproject.toml -nt .venv/.installed ]; then
     # (the filter drops pip's notes about this machine's unused local package folders)

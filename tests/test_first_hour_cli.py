@@ -226,18 +226,21 @@ def test_cpu_threads_are_shared_among_the_ranks_of_a_machine(plan_env, monkeypat
 
 @pytest.mark.slow  # a fresh Python process
 def test_omp_num_threads_set_by_the_launcher_is_told_from_the_users():
-    """A worker whose parent started without OMP_NUM_THREADS got it from the launcher (torchrun sets 1)."""
+    """A worker whose parent started without OMP_NUM_THREADS got it from the launcher (torchrun sets 1). The parent
+    here is a small launcher process started without it (the test session itself sets OMP_NUM_THREADS)."""
     if not os.path.exists(f"/proc/{os.getpid()}/environ"):
         pytest.skip("needs /proc")
-    started_with = open(f"/proc/{os.getpid()}/environ", "rb").read().split(b"\0")
-    if any(e.startswith(b"OMP_NUM_THREADS=") for e in started_with):
-        pytest.skip("this pytest process was started with OMP_NUM_THREADS set")
     code = "from src.distributed import _set_by_launcher; print(_set_by_launcher('OMP_NUM_THREADS'))"
-    env = {**ENV, "OMP_NUM_THREADS": "1", "TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "2"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    launcher = ("import os, subprocess, sys; env = dict(os.environ, OMP_NUM_THREADS='1'); "
+                "sys.exit(subprocess.run([sys.executable, '-c', sys.argv[1]], env=env).returncode)")
+    env = {key: value for key, value in ENV.items() if key != "OMP_NUM_THREADS"}
+    env.update(TORCHELASTIC_RUN_ID="x", LOCAL_WORLD_SIZE="2")
+    result = subprocess.run([sys.executable, "-c", launcher, code], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
     assert result.stdout.strip() == "True", result.stderr
     env.pop("TORCHELASTIC_RUN_ID"), env.pop("LOCAL_WORLD_SIZE")  # not under a launcher: it is the user's
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "False", result.stderr
 
 
