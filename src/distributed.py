@@ -137,14 +137,20 @@ def exit_rank(code: int) -> None:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this machine (one we may not signal counts as alive)."""
+    """Whether a process with this pid exists on this machine (one we may not signal counts as alive). A zombie (a
+    process that has ended but that its parent has not waited for yet, as a killed run whose launcher was killed too
+    stays until init reaps it) is not alive."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
+            return fh.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (not Linux), or it ended meanwhile
+        return True
 
 
 # -- logging -----------------------------------------------------------------------------------------------------------

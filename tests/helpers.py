@@ -130,3 +130,67 @@ def step_counting_trainer(steps: list):
             return super().get_callbacks() + [CountSteps()]
 
     return Counting
+
+
+class _ForkingLauncher:
+    """The client of tests/distributed/forking_launcher.py: one launcher process per test process, started on first
+    use and stopped at exit."""
+
+    process = None
+
+    @classmethod
+    def stop(cls):
+        """End the launcher and wait for it (so that its CPU time counts in this process's children's)."""
+        if cls.process is not None and cls.process.poll() is None:
+            cls.process.stdin.close()
+            cls.process.wait(timeout=60)
+
+    @classmethod
+    def run(cls, argv, nproc, env, cwd, timeout):
+        import subprocess
+        import tempfile
+        import threading
+
+        if cls.process is None or cls.process.poll() is not None:
+            import atexit
+
+            script = os.path.join(ROOT, "tests", "distributed", "forking_launcher.py")
+            cls.process = subprocess.Popen([sys.executable, script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                           cwd=ROOT, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+            atexit.register(cls.stop)
+        with tempfile.TemporaryDirectory(prefix="forked-run-") as logs:
+            request = {"argv": [str(a) for a in argv], "env": dict(env), "cwd": str(cwd), "nproc": nproc,
+                       "logs": logs, "port": free_port()}
+            cls.process.stdin.write(json.dumps(request) + "\n")
+            cls.process.stdin.flush()
+            pids = json.loads(cls.process.stdout.readline())["pids"]
+            expired = []
+
+            def kill():
+                expired.append(True)
+                for pid in pids:
+                    try:
+                        os.kill(pid, 9)
+                    except ProcessLookupError:
+                        pass
+
+            timer = threading.Timer(timeout, kill)
+            timer.start()
+            codes = json.loads(cls.process.stdout.readline())["returncodes"]
+            timer.cancel()
+            if expired:
+                raise subprocess.TimeoutExpired(argv, timeout)
+
+            def read(name):
+                return "".join(open(os.path.join(logs, f"{name}.{rank}"), encoding="utf-8", errors="replace").read()
+                               for rank in range(nproc))
+
+            return subprocess.CompletedProcess(argv, next((c for c in codes if c), 0), read("stdout"), read("stderr"))
+
+
+def run_forked(argv, nproc: int = 1, env=None, cwd=ROOT, timeout: float = 600):
+    """Run ``python argv...`` as ``nproc`` processes (2: ranks, as torchrun starts them) forked from a pre-imported
+    launcher instead of fresh interpreters: a ``subprocess.CompletedProcess`` with the ranks' stdout and stderr one
+    after the other and the first failing rank's exit code. For tests of what the processes compute; what a fresh
+    interpreter or torchrun itself does is tested with real ones (see tests/distributed/forking_launcher.py)."""
+    return _ForkingLauncher.run(argv, nproc, os.environ if env is None else env, cwd, timeout)

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import PAIRS, ROOT, torchrun, write_jsonl
+from tests.helpers import PAIRS, ROOT, run_forked, write_jsonl
 
 pytestmark = pytest.mark.slow  # subprocesses / long runs: `pytest -m "not slow"` skips them
 
@@ -18,12 +18,8 @@ SCRIPT = os.path.join(ROOT, "tests", "distributed", "ddp_one_step.py")
 
 def run(nproc, model_dir, data, out, batch, packing, mode=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    if nproc == 1:
-        cmd = [sys.executable, SCRIPT]
-    else:
-        cmd = torchrun(nproc) + [SCRIPT]
-    result = subprocess.run(cmd + [model_dir, data, str(out), str(batch), "1" if packing else "0"] + ([mode] if mode else []),
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = run_forked([SCRIPT, model_dir, data, str(out), str(batch), "1" if packing else "0"] + ([mode] if mode else []),
+                        nproc, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     if mode == "eval":
         with open(os.path.join(out, "eval.json")) as fh:
@@ -59,7 +55,6 @@ def test_two_ranks_evaluate_every_row_once(tiny_model_dir, tmp_path):
 
 def _train_cli(nproc, data, out, batch):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    launcher = [sys.executable] if nproc == 1 else torchrun(nproc)
     flags = ["--model_name", "local:tiny-qwen2", "--dataset_path", data, "--output_dir", str(out), "--use_lora", "false",
              "--max_steps", "2", "--per_device_train_batch_size", str(batch), "--optim", "sgd", "--learning_rate", "0.5",
              "--max_grad_norm", "0", "--warmup_ratio", "0", "--lr_scheduler_type", "constant", "--evaluation_strategy",
@@ -67,8 +62,7 @@ def _train_cli(nproc, data, out, batch):
              "--dataloader_pin_memory", "false", "--logging_steps", "1", "--save_steps", "1", "--max_seq_length", "96"]
     if nproc > 1:
         flags += ["--ddp_backend", "gloo"]
-    return subprocess.run(launcher + [os.path.join(ROOT, "train_sft.py")] + flags, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return run_forked([os.path.join(ROOT, "train_sft.py")] + flags, nproc, env=env, timeout=600)
 
 
 def _saved_files(out):
@@ -151,7 +145,7 @@ def run_on_two_ranks(source, tmp_path):
     script = tmp_path / "two_ranks.py"
     script.write_text(source.format(root=ROOT, out=str(tmp_path)), encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(torchrun(2) + [str(script)], env=env, capture_output=True, text=True, timeout=120)
+    result = run_forked([str(script)], 2, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
 
@@ -174,14 +168,13 @@ def test_two_ranks_resumed_inside_a_later_epoch_train_as_if_never_stopped(tiny_m
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
     def train(out, *extra):
-        command = torchrun(2) + [
-                   os.path.join(ROOT, "train_sft.py"), "--model_name", tiny_model_dir, "--dataset_path", data,
+        command = [os.path.join(ROOT, "train_sft.py"), "--model_name", tiny_model_dir, "--dataset_path", data,
                    "--output_dir", str(out), "--use_lora", "false", "--max_steps", "6", "--save_steps", "1",
                    "--save_total_limit", "None", "--per_device_train_batch_size", "2", "--evaluation_strategy", "no",
                    "--validation_split_ratio", "0", "--dataloader_pin_memory", "false", "--gradient_checkpointing",
                    "false", "--logging_steps", "1", "--learning_rate", "1e-3", "--ddp_backend", "gloo", "--group_by_length",
                    group_by_length, *extra]
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        result = run_forked(command, 2, env=env, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
 
     def losses(out):

@@ -3,13 +3,11 @@ has the rest)."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.helpers import ROOT, torchrun
+from tests.helpers import ROOT, run_forked
 from tests.test_per_source_loss import _mixture
 
 
@@ -24,9 +22,8 @@ def test_two_ranks_give_the_same_per_source_losses_as_one_process(tiny_model_dir
     results = {}
     for nproc in (1, 2):
         out = tmp_path / f"n{nproc}"
-        launcher = [sys.executable] if nproc == 1 else torchrun(2)
-        done = subprocess.run(launcher + [script, tiny_model_dir, datasets, str(out), str(4 // nproc),
-                                          "1" if packing else "0"], env=env, capture_output=True, text=True, timeout=600)
+        done = run_forked([script, tiny_model_dir, datasets, str(out), str(4 // nproc), "1" if packing else "0"], nproc,
+                          env=env, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         results[nproc] = json.loads((out / "per_source.json").read_text())
     single, double = results[1], results[2]

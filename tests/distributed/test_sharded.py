@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import PAIRS, ROOT, free_port, make_config, torchrun, write_jsonl
+from tests.helpers import PAIRS, ROOT, free_port, make_config, run_forked, torchrun, write_jsonl
 
 pytestmark = [
     pytest.mark.slow,
@@ -44,10 +44,11 @@ def data(tmp_path_factory):
     return write_jsonl(folder / "train.jsonl", rows), write_jsonl(folder / "eval.jsonl", rows[:5])
 
 
-def launch(cmd, out, engine, model_dir, data, batch, *overrides):
+def launch(nproc, out, engine, model_dir, data, batch, *overrides):
+    """``nproc`` processes (2: ranks) of tests/distributed/sharded_run.py, forked from the pre-imported launcher."""
     train, evaluation = data
-    result = subprocess.run(cmd + [SCRIPT, engine, model_dir, train, evaluation, str(out), str(batch), *overrides],
-                            env=ENV, capture_output=True, text=True, timeout=600)
+    result = run_forked([SCRIPT, engine, model_dir, train, evaluation, str(out), str(batch), *overrides], nproc,
+                        env=ENV, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     with open(os.path.join(out, "result.json")) as fh:
         return json.load(fh), result
@@ -60,14 +61,14 @@ LORA = ("use_lora=true", "gradient_checkpointing=true", "packing=true", "lora_dr
 @pytest.fixture(scope="module")
 def single(tiny_model_dir, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
-    result, _ = launch([sys.executable], out, "single", tiny_model_dir, data, 4)
+    result, _ = launch(1, out, "single", tiny_model_dir, data, 4)
     return out, result
 
 
 @pytest.fixture(scope="module")
 def single_lora(tiny_model_dir, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("single_lora")
-    result, _ = launch([sys.executable], out, "single", tiny_model_dir, data, 4, *LORA)
+    result, _ = launch(1, out, "single", tiny_model_dir, data, 4, *LORA)
     return out, result
 
 
@@ -105,7 +106,7 @@ def test_sharded_engines_on_two_cpu_ranks_train_and_save_what_one_process_does(e
     if engine.startswith("zero") and deepspeed_missing():
         pytest.skip("deepspeed is not installed (scripts/test.sh installs it; pip install --no-build-isolation deepspeed)")
     out = tmp_path / engine
-    result, _ = launch(torchrun(), out, engine, tiny_model_dir, data, 2, *(LORA if lora else ()))
+    result, _ = launch(2, out, engine, tiny_model_dir, data, 2, *(LORA if lora else ()))
     assert result["engine"] == ENGINE_NAMES[engine]
     metadata = assert_same_run(single_lora if lora else single, (out, result))
     assert metadata["world_size"] == 2 and metadata["engine"] == ENGINE_NAMES[engine]
@@ -121,7 +122,7 @@ def test_streamed_data_on_two_ranks_is_tokenized_once_and_trains_what_one_proces
                                                                                       tmp_path):
     cache = tmp_path / "cache"
     out = tmp_path / "streamed"
-    result, run = launch(torchrun(), out, "ddp", tiny_model_dir, data, 2, "stream_data=true",
+    result, run = launch(2, out, "ddp", tiny_model_dir, data, 2, "stream_data=true",
                          f"dataset_cache_dir={json.dumps(str(cache))}")
     assert_same_run(single, (out, result))
     entries = [name for name in os.listdir(cache) if not name.startswith(".")]
@@ -210,19 +211,18 @@ def test_zero2_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result
         pytest.skip("deepspeed is not installed (scripts/test.sh installs it; pip install --no-build-isolation deepspeed)")
     train, _ = data
 
-    def command(out, *extra):
-        return torchrun(2) + [
-                os.path.join(ROOT, "train_sft.py"), "--model_name", tiny_model_dir, "--dataset_path", train,
+    def command(out, *extra):  # train_sft.py and its flags
+        return [os.path.join(ROOT, "train_sft.py"), "--model_name", tiny_model_dir, "--dataset_path", train,
                 "--output_dir", str(out), "--use_lora", "false", "--max_steps", "16", "--save_steps", "1",
                 "--save_total_limit", "None", "--per_device_train_batch_size", "2", "--evaluation_strategy", "no",
                 "--validation_split_ratio", "0", "--dataloader_pin_memory", "false", "--gradient_checkpointing", "false",
                 "--logging_steps", "1", "--learning_rate", "1e-3", "--deepspeed",
                 os.path.join(ROOT, "configs", "deepspeed_zero2.json"), *extra]
 
-    whole = subprocess.run(command(tmp_path / "whole"), env=ENV, capture_output=True, text=True, timeout=600)
+    whole = run_forked(command(tmp_path / "whole"), 2, env=ENV, timeout=600)
     assert whole.returncode == 0, whole.stderr[-3000:]
     out = tmp_path / "killed"
-    proc = subprocess.Popen(command(out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(torchrun(2) + command(out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 300
     while persistence.checkpoint_problem(str(out / "checkpoint-2")) is not None and time.time() < deadline:
@@ -235,8 +235,7 @@ def test_zero2_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_result
         process.send_signal(signal.SIGKILL)
     proc.wait()
     assert not os.path.exists(out / "model.safetensors")  # it really died before the end
-    resumed = subprocess.run(command(out, "--resume_from_checkpoint", "last"), env=ENV, capture_output=True, text=True,
-                             timeout=600)
+    resumed = run_forked(command(out, "--resume_from_checkpoint", "last"), 2, env=ENV, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
@@ -258,20 +257,19 @@ def test_the_command_line_run_under_zero3_evaluates_trains_and_shows_samples_lik
         pytest.skip("deepspeed is not installed (scripts/test.sh installs it; pip install --no-build-isolation deepspeed)")
     train, evaluation = data
 
-    def cli(launcher, out, batch, *extra):
-        result = subprocess.run(launcher + [os.path.join(ROOT, "train_sft.py"), "--model_name", tiny_model_dir,
+    def cli(nproc, out, batch, *extra):
+        result = run_forked([os.path.join(ROOT, "train_sft.py"), "--model_name", tiny_model_dir,
                                             "--dataset_path", train, "--eval_dataset_path", evaluation, "--output_dir",
                                             str(out), "--use_lora", "false", "--max_steps", "2",
                                             "--per_device_train_batch_size", str(batch), "--dataloader_pin_memory",
                                             "false", "--gradient_checkpointing", "false", "--group_by_length", "false",
-                                            *extra],
-                                env=ENV, capture_output=True, text=True, timeout=600)
+                                            *extra], nproc, env=ENV, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         losses = [float(x) for x in re.search(r"Validation loss\s*: ([\d.]+) -> ([\d.]+)", result.stdout).groups()]
         return losses, result.stdout.count("\nQ: ")
 
-    one = cli([sys.executable], tmp_path / "one", 4)
-    zero3 = cli(torchrun(), tmp_path / "zero3", 2, "--deepspeed", os.path.join(ROOT, "configs", "deepspeed_zero3.json"))
+    one = cli(1, tmp_path / "one", 4)
+    zero3 = cli(2, tmp_path / "zero3", 2, "--deepspeed", os.path.join(ROOT, "configs", "deepspeed_zero3.json"))
     assert zero3[0] == pytest.approx(one[0], abs=2e-4)
     assert zero3[1] == one[1] == 3
 
@@ -298,9 +296,9 @@ def test_hybrid_and_moe_families_on_two_ranks_train_what_one_process_does(family
     if family not in family_single:
         out = tmp_path_factory.mktemp(f"single_{family}")
         batch = 2 if family == "qwen3-moe" else 4
-        family_single[family] = (out, launch([sys.executable], out, "single", model_dir, data, batch, *settings, *reference)[0])
+        family_single[family] = (out, launch(1, out, "single", model_dir, data, batch, *settings, *reference)[0])
     out = tmp_path / engine
-    result, _ = launch(torchrun(), out, engine, model_dir, data, 2, *settings)
+    result, _ = launch(2, out, engine, model_dir, data, 2, *settings)
     metadata = assert_same_run(family_single[family], (out, result))
     assert metadata["world_size"] == 2 and metadata["architecture"]["model_type"] in ("qwen3_5_text", "qwen3_moe")
     if family == "qwen3.5":
