@@ -64,7 +64,7 @@ def _run_child(request: dict, rank: int, reply_fd: int) -> None:
         os.chdir(request["cwd"])
         script = request["argv"][0]
         sys.argv = list(request["argv"])
-        sys.path[0] = os.path.dirname(os.path.abspath(script))
+        sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # as `python script.py` puts it first
         try:
             runpy.run_path(script, run_name="__main__")
             code = 0
