@@ -146,11 +146,18 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    fields = proc_stat_fields(pid)
+    return fields is None or fields[0] != "Z"  # None: no /proc (not Linux), or it ended meanwhile
+
+
+def proc_stat_fields(pid: int) -> Optional[list[str]]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (0: the state, R/S/Z...; 19: the start time in clock
+    ticks after boot), or None where that cannot be read (not Linux, no such process)."""
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
-            return fh.read().rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):  # no /proc (not Linux), or it ended meanwhile
-        return True
+            return fh.read().rpartition(")")[2].split()
+    except OSError:
+        return None
 
 
 # -- logging -----------------------------------------------------------------------------------------------------------

@@ -428,14 +428,11 @@ def test_a_user_error_under_two_ranks_is_printed_once(tiny_model_dir, data, tmp_
 def test_an_ended_process_not_yet_waited_for_holds_no_lock(tmp_path):
     """A run killed together with its launcher stays a zombie until init reaps it: its pid exists, but it runs no
     more, so its lock is stale (a resume right after the kill was refused as 'in use by another run')."""
-    from src.distributed import pid_alive
+    from src.distributed import pid_alive, proc_stat_fields
 
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     deadline = time.time() + 30
-    while time.time() < deadline:  # ended, not waited for: a zombie
-        with open(f"/proc/{child.pid}/stat", encoding="utf-8") as fh:
-            if fh.read().rpartition(")")[2].split()[0] == "Z":
-                break
+    while proc_stat_fields(child.pid)[0] != "Z" and time.time() < deadline:  # ended, not waited for: a zombie
         time.sleep(0.05)
     assert not pid_alive(child.pid)
     child.wait()

@@ -48,7 +48,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any, Iterable, Optional
 
-from src.distributed import barrier, is_main_process, main_decides, pid_alive, world_size
+from src.distributed import barrier, is_main_process, main_decides, pid_alive, proc_stat_fields, world_size
 from src.models.loading import ModelLoadError
 from src.models.tiny import TINY_MODELS
 from src.training.report import write_report
@@ -383,9 +383,11 @@ def _process_start(pid: int) -> Optional[float]:
     """When process ``pid`` started, in seconds since the epoch (Linux ``/proc``), or None where that cannot be
     read. A pid alone does not identify a process: after a container restart, pid 1 (or any pid of the old run)
     belongs to another process, started after the old run wrote its lock."""
+    fields = proc_stat_fields(pid)
+    if fields is None or len(fields) <= 19:
+        return None
     try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
-            ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+        ticks = int(fields[19])
         with open("/proc/stat", encoding="utf-8") as fh:
             boot = next(int(line.split()[1]) for line in fh if line.startswith("btime "))
         return boot + ticks / os.sysconf("SC_CLK_TCK")
